@@ -1,0 +1,160 @@
+"""The model-family interface.
+
+One module per family (``qwen2_vl.py``, ``smolvlm.py``) implements :class:`Family`. A family
+object has two halves:
+
+* a torch-free *preprocessing* half (tokenizer + image processor + config, all loadable from a
+  source model directory or from ``OUT/processor``), shared by calibration, torch validation and the
+  ONNX Runtime generation loop so that every path sees identical token ids and pixels;
+* a torch half: load the HF model, name its components, and build the four export wrappers.
+
+The four ONNX graphs every family exports (names and roles are fixed, see ``../shared/design.md``):
+
+``vision_encoder``  family-specific pixel feeds (``Family.vision_feeds``) -> ``features``
+``projector``       ``features`` -> ``image_embeds`` [num_image_tokens_total, hidden] (2-D)
+``embed_tokens``    ``input_ids`` [B, S] int64 -> ``inputs_embeds`` [B, S, hidden]
+``llm``             ``inputs_embeds`` [B,S,H], ``attention_mask`` [B, P+S] int64,
+                    ``position_ids`` ([B,S] or [3,B,S] int64), ``past_key_i``/``past_value_i``
+                    [B, kv_heads, P, head_dim] for i in range(num_layers)
+                    -> ``logits`` [B,S,V], ``present_key_i``/``present_value_i`` [B, kv_heads, P+S, head_dim]
+
+Image embeddings replace the embeddings of the image placeholder tokens, in order
+(``Prepared.image_mask``), which is done by the caller (torch or numpy) between the graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass
+class Prepared:
+    """One prompt (with its images) turned into model inputs; numpy only, batch 1."""
+
+    input_ids: np.ndarray  # int64 [1, S]
+    image_mask: np.ndarray  # bool [1, S]: positions that receive image embeddings
+    position_ids: np.ndarray  # int64 prefill positions: [1, S] or [3, 1, S] (M-RoPE)
+    rope_delta: int = 0  # decode position of absolute step t is t + rope_delta
+    pixel: dict[str, np.ndarray] = field(default_factory=dict)  # HF forward kwargs (pixel_values, image_grid_thw, ...)
+    answer_len: int = 0  # the last answer_len tokens of input_ids are the answer (labels), 0 if none
+    num_images: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass
+class ExportSpec:
+    """What ``torch.onnx.export`` needs for one graph."""
+
+    name: str  # vision_encoder | projector | embed_tokens | llm
+    module: Any  # torch.nn.Module wrapper whose forward takes ``args`` positionally
+    args: tuple  # example inputs (tensors; use batch >= 2 and non-1 dynamic dims)
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: Any  # as torch.onnx.export(dynamo=True) takes it (tuple aligned with args)
+
+
+class Family:
+    """Base class of a model family. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str] = ""  # e.g. "qwen2_vl"
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values handled
+    mrope: ClassVar[bool] = False  # position_ids are [3, B, S]
+
+    def __init__(self, config, tokenizer, image_processor):
+        self.config = config  # the HF (composite) config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    # ---------------------------------------------------------------- preprocessing (no torch needed)
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Family":
+        """Build from a HF model directory or an ``OUT/processor`` directory (config + tokenizer + image processor)."""
+        raise NotImplementedError
+
+    def save_processor(self, out_dir: Path) -> None:
+        """Write config, tokenizer, chat template and image-processor config so ``from_dir(out_dir)`` works."""
+        self.config.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+
+    def prepare(self, images: list, prompt: str, answer: str | None = None) -> Prepared:
+        """Chat-format the prompt with one image placeholder per image, expand image tokens, process pixels.
+
+        ``images`` are PIL images (RGB). With ``answer``, the assistant answer (plus end-of-turn token) is
+        appended and ``answer_len`` set. Without, the prompt ends with the generation prompt.
+        """
+        raise NotImplementedError
+
+    def vision_feeds(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """Inputs of ``vision_encoder.onnx`` (names = its input names) computed from ``prepared.pixel``."""
+        raise NotImplementedError
+
+    def decode_position_ids(self, rope_delta: int, past_len: int, batch: int = 1) -> np.ndarray:
+        """Position ids for one new token at absolute index ``past_len``: [B,1] or [3,B,1]."""
+        pos = np.full((batch, 1), past_len + rope_delta, dtype=np.int64)
+        return np.broadcast_to(pos, (3, batch, 1)).copy() if self.mrope else pos
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end generation (eos and end-of-turn)."""
+        raise NotImplementedError
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        tc = self.text_config
+        return int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        tc = self.text_config
+        return int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    # ---------------------------------------------------------------- torch half
+    def load_model(self, path: str | Path, dtype=None):
+        """Load the HF model (eval mode, float32 by default, an attention implementation that exports)."""
+        raise NotImplementedError
+
+    def hf_inputs(self, prepared: Prepared) -> dict:
+        """torch tensors for ``model(**hf_inputs)`` (input_ids, attention_mask, pixel kwargs, extra ids)."""
+        raise NotImplementedError
+
+    def decoder_layers(self, model):
+        """The language model's decoder blocks (``nn.ModuleList``), in order."""
+        raise NotImplementedError
+
+    def vision_layers(self, model):
+        """The vision encoder's transformer blocks (``nn.ModuleList``), in order."""
+        raise NotImplementedError
+
+    def projector(self, model):
+        """The vision-to-LLM projector module."""
+        raise NotImplementedError
+
+    def lm_head(self, model):
+        raise NotImplementedError
+
+    def image_features(self, model, prepared: Prepared):
+        """torch reference of vision_encoder + projector: [num_image_tokens_total, hidden]."""
+        raise NotImplementedError
+
+    def export_specs(self, model) -> list[ExportSpec]:
+        """One :class:`ExportSpec` per graph, in the order vision_encoder, projector, embed_tokens, llm."""
+        raise NotImplementedError
