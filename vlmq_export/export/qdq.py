@@ -1,0 +1,151 @@
+"""Graph pass: write calibrated weights into the ONNX as INT4 initializer + DequantizeLinear.
+
+For every float MatMul (or ``Gemm``, which the exporter emits for 2-D inputs) whose constant weight
+is one of the quantized ``nn.Linear`` weights, the pass writes exactly the calibrator's codes and
+scales (never re-quantizing) in the portable INT4 form (../shared/notes/formats.md)::
+
+    W_q  INT4 [K, N]   ─┐
+    scale f32 [K/g, N] ─┴─ DequantizeLinear(axis=0, block_size=g) ─▶ MatMul input B
+
+Weights are matched by value: the pass hashes each graph weight (in torch's [N, K] layout) and
+looks it up among the quantized layers, so it does not depend on the exporter's naming.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+
+def weight_key(weight_nk: np.ndarray) -> str:
+    """Hash of a float32 weight in torch Linear layout [N, K]."""
+    w = np.ascontiguousarray(weight_nk, dtype=np.float32)
+    return f"{w.shape[0]}x{w.shape[1]}:" + hashlib.sha1(w.tobytes()).hexdigest()
+
+
+@dataclass
+class QuantizedLinear:
+    """One calibrated layer as the pass writes it."""
+
+    name: str  # torch module path, for messages and the manifest
+    codes: np.ndarray  # int8 [N, K], values within the signed range of ``bits``
+    scales: np.ndarray  # float32 [N, K // group]
+    bits: int
+    group_size: int  # block along K; group == K means one block per output channel
+    key: str  # weight_key of the float weight that the exported graph holds
+
+
+class QDQWeightPass(ir.passes.InPlacePass):
+    """Replace matched float weights with INT4 + DequantizeLinear (blockwise, axis 0)."""
+
+    def __init__(self, layers: list[QuantizedLinear]):
+        super().__init__()
+        self.by_key: dict[str, QuantizedLinear] = {}
+        for layer in layers:
+            other = self.by_key.get(layer.key)
+            if other is not None and not (
+                np.array_equal(other.codes, layer.codes) and np.array_equal(other.scales, layer.scales)
+            ):
+                raise ValueError(f"layers {other.name} and {layer.name} share a float weight but not their codes")
+            self.by_key[layer.key] = layer
+        self.matched: set[str] = set()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        cache: dict[str, ir.Value] = {}  # one DQ per quantized weight even if used twice
+        for node in list(graph):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            b = node.inputs[1]
+            if b is None or b.const_value is None:
+                continue
+            w = b.const_value.numpy()
+            if w.ndim != 2 or w.dtype != np.float32:
+                continue
+            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+            if node.op_type == "Gemm" and (
+                node.attributes.get_int("transA", 0) != 0
+                or node.attributes.get_float("alpha", 1.0) != 1.0
+                or node.attributes.get_float("beta", 1.0) != 1.0
+            ):
+                continue
+            layer = self.by_key.get(weight_key(w if trans_b else w.T))
+            if layer is None:
+                continue
+            dq_out = cache.get(layer.key)
+            if dq_out is None:
+                dq_out = self._dequantize(graph, node, layer)
+                cache[layer.key] = dq_out
+            if node.op_type == "MatMul":
+                node.replace_input_with(1, dq_out)
+            else:
+                self._gemm_to_matmul(graph, node, dq_out)
+            self.matched.add(layer.key)
+            modified = True
+        # drop float initializers nothing uses any more
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                del graph.initializers[name]
+        return ir.passes.PassResult(model, modified)
+
+    @property
+    def unmatched(self) -> list[str]:
+        return [layer.name for key, layer in self.by_key.items() if key not in self.matched]
+
+    @staticmethod
+    def _dequantize(graph: ir.Graph, node: ir.Node, layer: QuantizedLinear) -> ir.Value:
+        n, k = layer.codes.shape
+        if layer.bits > 4:
+            raise NotImplementedError(f"{layer.name}: {layer.bits}-bit weights are not written by the INT4 pass")
+        base = layer.name.replace(".", "_") or "w"
+        q = ir.Value(name=f"{base}_q", const_value=ir.Tensor(
+            np.ascontiguousarray(layer.codes.T).astype(ml_dtypes.int4), name=f"{base}_q"))
+        s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(
+            np.ascontiguousarray(layer.scales.T, dtype=np.float32), name=f"{base}_scale"))
+        for v in (q, s):
+            v.shape = v.const_value.shape
+            v.dtype = v.const_value.dtype
+            graph.register_initializer(v)
+        dq = ir.node("DequantizeLinear", [q, s], {"axis": 0, "block_size": layer.group_size},
+                     name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dq"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape([k, n])
+        graph.insert_before(node, dq)
+        return dq.outputs[0]
+
+    @staticmethod
+    def _gemm_to_matmul(graph: ir.Graph, node: ir.Node, dq_out: ir.Value) -> None:
+        a, c = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+        mm = ir.node("MatMul", [a, dq_out], name=f"{node.name}_MatMul")
+        new = [mm]
+        out = mm.outputs[0]
+        if c is not None:
+            add = ir.node("Add", [out, c], name=f"{node.name}_Add")
+            new.append(add)
+            out = add.outputs[0]
+        old_out = node.outputs[0]
+        name = old_out.name
+        out.shape, out.dtype = old_out.shape, old_out.dtype
+        graph.insert_before(node, new)
+        old_out.replace_all_uses_with(out, replace_graph_outputs=True)
+        old_out.name = f"{name}_gemm_unused"
+        out.name = name
+        if c is not None:
+            mm.outputs[0].name = f"{name}_matmul"
+        graph.remove(node, safe=True)
+
+
+def apply_qdq(model_path, out_path, layers: list[QuantizedLinear]) -> list[str]:
+    """Rewrite ``model_path`` into ``out_path``; returns the names of the layers written."""
+    from .onnx_export import save_model
+
+    model = ir.load(str(model_path))
+    qpass = QDQWeightPass(layers)
+    qpass(model)
+    save_model(ir.to_proto(model), out_path)
+    return sorted(qpass.by_key[k].name for k in qpass.matched)
