@@ -1,0 +1,188 @@
+"""Sequential block-by-block calibration of the language model (the GPTQ family's outer loop).
+
+Block i is calibrated on inputs produced by the already-quantized blocks 0..i-1, so each block
+corrects for the error of the blocks before it. Per-token weights (VLMQ's saliency factors) enter
+through ``token_weights``: one tensor per sample with one weight per token, or None (all ones).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError
+from ..export.qdq import QuantizedLinear, weight_key
+from . import QuantConfig, make_calibrator
+
+# legal INT4 block sizes, largest first (TensorRT: 128 and 64; ONNX Runtime also 32 and 16)
+FALLBACK_GROUPS = (128, 64, 32, 16)
+
+
+@dataclass
+class LayerPlan:
+    name: str  # module path in the HF model
+    module: nn.Linear
+    bits: int | None  # None: kept float
+    group_size: int | None
+    note: str = ""  # why the plan differs from the recipe
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    method: str
+    bits: int | None
+    group_size: int | None
+    error: float | None = None
+    damp: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+    shape: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def plan_layers(named_linears: list[tuple[str, nn.Linear]], bits: int, group_size: int) -> list[LayerPlan]:
+    """Decide every layer's bits and block before calibrating.
+
+    A layer whose input width is not divisible by the requested block gets the largest smaller legal
+    block that divides it; if none does, it stays float. Both are recorded in the plan's note.
+    """
+    plans = []
+    for name, mod in named_linears:
+        k = mod.in_features
+        if group_size == -1 or k % group_size == 0:
+            plans.append(LayerPlan(name, mod, bits, group_size))
+            continue
+        smaller = [g for g in FALLBACK_GROUPS if g < group_size and k % g == 0]
+        if smaller:
+            plans.append(LayerPlan(name, mod, bits, smaller[0],
+                                   f"in_features {k} not divisible by {group_size}: block {smaller[0]}"))
+        else:
+            plans.append(LayerPlan(name, mod, None, None,
+                                   f"in_features {k} not divisible by any legal block: kept float"))
+    return plans
+
+
+def block_linears(block: nn.Module, prefix: str) -> list[tuple[str, nn.Linear]]:
+    return [(f"{prefix}.{n}", m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """Run the model on each batch until ``first_block`` and keep its (args, kwargs)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(((hidden.detach(),) + tuple(args[1:]), kwargs))
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                try:
+                    model(**inputs, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"non-finite activations (NaN/Inf) at {where}")
+
+
+def quantize_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    prefix: str,
+    batches: list[dict],
+    method: str,
+    config: QuantConfig,
+    token_weights: list[torch.Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
+    """Calibrate every Linear of ``blocks`` in order, writing the dequantized weights back into the model.
+
+    ``batches`` are HF forward kwargs (one sample each); ``prefix`` is the blocks' module path
+    (``model.language_model.layers``) used to name layers. Returns the layers as the ONNX pass
+    writes them (keys = hashes of the *float* weights) and one record per layer (float ones too).
+    """
+    say = progress or (lambda _msg: None)
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    if not inputs:
+        raise NumericalError("no calibration inputs reached the first decoder block")
+    quantized: list[QuantizedLinear] = []
+    records: list[LayerRecord] = []
+    t_all = time.perf_counter()
+    for bi, block in enumerate(blocks):
+        t_block = time.perf_counter()
+        plans = plan_layers(block_linears(block, f"{prefix}.{bi}"), config.bits, config.group_size)
+        cals = {}
+        for p in plans:
+            if p.bits is None:
+                records.append(LayerRecord(p.name, "float", None, None, note=p.note,
+                                           shape=list(p.module.weight.shape)))
+                continue
+            cfg = QuantConfig(**{**config.__dict__, "group_size": p.group_size})
+            cals[p.name] = (p, make_calibrator(method, p.module.weight.data, cfg, p.name))
+
+        current = {"sample": 0}
+        hooks = []
+        for name, (p, cal) in cals.items():
+            def hook(mod, args, _out, cal=cal, name=name):
+                x = args[0].detach()
+                _check_finite(x, f"input of {name}")
+                g = None if token_weights is None else token_weights[current["sample"]]
+                cal.add_batch(x, g)
+            hooks.append(p.module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                for si, (args, kwargs) in enumerate(inputs):
+                    current["sample"] = si
+                    block(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+        for name, (p, cal) in cals.items():
+            t0 = time.perf_counter()
+            float_w = p.module.weight.data
+            key = weight_key(float_w.detach().float().cpu().numpy())
+            res = cal.solve()
+            cal.free()
+            p.module.weight.data = res.dequantize().to(float_w.dtype).to(float_w.device)
+            quantized.append(QuantizedLinear(
+                name=name, codes=res.codes.cpu().numpy(), scales=res.scales.float().cpu().numpy(),
+                bits=res.bits, group_size=res.group_size, key=key))
+            records.append(LayerRecord(name, method, res.bits, res.group_size, float(res.error),
+                                       float(res.damp_used), time.perf_counter() - t0, p.note,
+                                       list(float_w.shape)))
+
+        # propagate through the now-quantized block
+        with torch.no_grad():
+            for si, (args, kwargs) in enumerate(inputs):
+                out = _block_output(block(*args, **kwargs))
+                _check_finite(out, f"output of block {prefix}.{bi}")
+                inputs[si] = ((out,) + tuple(args[1:]), kwargs)
+        errs = [r.error for r in records[-len(plans):] if r.error is not None]
+        say(f"block {bi + 1}/{len(blocks)}: {len(cals)} layers, "
+            f"mean error {sum(errs) / max(len(errs), 1):.3g}, {time.perf_counter() - t_block:.1f}s "
+            f"(elapsed {time.perf_counter() - t_all:.0f}s)")
+    return quantized, records

@@ -1,0 +1,166 @@
+"""Image(s) + prompt -> text with the four ONNX graphs of an output directory."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..models import Prepared, load_family
+from .session import make_session
+
+GRAPHS = ("vision_encoder", "projector", "embed_tokens", "llm")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    stopped: bool  # ended on a stop token (else max_new_tokens)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max()
+    e = np.exp(x)
+    return e / e.sum()
+
+
+def sample_token(logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0) -> int:
+    """Greedy when ``rng`` is None, else temperature / top-k / top-p sampling."""
+    if rng is None or temperature <= 0:
+        return int(np.argmax(logits))
+    logits = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = _softmax(logits)
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        cut = order[cum - probs[order] >= top_p]
+        probs[cut] = 0.0
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+class OnnxVLM:
+    """The exported model in ONNX Runtime: vision encoder -> projector -> embeddings -> LLM with KV cache."""
+
+    def __init__(self, out_dir: str | Path, *, accuracy_level: int | None = 0, providers=None,
+                 graphs: dict[str, Path] | None = None):
+        self.out_dir = Path(out_dir)
+        self.family = load_family(self.out_dir / "processor")
+        self.paths = graphs or {g: self.out_dir / f"{g}.onnx" for g in GRAPHS}
+        self._opts = dict(accuracy_level=accuracy_level, providers=providers)
+        self._sessions: dict = {}
+
+    def session(self, name: str):
+        if name not in self._sessions:
+            self._sessions[name] = make_session(self.paths[name], **self._opts)
+        return self._sessions[name]
+
+    # ------------------------------------------------------------------ graph calls
+    def image_features(self, prepared: Prepared) -> np.ndarray:
+        """[n_image_tokens, hidden] for the images in ``prepared``."""
+        feats = self.session("vision_encoder").run(["features"], self.family.vision_feeds(prepared))[0]
+        return self.session("projector").run(["image_embeds"], {"features": feats})[0]
+
+    def embeddings(self, prepared: Prepared) -> np.ndarray:
+        emb = self.session("embed_tokens").run(["inputs_embeds"], {"input_ids": prepared.input_ids})[0]
+        if prepared.num_images:
+            img = self.image_features(prepared)
+            mask = prepared.image_mask[0]
+            if int(mask.sum()) != img.shape[0]:
+                raise ValueError(f"{int(mask.sum())} image tokens in the prompt but {img.shape[0]} image embeddings")
+            emb = emb.copy()
+            emb[0, mask] = img.astype(emb.dtype)
+        return emb
+
+    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+        f = self.family
+        shape = (batch, f.num_kv_heads, 0, f.head_dim)
+        past = {}
+        for i in range(f.num_layers):
+            past[f"past_key_{i}"] = np.zeros(shape, np.float32)
+            past[f"past_value_{i}"] = np.zeros(shape, np.float32)
+        return past
+
+    def llm(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        sess = self.session("llm")
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, {"inputs_embeds": embeds, "attention_mask": attention_mask,
+                                "position_ids": position_ids, **past})
+        res = dict(zip(names, outs))
+        present = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
+        return res["logits"], present
+
+    def prompt_logits(self, prepared: Prepared) -> np.ndarray:
+        """Logits [S, V] of a full prompt (prefill with empty past)."""
+        emb = self.embeddings(prepared)
+        mask = np.ones_like(prepared.input_ids)
+        logits, _ = self.llm(emb, mask, prepared.position_ids, self.empty_past())
+        return logits[0]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, images: list, prompt: str, *, max_new_tokens: int = 64, sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: bool = True, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        return self.generate_prepared(self.family.prepare(images, prompt), max_new_tokens=max_new_tokens,
+                                      sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      seed=seed, stop=stop, on_text=on_text)
+
+    def generate_prepared(self, prepared: Prepared, *, max_new_tokens: int = 64, sample: bool = False,
+                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                          seed: int | None = None, stop: bool = True,
+                          on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        fam = self.family
+        rng = np.random.default_rng(seed) if sample else None
+        stop_ids = set(fam.stop_token_ids) if stop else set()
+        t0 = time.perf_counter()
+        emb = self.embeddings(prepared)
+        seq = prepared.seq_len
+        mask = np.ones((1, seq), np.int64)
+        logits, past = self.llm(emb, mask, prepared.position_ids, self.empty_past())
+        t_prefill = time.perf_counter() - t0
+        tokens: list[int] = []
+        text_so_far = ""
+        stopped = False
+        t1 = time.perf_counter()
+        embed = self.session("embed_tokens")
+        while len(tokens) < max_new_tokens:
+            tok = sample_token(logits[0, -1], rng, temperature, top_k, top_p)
+            if tok in stop_ids:
+                stopped = True
+                break
+            tokens.append(tok)
+            if on_text is not None:
+                text = fam.tokenizer.decode(tokens, skip_special_tokens=True)
+                if len(text) > len(text_so_far) and not text.endswith("\ufffd"):
+                    on_text(text[len(text_so_far):])
+                    text_so_far = text
+            if len(tokens) == max_new_tokens:
+                break
+            ids = np.array([[tok]], np.int64)
+            e = embed.run(["inputs_embeds"], {"input_ids": ids})[0]
+            past_len = seq + len(tokens) - 1
+            mask = np.ones((1, past_len + 1), np.int64)
+            pos = fam.decode_position_ids(prepared.rope_delta, past_len)
+            logits, past = self.llm(e, mask, pos, past)
+        t_decode = time.perf_counter() - t1
+        text = fam.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_text is not None and len(text) > len(text_so_far):
+            on_text(text[len(text_so_far):])
+        return GenerationResult(tokens, text, seq, t_prefill, t_decode, stopped)
