@@ -1,0 +1,214 @@
+"""The weight-calibrator interface shared by every weight-only method (RTN, GPTQ, VLMQ).
+
+A calibrator owns one linear layer's weight ``W`` [N out, K in] (``nn.Linear`` layout). The
+caller feeds it the layer's calibration inputs with :meth:`WeightCalibrator.add_batch`
+(optionally with one importance factor ``g_i >= 0`` per token), then calls
+:meth:`WeightCalibrator.solve`, which returns a :class:`QuantResult`, and :meth:`free`.
+
+Inputs are accumulated into the token-weighted Hessian of the layer-wise objective
+``sum_i g_i ||(W - W_hat) x_i||^2``::
+
+    H = 2 / sum_i g_i * sum_i g_i x_i x_i^T      (float32, running normalisation)
+
+Weighting is done by scaling each token's input row by ``sqrt(g_i)`` before the outer product;
+``token_weight=None`` is turned into ones and goes through the very same code path, so g == 1
+reproduces unweighted GPTQ bit for bit.
+
+Quantization grid (symmetric, signed, no zero point), per group of ``group_size`` input columns
+of one output row (per-channel when ``group_size == -1``: one scale per output row)::
+
+    qmax  = 2**(bits-1) - 1          qmin = -2**(bits-1)
+    scale = max|w| / qmax            (1.0 where the group is all zeros: any positive scale
+                                      represents zeros exactly and stays finite in fp16)
+    code  = clamp(round(w / scale), qmin, qmax)       (round half to even, like ONNX)
+    w_hat = code * scale             (float32; exactly what ONNX DequantizeLinear computes)
+
+``qmin`` is one level beyond ``-qmax``: plain rounding never reaches it, GPTQ's error feedback
+can. The stored ``codes``/``scales`` are the truth: :meth:`QuantResult.dequantize` is the only
+definition of ``W_hat``, and the reported ``error`` is computed from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CalibrationDataError, NumericalError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4  # 2, 3, 4, 8
+    group_size: int = 128  # input columns per scale; -1 = per-channel (one scale per output row)
+    sym: bool = True  # symmetric, no zero point: the only form implemented
+    damp: float = 0.01  # GPTQ damping, fraction of mean(diag(H)); raised x10 if Cholesky fails
+    block_size: int = 128  # GPTQ lazy-batch column block (rounded up to a multiple of group_size)
+    act_order: bool = False  # GPTQ: columns by decreasing diag(H); groups stay static (see gptq.py)
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
+        if not self.sym:
+            raise ValueError("only symmetric quantization (sym=True) is implemented")
+        if not self.damp >= 0:
+            raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def group_for(self, in_features: int) -> int:
+        """Columns per scale for a layer with ``in_features`` inputs (K for per-channel)."""
+        group = in_features if self.group_size == -1 else self.group_size
+        if in_features % group:
+            raise ValueError(
+                f"in_features {in_features} is not divisible by group_size {self.group_size}: "
+                "pad the layer or keep it at another precision (decide before calibrating)"
+            )
+        return group
+
+
+@dataclass
+class QuantResult:
+    codes: torch.Tensor  # int8 [N, K], signed values in [qmin, qmax]
+    scales: torch.Tensor  # float32 [N, K // group] (per-channel: [N, 1])
+    bits: int
+    group_size: int  # as configured: -1 = per-channel
+    error: float  # sum_i g_i ||(W - W_hat) x_i||^2 / sum_i g_i on the calibration data; NaN if none
+    damp_used: float  # fraction of mean(diag(H)) actually used (NaN for RTN, which does not damp)
+
+    def dequantize(self) -> torch.Tensor:
+        """``W_hat = codes * scales`` with each scale repeated over its group: float32 [N, K]."""
+        return self.codes.float() * expand_scales(self.scales, self.codes.shape[1])
+
+
+# ----------------------------------------------------------------------------- grid helpers
+def expand_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[N, G] scales -> [N, K], each scale repeated over its K // G columns."""
+    return scales.repeat_interleave(in_features // scales.shape[1], dim=1)
+
+
+def group_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Symmetric scale of each row of ``w`` [N, g] (one group per row): max|w| / qmax, > 0."""
+    scale = w.abs().amax(dim=1) / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def static_scales(W: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
+    """Scales of every group of ``W`` [N, K] in column order: [N, K // group]."""
+    return group_scales(W.reshape(-1, group), qmax).reshape(W.shape[0], -1)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Codes (as float, integer valued) of ``w`` on the grid ``scale`` (broadcast against w)."""
+    return torch.clamp(torch.round(w / scale), qmin, qmax)
+
+
+# ----------------------------------------------------------------------------- the interface
+class WeightCalibrator:
+    """Base class: validates the layer, accumulates the token-weighted Hessian, reports errors.
+
+    ``weight`` [N, K] is read, never modified (it is not copied either: do not change it in place
+    before :meth:`solve`). All work happens on ``weight.device``.
+    """
+
+    def __init__(self, weight: torch.Tensor, config: QuantConfig, name: str = "") -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"layer {name!r}: weight must be 2-D [out, in], got {tuple(weight.shape)}")
+        self.weight = weight.detach()
+        self.config = config
+        self.name = name
+        self.rows, self.columns = weight.shape
+        self.group = config.group_for(self.columns)  # raises ValueError when K % group != 0
+        self.device = weight.device
+        self.H: torch.Tensor | None = None  # allocated on the first add_batch
+        self.weight_sum = 0.0  # sum_i g_i over all tokens seen (the normaliser of H)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor, token_weight: torch.Tensor | None = None) -> None:
+        """Accumulate inputs ``x`` [..., K] with per-token weights broadcastable to ``x.shape[:-1]``.
+
+        ``token_weight=None`` means all ones (same code path). A trailing singleton dimension
+        ([..., 1]) is accepted. Tokens with g_i = 0 contribute nothing.
+        """
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"layer {self.name!r}: input last dim {x.shape[-1]} != in_features {self.columns}")
+        g = self._token_weights(x.shape[:-1], token_weight)
+        x = x.detach().to(device=self.device, dtype=torch.float32).reshape(-1, self.columns)
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"layer {self.name!r}: calibration inputs contain NaN or Inf")
+        batch_sum = float(g.double().sum())
+        if batch_sum == 0.0:
+            return  # empty batch or every token weighted 0: nothing to add
+        if self.H is None:
+            self.H = torch.zeros(self.columns, self.columns, device=self.device, dtype=torch.float32)
+        # Running normalisation (as in the reference GPTQ): H stays 2/sum(g) * sum g x x^T.
+        self.H *= self.weight_sum / (self.weight_sum + batch_sum)
+        self.weight_sum += batch_sum
+        self.tokens += x.shape[0]
+        xs = x * g.sqrt().unsqueeze(1)  # row i scaled by sqrt(g_i)
+        xs = math.sqrt(2.0 / self.weight_sum) * xs
+        self.H += xs.t() @ xs
+
+    def _token_weights(self, lead: torch.Size, token_weight: torch.Tensor | None) -> torch.Tensor:
+        """Per-token weights g, flattened to [T] in the order of ``x.reshape(-1, K)``."""
+        if token_weight is None:
+            return torch.ones(lead.numel(), device=self.device, dtype=torch.float32)
+        g = torch.as_tensor(token_weight).detach().to(device=self.device, dtype=torch.float32)
+        if g.dim() == len(lead) + 1 and g.shape[-1] == 1:
+            g = g.squeeze(-1)
+        try:
+            g = torch.broadcast_to(g, lead).reshape(-1)
+        except RuntimeError as e:
+            raise ValueError(
+                f"layer {self.name!r}: token_weight {tuple(g.shape)} does not broadcast to the "
+                f"input's leading dims {tuple(lead)}"
+            ) from e
+        if not torch.isfinite(g).all():
+            raise NumericalError(f"layer {self.name!r}: token weights contain NaN or Inf")
+        if (g < 0).any():
+            raise ValueError(f"layer {self.name!r}: token weights must be >= 0")
+        return g
+
+    def solve(self) -> QuantResult:
+        raise NotImplementedError
+
+    def free(self) -> None:
+        """Drop the Hessian and the weight reference (the result is independent of them)."""
+        self.H = None
+        self.weight = None
+
+    # -- shared helpers for subclasses
+    def _weight_float(self) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError(f"layer {self.name!r}: calibrator already freed")
+        W = self.weight.to(torch.float32, copy=True)
+        if not torch.isfinite(W).all():
+            raise NumericalError(f"layer {self.name!r}: weight contains NaN or Inf")
+        return W
+
+    def _require_data(self) -> torch.Tensor:
+        if self.H is None:
+            raise CalibrationDataError(
+                f"layer {self.name!r}: no calibration data (add_batch was never called, or every "
+                "token had weight 0); refusing to calibrate without data"
+            )
+        return self.H
+
+    def _error(self, W: torch.Tensor, result: QuantResult) -> float:
+        """``trace(dW H dW^T) / 2 = sum_i g_i ||dW x_i||^2 / sum_i g_i`` (NaN without data)."""
+        if self.H is None:
+            return math.nan
+        dW = (W - result.dequantize()).double()
+        return float(((dW @ self.H.double()) * dW).sum() / 2)

@@ -1,0 +1,32 @@
+"""Round to nearest: every group rounded on its own grid, calibration data unused for the codes.
+
+Data given through ``add_batch`` is still accumulated so that ``QuantResult.error`` is the same
+measure as GPTQ's (the token-weighted output error); without data ``error`` is NaN (unknown, not
+zero). RTN does not damp, so ``damp_used`` is NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import QuantResult, WeightCalibrator, quantize_codes, static_scales
+
+
+class RTNCalibrator(WeightCalibrator):
+    def solve(self) -> QuantResult:
+        cfg = self.config
+        W = self._weight_float()
+        N, K, g = self.rows, self.columns, self.group
+        scales = static_scales(W, g, cfg.qmax)  # [N, K // g]
+        codes = quantize_codes(W.reshape(N, K // g, g), scales.unsqueeze(2), cfg.qmin, cfg.qmax).reshape(N, K)
+        result = QuantResult(
+            codes=codes.to(torch.int8),
+            scales=scales,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            error=math.nan,
+            damp_used=math.nan,
+        )
+        result.error = self._error(W, result)
+        return result
