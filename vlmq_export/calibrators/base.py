@@ -100,8 +100,15 @@ def expand_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def group_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Symmetric scale of each row of ``w`` [N, g] (one group per row): max|w| / qmax, > 0."""
-    scale = w.abs().amax(dim=1) / qmax
+    """Symmetric scale of each row of ``w`` [N, g] (one group per row), > 0.
+
+    Low bit widths (<= 4) use the reference GPTQ's symmetric grid: scale = 2·max|w| / (2^b - 1) over the
+    signed codes [-2^(b-1), 2^(b-1) - 1] (no zero point), so all 2^b levels are used; at 2 bits
+    max|w| / qmax would leave the code -2 unreachable by rounding. 8 bits use max|w| / 127 (TensorRT's
+    symmetric INT8 convention).
+    """
+    levels = qmax if qmax >= 127 else (2 * qmax + 1) / 2
+    scale = w.abs().amax(dim=1) / levels
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
