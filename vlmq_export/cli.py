@@ -1,0 +1,193 @@
+"""Command line: a thin shell over the pipeline's functions.
+
+    vlmq-export MODEL --int4 [-o OUT] [--method gptq|rtn] [--calib DATA] ...
+    vlmq-export run OUT --image IMG --prompt "..."
+    vlmq-export validate OUT [--model DIR]
+    vlmq-export inspect OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+VERBS = ("run", "validate", "inspect")
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmq-export", description=(
+        "Quantize a vision-language model post-training and export it to ONNX (INT4 Q/DQ). "
+        f"Other verbs: {', '.join(VERBS)} (vlmq-export VERB -h)."))
+    p.add_argument("model", help="local Hugging Face model directory, hub id, or builtin:tiny-qwen2-vl / builtin:tiny-smolvlm")
+    prec = p.add_mutually_exclusive_group()
+    for bits in (4, 3, 2):
+        prec.add_argument(f"--int{bits}", dest="bits", action="store_const", const=bits,
+                          help=f"W{bits}A16 weight-only ({'default; ' if bits == 4 else ''}stored in INT4 containers)")
+    prec.add_argument("--int8", dest="bits", action="store_const", const=8, help="W8A8 (not available yet)")
+    prec.add_argument("--fp8", dest="bits", action="store_const", const="fp8", help="FP8 (not available yet)")
+    p.add_argument("-o", "--output", help="output directory (default: ./<model>-<method>-w<bits>)")
+    p.add_argument("--method", default="gptq", help="weight calibration method: gptq (default) or rtn")
+    p.add_argument("--group-size", type=int, default=128, help="INT4 block size along the input dimension (default 128)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing diag(H)")
+    p.add_argument("--calib", help="calibration data: a JSONL of {image(s), prompt, answer?}, a folder holding one, "
+                                   "or builtin / builtin:shapes / builtin:photos (default: builtin)")
+    p.add_argument("--n-calib", type=int, default=16, help="calibration samples to use (default 16)")
+    p.add_argument("--components", default="llm", help="components to quantize (default: llm)")
+    p.add_argument("--no-validate", action="store_true", help="skip the fidelity checks")
+    p.add_argument("--n-val", type=int, default=4, help="held-out validation prompts (default 4)")
+    p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared in validation (default 16)")
+    p.add_argument("--keep-float", action="store_true", help="keep the float ONNX graphs in OUT/float")
+    _output_flags(p)
+    return p
+
+
+def _output_flags(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--json", action="store_true", help="progress and result as JSON lines")
+
+
+def _progress(args):
+    from .progress import Progress
+
+    return Progress("quiet" if args.quiet else "json" if args.json else "human")
+
+
+def cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    from .errors import VlmqError
+    from .pipeline import Options, Recipe, export_model
+
+    bits = args.bits or 4
+    if bits in (8, "fp8"):
+        raise VlmqError(f"--{'fp8' if bits == 'fp8' else 'int8'} is not available yet; use --int4, --int3 or --int2")
+    if args.n_calib < 1:
+        raise VlmqError("--n-calib must be at least 1")
+    recipe = Recipe(method=args.method, bits=bits, group_size=args.group_size, damp=args.damp,
+                    act_order=args.act_order, components=tuple(c for c in args.components.split(",") if c))
+    opts = Options(calib=args.calib, n_calib=args.n_calib, n_val=args.n_val, gen_tokens=args.gen_tokens,
+                   validate=not args.no_validate, keep_float=args.keep_float)
+    progress = _progress(args)
+    out = export_model(args.model, args.output, recipe, opts, progress)
+    manifest = json.loads((out / "manifest.json").read_text())
+    v = manifest.get("validation", {})
+    if args.json:
+        print(json.dumps({"output": str(out), "validation": v}))
+    elif not args.quiet:
+        print(f"\nwrote {out}")
+        sizes = {c: manifest["components"][c] for c in manifest["components"]}
+        llm = sizes["llm"]
+        print(f"  llm.onnx {llm['bytes'] / 1e6:.2f} MB (float {llm['float_bytes'] / 1e6:.2f} MB)")
+        for k in ("logits_cosine", "top1_agreement", "greedy_token_agreement", "image_features_cosine",
+                  "qdq_max_abs_diff", "int4_form_ok", "ort_fused_all"):
+            if k in v:
+                print(f"  {k}: {v[k]:.4f}" if isinstance(v[k], float) else f"  {k}: {v[k]}")
+        print(f"  report: {out / 'report' / 'report.md'}")
+    return 0
+
+
+def cmd_run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlmq-export run", description="Generate text from image(s) + a prompt with ONNX Runtime.")
+    p.add_argument("out", help="a vlmq-export output directory")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-stop", action="store_true", help="ignore stop tokens (always generate max-new-tokens)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits compute: 0 float (exact, default), 4 int8 activations (faster)")
+    p.add_argument("--tokens", action="store_true", help="print the generated token ids at the end")
+    _output_flags(p)
+    args = p.parse_args(argv)
+    from .data.loader import open_image
+    from .outdir import check_complete
+    from .runtime.generate import OnnxVLM
+
+    check_complete(Path(args.out), verify_hashes=False)
+    images = [open_image(Path(i)) for i in args.image]
+    vlm = OnnxVLM(args.out, accuracy_level=args.accuracy_level)
+    stream = None if (args.json or args.quiet) else (lambda s: print(s, end="", flush=True))
+    res = vlm.generate(images, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       stop=not args.no_stop, on_text=stream)
+    if args.json:
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
+                          "prefill_s": res.prefill_s, "decode_tokens_per_s": res.decode_tokens_per_s}))
+    else:
+        if stream is None:
+            print(res.text)
+        else:
+            print()
+        if args.tokens:
+            print("tokens:", " ".join(map(str, res.token_ids)))
+        if not args.quiet:
+            print(f"[{res.prompt_tokens} prompt tokens, prefill {res.prefill_s * 1e3:.0f} ms, "
+                  f"{len(res.token_ids)} new tokens at {res.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlmq-export validate",
+                                description="Check a complete output directory against its full-precision source model.")
+    p.add_argument("out")
+    p.add_argument("--model", help="source model (default: the path recorded in the manifest)")
+    p.add_argument("--n-val", type=int, default=4)
+    p.add_argument("--gen-tokens", type=int, default=16)
+    _output_flags(p)
+    args = p.parse_args(argv)
+    from .pipeline import validate_output
+
+    v = validate_output(args.out, args.model, args.n_val, args.gen_tokens, _progress(args))
+    print(json.dumps(v, indent=None if args.json else 2))
+    return 0 if v.get("int4_form_ok") and v.get("ort_fused_all") else 1
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlmq-export inspect", description="Summarise an output directory's manifest.")
+    p.add_argument("out")
+    args = p.parse_args(argv)
+    from .outdir import read_manifest
+
+    m = read_manifest(Path(args.out))
+    print(f"{args.out}: {m['source']['model']} ({m['source']['family']}), status {m['status']}")
+    r = m["recipe"]
+    print(f"recipe: {r['method']} W{r['bits']} g{r['group_size']}; calibration {m['calibration']['samples']} samples")
+    for name, c in m.get("components", {}).items():
+        ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"][:4])
+        print(f"  {c['file']}: {c['bytes'] / 1e6:.2f} MB; inputs {ins}{' ...' if len(c['inputs']) > 4 else ''}")
+    print(json.dumps(m.get("validation", {}), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .errors import VlmqError
+
+    handlers = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect}
+    try:
+        if argv and argv[0] in handlers:
+            return handlers[argv[0]](argv[1:])
+        return cmd_export(argv)
+    except VlmqError as exc:
+        print(f"vlmq-export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vlmq-export: interrupted (no output directory was published)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # unexpected: one line, the traceback only on request
+        if os.environ.get("VLMQ_DEBUG"):
+            raise
+        print(f"vlmq-export: internal error: {type(exc).__name__}: {exc} (set VLMQ_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

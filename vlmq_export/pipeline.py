@@ -1,0 +1,311 @@
+"""`vlmq-export MODEL --int4`: load -> calibrate -> export -> Q/DQ -> validate -> publish.
+
+Every stage is a plain function; the CLI only parses arguments and prints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from . import outdir
+from .calibrators import QuantConfig
+from .calibrators.sequential import quantize_blocks
+from .data.loader import builtin_samples, load_samples
+from .data.samples import Sample
+from .errors import VlmqError
+from .export.onnx_export import OPSET, export_graph
+from .export.qdq import apply_qdq
+from .models import Family, Prepared, load_family
+from .progress import Progress
+from .runtime.generate import GRAPHS, OnnxVLM
+from .sources import resolve_model
+from .validate.compare import compare, onnx_outputs, torch_outputs
+from .validate.graphs import ort_fusion, portable_int4_problems
+from .validate.report import write_report
+
+METHODS = ("rtn", "gptq")
+COMPONENTS = ("llm",)
+
+
+@dataclass
+class Recipe:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    components: tuple[str, ...] = ("llm",)
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(bits=self.bits, group_size=self.group_size, sym=True, damp=self.damp,
+                           act_order=self.act_order)
+
+
+@dataclass
+class Options:
+    calib: str | None = None  # JSONL / folder / builtin set; None = built-in
+    n_calib: int = 16
+    n_val: int = 4
+    gen_tokens: int = 16
+    validate: bool = True
+    keep_float: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def default_out(model_spec: str, recipe: Recipe) -> Path:
+    name = model_spec.rstrip("/").split(":")[-1].split("/")[-1] or "model"
+    return Path(f"{name}-{recipe.method}-w{recipe.bits}")
+
+
+def samples_hash(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.prompt.encode())
+        h.update((s.answer or "").encode())
+        for im in s.images:
+            h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def prepare_all(family: Family, samples: list[Sample], with_answer: bool) -> list[Prepared]:
+    return [family.prepare(s.images, s.prompt, s.answer if with_answer else None) for s in samples]
+
+
+def validation_samples(n: int) -> list[Sample]:
+    """Held-out prompts: ShapesVQA test scenes (never used for calibration) and one text-only prompt."""
+    samples = builtin_samples(max(n - 1, 1), split="test", which="builtin:shapes")
+    samples.append(Sample([], "Write one sentence about the sea.", None, "text-only"))
+    return samples
+
+
+def _module_path(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise ValueError("module not found in model")
+
+
+def graph_io(path: Path) -> dict:
+    model = onnx.load(str(path), load_external_data=False)
+
+    def desc(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": dims})
+        return out
+
+    return {"inputs": desc(model.graph.input), "outputs": desc(model.graph.output)}
+
+
+def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe | None = None,
+                 options: Options | None = None, progress: Progress | None = None) -> Path:
+    recipe = recipe or Recipe()
+    opts = options or Options()
+    say = progress or Progress("quiet")
+    if recipe.method not in METHODS:
+        raise VlmqError(f"unknown --method '{recipe.method}'; valid: {', '.join(METHODS)}")
+    for comp in recipe.components:
+        if comp not in COMPONENTS:
+            raise VlmqError(f"component '{comp}' cannot be quantized yet; quantizable: {', '.join(COMPONENTS)}")
+    out = Path(out) if out else default_out(model_spec, recipe)
+    outdir.check_target(out)  # before any slow work
+
+    say.start("load", f"model {model_spec}")
+    model_dir = resolve_model(model_spec)
+    family = load_family(model_dir)
+    calib = load_samples(opts.calib, limit=opts.n_calib)
+    say(f"{family.name}: {len(calib)} calibration samples from {opts.calib or 'built-in set'}")
+    model = family.load_model(model_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"loaded {n_params / 1e6:.1f}M parameters")
+
+    staging = outdir.Staging(out)
+    try:
+        manifest = _run(model_spec, model_dir, family, model, calib, recipe, opts, staging.path, say)
+        manifest["status"] = "complete"
+        outdir.write_manifest(staging.path, manifest)
+        final = staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    say.start("done", f"wrote {final}")
+    return final
+
+
+def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, say) -> dict:
+    t_start = time.perf_counter()
+    manifest = {
+        "schema_version": outdir.SCHEMA_VERSION, "tool": outdir.TOOL, "status": "incomplete",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"model": model_spec, "path": str(Path(model_dir).resolve()), "family": family.name,
+                   "model_type": family.config.model_type,
+                   "config_sha256": outdir.sha256_file(Path(model_dir) / "config.json")},
+        "recipe": {**asdict(recipe), "format": "int4-qdq-blockwise", "symmetric": True,
+                   "lm_head": "float", "embeddings": "float", "vision": "float", "projector": "float"},
+        "versions": outdir.library_versions(), "opset": OPSET,
+        "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib)},
+        "family": {"num_layers": family.num_layers, "num_kv_heads": family.num_kv_heads,
+                   "head_dim": family.head_dim, "hidden_size": family.hidden_size, "mrope": family.mrope},
+        "components": {}, "layers": [], "timings_s": {},
+    }
+    outdir.write_manifest(work, manifest)  # status incomplete until the very end
+    family.save_processor(work / "processor")
+
+    # -- float reference and float export
+    val = prepare_all(family, validation_samples(opts.n_val), with_answer=False) if opts.validate else []
+    float_dir = work / "float"
+    say.start("export", "float ONNX graphs")
+    t0 = time.perf_counter()
+    for spec in family.export_specs(model):
+        t = time.perf_counter()
+        export_graph(spec, float_dir / f"{spec.name}.onnx")
+        say(f"{spec.name}.onnx ({time.perf_counter() - t:.1f}s)")
+    manifest["timings_s"]["export"] = time.perf_counter() - t0
+    report: dict = {"stages": {}}
+    ref_float = None
+    if opts.validate:
+        say.start("validate", f"float ONNX vs torch on {len(val)} held-out prompts")
+        ref_float = torch_outputs(family, model, val, opts.gen_tokens)
+        vlm = OnnxVLM(work, graphs={g: float_dir / f"{g}.onnx" for g in GRAPHS}, accuracy_level=0)
+        report["stages"]["float_onnx_vs_torch"] = compare(ref_float, onnx_outputs(vlm, val, opts.gen_tokens))
+        del vlm
+
+    # -- calibration
+    say.start("calibrate", f"{recipe.method} W{recipe.bits} g{recipe.group_size} on {len(calib)} samples")
+    t0 = time.perf_counter()
+    prepared = prepare_all(family, calib, with_answer=True)
+    blocks = family.decoder_layers(model)
+    layers, records = quantize_blocks(model, blocks, _module_path(model, blocks),
+                                      [family.hf_inputs(p) for p in prepared], recipe.method,
+                                      recipe.quant_config(), token_weights=None, progress=say)
+    manifest["timings_s"]["calibrate"] = time.perf_counter() - t0
+
+    # -- Q/DQ pass
+    say.start("qdq", f"writing {len(layers)} INT4 layers")
+    written: set[str] = set()
+    for g in GRAPHS:
+        written |= set(apply_qdq(float_dir / f"{g}.onnx", work / f"{g}.onnx", layers))
+    missing = [q.name for q in layers if q.name not in written]
+    if missing:
+        raise VlmqError(f"{len(missing)} quantized layers not found in the exported graphs (first: {missing[0]})")
+    by_name = {r.name: r for r in records}
+    for q in layers:
+        base = q.name.replace(".", "_")
+        by_name[q.name].__dict__.update({"onnx_weight": f"{base}_q", "onnx_scale": f"{base}_scale"})
+    manifest["layers"] = [r.as_dict() for r in records]
+    for g in GRAPHS:
+        f = work / f"{g}.onnx"
+        manifest["components"][g] = {"file": f.name, "bytes": f.stat().st_size,
+                                     "float_bytes": (float_dir / f.name).stat().st_size,
+                                     "sha256": outdir.sha256_file(f), **graph_io(f)}
+
+    # -- validation of the quantized graphs
+    problems = []
+    for g in GRAPHS:
+        problems += portable_int4_problems(onnx.load(str(work / f"{g}.onnx"), load_external_data=False))
+    report["int4_form_problems"] = problems
+    report["ort_fusion"] = ort_fusion(work / "llm.onnx")
+    if opts.validate:
+        say.start("validate", "Q/DQ ONNX vs torch fake-quant, and vs full precision")
+        vlm = OnnxVLM(work, accuracy_level=0)
+        q_onnx = onnx_outputs(vlm, val, opts.gen_tokens)
+        ref_fq = torch_outputs(family, model, val, opts.gen_tokens)
+        report["stages"]["qdq_onnx_vs_torch_fakequant"] = compare(ref_fq, q_onnx)
+        report["stages"]["quantized_vs_full_precision"] = compare(ref_float, q_onnx)
+    report["layers"] = {"quantized": len(layers), "float": sum(1 for r in records if r.bits is None),
+                        "mean_error": float(np.mean([r.error for r in records if r.error is not None] or [0]))}
+    if not opts.keep_float:
+        shutil.rmtree(float_dir)
+    manifest["timings_s"]["total"] = time.perf_counter() - t_start
+    manifest["validation"] = summary(report)
+    write_report(work, manifest, report)
+    return manifest
+
+
+def summary(report: dict) -> dict:
+    s = {}
+    st = report.get("stages", {})
+    if "float_onnx_vs_torch" in st:
+        s["float_onnx_max_abs_diff"] = max(v for k, v in st["float_onnx_vs_torch"].items()
+                                           if k.endswith("max_abs_diff") and v is not None)
+    if "qdq_onnx_vs_torch_fakequant" in st:
+        s["qdq_max_abs_diff"] = max(v for k, v in st["qdq_onnx_vs_torch_fakequant"].items()
+                                    if k.endswith("max_abs_diff") and v is not None)
+    q = st.get("quantized_vs_full_precision", {})
+    for k in ("image_features_cosine", "logits_cosine", "top1_agreement", "greedy_token_agreement"):
+        if k in q:
+            s[k] = q[k]
+    s["int4_form_ok"] = not report.get("int4_form_problems")
+    f = report.get("ort_fusion", {})
+    s["ort_fused_all"] = bool(f) and f.get("matmulnbits") == f.get("int4_dequantize") and f.get("dequantize_left") == 0
+    return s
+
+
+def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The dequantized weight of every INT4 layer, read back from the graphs (codes * scales)."""
+    from onnx import numpy_helper
+
+    wanted = {r["onnx_weight"]: r for r in manifest["layers"] if r.get("onnx_weight")}
+    scales_wanted = {r["onnx_scale"] for r in wanted.values()}
+    found: dict[str, np.ndarray] = {}
+    for comp in manifest["components"].values():
+        model = onnx.load(str(Path(out) / comp["file"]))
+        for init in model.graph.initializer:
+            if init.name in wanted or init.name in scales_wanted:
+                found[init.name] = numpy_helper.to_array(init)
+    weights = {}
+    for wname, rec in wanted.items():
+        if wname not in found or rec["onnx_scale"] not in found:
+            raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
+        codes = found[wname].astype(np.float32).T  # [N, K]
+        scales = found[rec["onnx_scale"]].astype(np.float32).T  # [N, K/g]
+        weights[rec["name"]] = torch.from_numpy(codes * np.repeat(scales, rec["group_size"], axis=1))
+    return weights
+
+
+def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, gen_tokens: int = 16,
+                    progress: Progress | None = None) -> dict:
+    """Re-validate a complete output directory against its source model; rewrites report/."""
+    say = progress or Progress("quiet")
+    out = Path(out)
+    manifest = outdir.check_complete(out)
+    say.start("validate", f"{out} against {model or manifest['source']['path']}")
+    model_dir = resolve_model(model) if model else Path(manifest["source"]["path"])
+    if not (model_dir / "config.json").is_file():
+        raise VlmqError(f"source model {model_dir} not found; pass --model")
+    family = load_family(model_dir)
+    torch_model = family.load_model(model_dir)
+    val = prepare_all(family, validation_samples(n_val), with_answer=False)
+    ref_float = torch_outputs(family, torch_model, val, gen_tokens)
+    for name, w in load_quantized_weights(out, manifest).items():
+        torch_model.get_submodule(name).weight.data = w.to(torch_model.get_submodule(name).weight.dtype)
+    ref_fq = torch_outputs(family, torch_model, val, gen_tokens)
+    vlm = OnnxVLM(out, accuracy_level=0)
+    q_onnx = onnx_outputs(vlm, val, gen_tokens)
+    prev = {}
+    vfile = out / "report" / "validation.json"
+    if vfile.is_file():
+        prev = json.loads(vfile.read_text()).get("stages", {})
+    report = {"stages": {k: v for k, v in prev.items() if k == "float_onnx_vs_torch"}}
+    report["stages"]["qdq_onnx_vs_torch_fakequant"] = compare(ref_fq, q_onnx)
+    report["stages"]["quantized_vs_full_precision"] = compare(ref_float, q_onnx)
+    problems = []
+    for comp in manifest["components"].values():
+        problems += portable_int4_problems(onnx.load(str(out / comp["file"]), load_external_data=False))
+    report["int4_form_problems"] = problems
+    report["ort_fusion"] = ort_fusion(out / manifest["components"]["llm"]["file"])
+    manifest["validation"] = summary(report)
+    write_report(out, manifest, report)
+    outdir.write_manifest(out, manifest)
+    return manifest["validation"]

@@ -1,0 +1,57 @@
+"""Model specs: a local Hugging Face directory, a hub id, or a built-in model made offline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UnsupportedModelError, VlmqError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLMQ_CACHE", Path.home() / ".cache" / "vlmq-export"))
+
+
+def _builtin_makers() -> dict:
+    from .testing.tiny_qwen2_vl import make_tiny_qwen2_vl
+    from .testing.tiny_smolvlm import make_tiny_smolvlm
+
+    return {"tiny-qwen2-vl": make_tiny_qwen2_vl, "tiny-smolvlm": make_tiny_smolvlm}
+
+
+BUILTIN_MODELS = ("tiny-qwen2-vl", "tiny-smolvlm")
+
+
+def resolve_model(spec: str) -> Path:
+    """A local directory holding config.json (building or downloading it when needed)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        makers = _builtin_makers()
+        if name not in makers:
+            raise UnsupportedModelError(f"unknown built-in model '{name}'; built-in: {', '.join(sorted(makers))}")
+        path = cache_dir() / "builtin" / name
+        if not (path / "config.json").is_file():
+            tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+            makers[name](tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        return path
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{path}: no config.json, not a Hugging Face model directory")
+        return path
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or path.exists()
+    if looks_local:
+        raise VlmqError(f"model path not found: {spec}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                              "*.jinja", "*.py"]))
+    except Exception as exc:  # offline, unknown repo, gated...
+        raise VlmqError(f"model '{spec}' is not a local directory and could not be fetched from the "
+                        f"Hugging Face hub ({type(exc).__name__})") from None

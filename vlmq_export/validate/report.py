@@ -1,0 +1,56 @@
+"""report/validation.json and report/report.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# thresholds the report marks as passed / failed (the tests assert the same numbers)
+PARITY_TOL = 1e-4
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}"
+    return str(v)
+
+
+def write_report(out: Path, manifest: dict, report: dict) -> None:
+    rdir = Path(out) / "report"
+    rdir.mkdir(exist_ok=True)
+    doc = {"source": manifest.get("source"), "recipe": manifest.get("recipe"),
+           "summary": manifest.get("validation"), **report}
+    (rdir / "validation.json").write_text(json.dumps(doc, indent=2, default=str))
+    lines = [f"# vlmq-export report: {manifest['source']['model']}", ""]
+    r = manifest["recipe"]
+    lines += [f"- family: {manifest['source']['family']}; method {r['method']}, W{r['bits']} "
+              f"group {r['group_size']}, symmetric INT4 Q/DQ (opset {manifest['opset']})",
+              f"- calibration: {manifest['calibration']['samples']} samples from {manifest['calibration']['source']}",
+              ""]
+    lines += ["## Files", "", "| graph | INT4 Q/DQ bytes | float bytes | ratio |", "|---|---|---|---|"]
+    for name, c in manifest.get("components", {}).items():
+        fb = c.get("float_bytes") or 0
+        lines.append(f"| {c['file']} | {c['bytes']:,} | {fb:,} | {c['bytes'] / fb:.2f} |" if fb else
+                     f"| {c['file']} | {c['bytes']:,} | | |")
+    lines += ["", "## Fidelity (held-out prompts)", ""]
+    names = {"float_onnx_vs_torch": "float ONNX vs torch (export correctness)",
+             "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level 0) vs torch with the same quantized weights",
+             "quantized_vs_full_precision": "quantized ONNX vs full-precision torch (what quantization costs)"}
+    for key, stage in report.get("stages", {}).items():
+        lines += [f"### {names.get(key, key)}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in stage.items()]
+        lines.append("")
+    fusion = report.get("ort_fusion")
+    if fusion:
+        lines += ["## ONNX Runtime fusion (llm.onnx)", "",
+                  f"{fusion['int4_dequantize']} INT4 DequantizeLinear -> {fusion['matmulnbits']} MatMulNBits "
+                  f"({fusion['dequantize_left']} DequantizeLinear left after optimization)", ""]
+    probs = report.get("int4_form_problems")
+    lines += ["## Portable INT4 form (TensorRT rules)", "",
+              "all INT4 weights conform" if not probs else "\n".join(f"- {p}" for p in probs), ""]
+    layers = manifest.get("layers", [])
+    if layers:
+        lines += ["## Layers", "", "| layer | bits | group | error | note |", "|---|---|---|---|---|"]
+        for rec in layers:
+            lines.append(f"| {rec['name']} | {rec['bits'] or 'float'} | {rec['group_size'] or ''} | "
+                         f"{_fmt(rec['error']) if rec.get('error') is not None else ''} | {rec.get('note', '')} |")
+    (rdir / "report.md").write_text("\n".join(lines) + "\n")
