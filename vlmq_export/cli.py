@@ -51,8 +51,12 @@ def _output_flags(p):
 
 
 def _progress(args):
+    from transformers.utils import logging as hf_logging
+
     from .progress import Progress
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     return Progress("quiet" if args.quiet else "json" if args.json else "human")
 
 

@@ -121,10 +121,10 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     out = Path(out) if out else default_out(model_spec, recipe)
     outdir.check_target(out)  # before any slow work
 
-    say.start("load", f"model {model_spec}")
     model_dir = resolve_model(model_spec)
     family = load_family(model_dir)
     calib = load_samples(opts.calib, limit=opts.n_calib)
+    say.start("load", f"model {model_spec}")
     say(f"{family.name}: {len(calib)} calibration samples from {opts.calib or 'built-in set'}")
     model = family.load_model(model_dir)
     n_params = sum(p.numel() for p in model.parameters())

