@@ -125,6 +125,11 @@ def quantize_blocks(
     writes them (keys = hashes of the *float* weights) and one record per layer (float ones too).
     """
     say = progress or (lambda _msg: None)
+    # every layer's bits and block are decided before any calibration work
+    all_plans = [plan_layers(block_linears(block, f"{prefix}.{bi}"), config.bits, config.group_size)
+                 for bi, block in enumerate(blocks)]
+    for p in (p for plans in all_plans for p in plans if p.note):
+        say(f"{p.name}: {p.note}")
     inputs = capture_block_inputs(model, blocks[0], batches)
     if not inputs:
         raise NumericalError("no calibration inputs reached the first decoder block")
@@ -133,7 +138,7 @@ def quantize_blocks(
     t_all = time.perf_counter()
     for bi, block in enumerate(blocks):
         t_block = time.perf_counter()
-        plans = plan_layers(block_linears(block, f"{prefix}.{bi}"), config.bits, config.group_size)
+        plans = all_plans[bi]
         cals = {}
         for p in plans:
             if p.bits is None:
