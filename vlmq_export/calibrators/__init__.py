@@ -4,18 +4,22 @@
 ``gptq``  GPTQ, every token weighted 1 (GPTQCalibrator)
 ``vlmq``  GPTQ with per-token importance factors g_i supplied by the caller through
           ``add_batch(x, token_weight=g)``: the same GPTQCalibrator, not a separate solver.
+``gptaq`` GPTAQ, asymmetric calibration (GPTAQCalibrator, ``needs_float_inputs``): fed
+          ``add_pair(x_quant, x_float)``, it matches the full-precision layer output from the
+          quantized model's inputs (GPTQ on a corrected target weight).
 """
 from __future__ import annotations
 
 import torch
 
 from .base import QuantConfig, QuantResult, WeightCalibrator
+from .gptaq import GPTAQCalibrator
 from .gptq import GPTQCalibrator
 from .rtn import RTNCalibrator
 
-METHODS = ("rtn", "gptq", "vlmq")
+METHODS = ("rtn", "gptq", "vlmq", "gptaq")
 
-_CLASSES = {"rtn": RTNCalibrator, "gptq": GPTQCalibrator, "vlmq": GPTQCalibrator}
+_CLASSES = {"rtn": RTNCalibrator, "gptq": GPTQCalibrator, "vlmq": GPTQCalibrator, "gptaq": GPTAQCalibrator}
 
 
 def make_calibrator(
@@ -30,6 +34,7 @@ def make_calibrator(
 
 __all__ = [
     "METHODS",
+    "GPTAQCalibrator",
     "GPTQCalibrator",
     "QuantConfig",
     "QuantResult",
