@@ -254,7 +254,7 @@ def test_weight_is_not_modified_and_half_precision_is_accepted(W, X):
 def test_factory():
     w = torch.randn(4, 32)
     cfg = QuantConfig(group_size=32)
-    assert METHODS == ("rtn", "gptq", "vlmq")
+    assert set(METHODS) >= {"rtn", "gptq", "vlmq"}
     assert type(make_calibrator("rtn", w, cfg)) is RTNCalibrator
     assert type(make_calibrator("gptq", w, cfg)) is GPTQCalibrator
     assert type(make_calibrator("vlmq", w, cfg)) is GPTQCalibrator  # VLMQ is GPTQ + token weights

@@ -28,14 +28,31 @@ def _export_parser() -> argparse.ArgumentParser:
     prec.add_argument("--int8", dest="bits", action="store_const", const=8, help="W8A8 (not available yet)")
     prec.add_argument("--fp8", dest="bits", action="store_const", const="fp8", help="FP8 (not available yet)")
     p.add_argument("-o", "--output", help="output directory (default: ./<model>-<method>-w<bits>)")
-    p.add_argument("--method", default="gptq", help="weight calibration method: gptq (default) or rtn")
-    p.add_argument("--group-size", type=int, default=128, help="INT4 block size along the input dimension (default 128)")
+    p.add_argument("--method", default="vlmq",
+                   help="weight calibration: vlmq (default; GPTQ with per-token gradient saliency), gptq, gptaq, "
+                        "mbq (modality-balanced weights), rtn")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="block along the input dimension for --intN (default 128; -1 per output channel)")
+    p.add_argument("--components", default="llm",
+                   help="comma-separated components to quantize: vision, projector, llm (default: llm)")
+    for comp, default in (("vision", "w8"), ("projector", "w8"), ("llm", None)):
+        p.add_argument(f"--{comp}", metavar="wB[gG|pc]",
+                       help=f"{comp} precision, e.g. w4, w4g64, w8pc (implies --components {comp}; "
+                            f"default {default or 'from --intN'})")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing diag(H)")
+    s = p.add_argument_group("saliency (vlmq, mbq)")
+    s.add_argument("--saliency-norm", default="l2", choices=("l2", "l1", "linf"), help="per-token gradient norm (default l2)")
+    s.add_argument("--saliency-scope", default="sample", choices=("sample", "layer"),
+                   help="normalise factors to mean 1 per sample (default) or per layer over all samples")
+    s.add_argument("--saliency-floor", type=float, default=0.01, help="lower bound of a factor after normalising (default 0.01)")
+    s.add_argument("--saliency-exponent", type=float, default=1.0, help="g = norm^exponent (default 1)")
+    s.add_argument("--saliency-site", default="block", choices=("block", "linear"),
+                   help="gradient at each decoder block's output (default) or at each Linear's output")
+    s.add_argument("--grad-checkpointing", action="store_true", help="bound the backward pass's memory")
     p.add_argument("--calib", help="calibration data: a JSONL of {image(s), prompt, answer?}, a folder holding one, "
                                    "or builtin / builtin:shapes / builtin:photos (default: builtin)")
     p.add_argument("--n-calib", type=int, default=16, help="calibration samples to use (default 16)")
-    p.add_argument("--components", default="llm", help="components to quantize (default: llm)")
     p.add_argument("--no-validate", action="store_true", help="skip the fidelity checks")
     p.add_argument("--n-val", type=int, default=4, help="held-out validation prompts (default 4)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared in validation (default 16)")
@@ -62,16 +79,29 @@ def _progress(args):
 
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
+    from .calibrate import ComponentRecipe, Recipe, parse_component_recipe
+    from .calibrators.saliency import SaliencyConfig
     from .errors import VlmqError
-    from .pipeline import Options, Recipe, export_model
+    from .pipeline import Options, export_model
 
     bits = args.bits or 4
     if bits in (8, "fp8"):
         raise VlmqError(f"--{'fp8' if bits == 'fp8' else 'int8'} is not available yet; use --int4, --int3 or --int2")
     if args.n_calib < 1:
         raise VlmqError("--n-calib must be at least 1")
-    recipe = Recipe(method=args.method, bits=bits, group_size=args.group_size, damp=args.damp,
-                    act_order=args.act_order, components=tuple(c for c in args.components.split(",") if c))
+    order = ("vision", "projector", "llm")
+    comps = {c.strip() for c in args.components.split(",") if c.strip()} | {c for c in order if getattr(args, c)}
+    unknown = sorted(comps - set(order))
+    if unknown:
+        raise VlmqError(f"unknown component '{unknown[0]}'; components: {', '.join(order)}")
+    llm_default = ComponentRecipe(bits, args.group_size)
+    components = {c: parse_component_recipe(getattr(args, c), args.group_size) if getattr(args, c)
+                  else llm_default if c == "llm" else parse_component_recipe("w8")
+                  for c in order if c in comps}
+    recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
+                    saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
+                                            floor=args.saliency_floor, exponent=args.saliency_exponent,
+                                            site=args.saliency_site, checkpointing=args.grad_checkpointing))
     opts = Options(calib=args.calib, n_calib=args.n_calib, n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float)
     progress = _progress(args)

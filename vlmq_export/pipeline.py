@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,7 @@ import onnx
 import torch
 
 from . import outdir
-from .calibrators import QuantConfig
-from .calibrators.sequential import quantize_blocks
+from .calibrate import Recipe, calibrate
 from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
@@ -27,27 +26,9 @@ from .models import Family, Prepared, load_family
 from .progress import Progress
 from .runtime.generate import GRAPHS, OnnxVLM
 from .sources import resolve_model
-from .validate.compare import compare, onnx_outputs, torch_outputs
+from .validate.compare import compare, component_fidelity, onnx_outputs, torch_outputs
 from .validate.graphs import ort_fusion, portable_int4_problems
 from .validate.report import write_report
-
-METHODS = ("rtn", "gptq")
-COMPONENTS = ("llm",)
-
-
-@dataclass
-class Recipe:
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
-    damp: float = 0.01
-    act_order: bool = False
-    components: tuple[str, ...] = ("llm",)
-
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=self.group_size, sym=True, damp=self.damp,
-                           act_order=self.act_order)
-
 
 @dataclass
 class Options:
@@ -62,7 +43,8 @@ class Options:
 
 def default_out(model_spec: str, recipe: Recipe) -> Path:
     name = model_spec.rstrip("/").split(":")[-1].split("/")[-1] or "model"
-    return Path(f"{name}-{recipe.method}-w{recipe.bits}")
+    bits = "-".join(f"{c}{r.label()}" for c, r in recipe.components.items())
+    return Path(f"{name}-{recipe.method}-{bits}")
 
 
 def samples_hash(samples: list[Sample]) -> str:
@@ -86,13 +68,6 @@ def validation_samples(n: int) -> list[Sample]:
     return samples
 
 
-def _module_path(model: torch.nn.Module, target: torch.nn.Module) -> str:
-    for name, mod in model.named_modules():
-        if mod is target:
-            return name
-    raise ValueError("module not found in model")
-
-
 def graph_io(path: Path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
 
@@ -113,11 +88,7 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     recipe = recipe or Recipe()
     opts = options or Options()
     say = progress or Progress("quiet")
-    if recipe.method not in METHODS:
-        raise VlmqError(f"unknown --method '{recipe.method}'; valid: {', '.join(METHODS)}")
-    for comp in recipe.components:
-        if comp not in COMPONENTS:
-            raise VlmqError(f"component '{comp}' cannot be quantized yet; quantizable: {', '.join(COMPONENTS)}")
+    recipe.check()
     out = Path(out) if out else default_out(model_spec, recipe)
     outdir.check_target(out)  # before any slow work
 
@@ -151,8 +122,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         "source": {"model": model_spec, "path": str(Path(model_dir).resolve()), "family": family.name,
                    "model_type": family.config.model_type,
                    "config_sha256": outdir.sha256_file(Path(model_dir) / "config.json")},
-        "recipe": {**asdict(recipe), "format": "int4-qdq-blockwise", "symmetric": True,
-                   "lm_head": "float", "embeddings": "float", "vision": "float", "projector": "float"},
+        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only", "symmetric": True,
+                   "lm_head": "float", "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
         "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib)},
         "family": {"num_layers": family.num_layers, "num_kv_heads": family.num_kv_heads,
@@ -182,14 +153,17 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         del vlm
 
     # -- calibration
-    say.start("calibrate", f"{recipe.method} W{recipe.bits} g{recipe.group_size} on {len(calib)} samples")
+    comps = ", ".join(f"{c} {r.label()}" for c, r in recipe.components.items())
+    say.start("calibrate", f"{recipe.method} ({comps}) on {len(calib)} samples")
     t0 = time.perf_counter()
-    prepared = prepare_all(family, calib, with_answer=True)
-    blocks = family.decoder_layers(model)
-    layers, records = quantize_blocks(model, blocks, _module_path(model, blocks),
-                                      [family.hf_inputs(p) for p in prepared], recipe.method,
-                                      recipe.quant_config(), token_weights=None, progress=say)
+    cal = calibrate(family, model, calib, recipe, work, say)
+    layers, records = cal.layers, cal.records
     manifest["timings_s"]["calibrate"] = time.perf_counter() - t0
+    manifest["timings_s"]["calibrate_parts"] = cal.timings
+    manifest["calibration"]["warnings"] = cal.warnings
+    if cal.saliency is not None:
+        report["saliency"] = cal.saliency.summary()
+        manifest["calibration"]["saliency_file"] = "saliency.safetensors"
 
     # -- Q/DQ pass
     say.start("qdq", f"writing {len(layers)} INT4 layers")
@@ -223,8 +197,15 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         ref_fq = torch_outputs(family, model, val, opts.gen_tokens)
         report["stages"]["qdq_onnx_vs_torch_fakequant"] = compare(ref_fq, q_onnx)
         report["stages"]["quantized_vs_full_precision"] = compare(ref_float, q_onnx)
-    report["layers"] = {"quantized": len(layers), "float": sum(1 for r in records if r.bits is None),
-                        "mean_error": float(np.mean([r.error for r in records if r.error is not None] or [0]))}
+        float_vlm = OnnxVLM(work, graphs={g: float_dir / f"{g}.onnx" for g in GRAPHS}, accuracy_level=0)
+        report["components"] = component_fidelity(float_vlm, vlm, val, recipe.components)
+        del float_vlm
+    report["layers"] = {}
+    for comp in recipe.components:
+        recs = [r for r in records if r.component == comp]
+        errs = [r.error for r in recs if r.error is not None and np.isfinite(r.error)]
+        report["layers"][comp] = {"quantized": sum(1 for r in recs if r.bits), "float": sum(1 for r in recs if not r.bits),
+                                  "mean_error": float(np.mean(errs)) if errs else None}
     if not opts.keep_float:
         shutil.rmtree(float_dir)
     manifest["timings_s"]["total"] = time.perf_counter() - t_start
@@ -246,6 +227,10 @@ def summary(report: dict) -> dict:
     for k in ("image_features_cosine", "logits_cosine", "top1_agreement", "greedy_token_agreement"):
         if k in q:
             s[k] = q[k]
+    for comp, metrics in report.get("components", {}).items():
+        for k, v in metrics.items():
+            if not k.endswith("_min"):
+                s[f"{comp}_{k}"] = v
     s["int4_form_ok"] = not report.get("int4_form_problems")
     f = report.get("ort_fusion", {})
     s["ort_fused_all"] = bool(f) and f.get("matmulnbits") == f.get("int4_dequantize") and f.get("dequantize_left") == 0
@@ -269,8 +254,9 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
         if wname not in found or rec["onnx_scale"] not in found:
             raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
         codes = found[wname].astype(np.float32).T  # [N, K]
-        scales = found[rec["onnx_scale"]].astype(np.float32).T  # [N, K/g]
-        weights[rec["name"]] = torch.from_numpy(codes * np.repeat(scales, rec["group_size"], axis=1))
+        scales = found[rec["onnx_scale"]].astype(np.float32)
+        scales = scales[:, None] if scales.ndim == 1 else scales.T  # [N, K/g] (per-channel: [N, 1])
+        weights[rec["name"]] = torch.from_numpy(codes * np.repeat(scales, codes.shape[1] // scales.shape[1], axis=1))
     return weights
 
 

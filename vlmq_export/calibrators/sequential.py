@@ -1,8 +1,11 @@
-"""Sequential block-by-block calibration of the language model (the GPTQ family's outer loop).
+"""Sequential block-by-block calibration (the GPTQ family's outer loop).
 
 Block i is calibrated on inputs produced by the already-quantized blocks 0..i-1, so each block
-corrects for the error of the blocks before it. Per-token weights (VLMQ's saliency factors) enter
-through ``token_weights``: one tensor per sample with one weight per token, or None (all ones).
+corrects for the error of the blocks before it. Per-token weights (VLMQ's saliency factors, MBQ's
+modality weights) enter through ``weight_fn(block_index, layer_name, sample_index)``, which returns a
+tensor shaped like the layer input's leading dims (or None: all ones). Calibrators that match the
+full-precision outputs (GPTAQ, ``needs_float_inputs``) also get each layer's inputs from the
+full-precision model, propagated alongside.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from . import QuantConfig, make_calibrator
 
 # legal INT4 block sizes, largest first (TensorRT: 128 and 64; ONNX Runtime also 32 and 16)
 FALLBACK_GROUPS = (128, 64, 32, 16)
+
+WeightFn = Callable[[int, str, int], "torch.Tensor | None"]
 
 
 @dataclass
@@ -41,9 +46,10 @@ class LayerRecord:
     seconds: float = 0.0
     note: str = ""
     shape: list[int] = field(default_factory=list)
+    component: str = "llm"
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return dict(self.__dict__)
 
 
 def plan_layers(named_linears: list[tuple[str, nn.Linear]], bits: int, group_size: int) -> list[LayerPlan]:
@@ -69,27 +75,33 @@ def plan_layers(named_linears: list[tuple[str, nn.Linear]], bits: int, group_siz
 
 
 def block_linears(block: nn.Module, prefix: str) -> list[tuple[str, nn.Linear]]:
-    return [(f"{prefix}.{n}", m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return [(f"{prefix}.{n}" if n else prefix, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
 class _Stop(Exception):
     pass
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
-    """Run the model on each batch until ``first_block`` and keep its (args, kwargs)."""
-    captured: list[tuple[tuple, dict]] = []
+Captured = list[tuple[int, tuple, dict]]  # (sample index, args with hidden states first, kwargs)
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> Captured:
+    """Run the model on each batch until ``first_block`` and keep its inputs (samples that never reach
+    it, e.g. text-only samples for a vision block, are left out)."""
+    captured: Captured = []
+    current = {"i": 0}
 
     def hook(_mod, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(((hidden.detach(),) + tuple(args[1:]), kwargs))
+        captured.append((current["i"], (hidden.detach(),) + tuple(args[1:]), kwargs))
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for inputs in batches:
+            for i, inputs in enumerate(batches):
+                current["i"] = i
                 try:
                     model(**inputs, use_cache=False)
                 except _Stop:
@@ -108,59 +120,89 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
         raise NumericalError(f"non-finite activations (NaN/Inf) at {where}")
 
 
+def _run_block(block, inputs: Captured, where: str) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for _si, args, kwargs in inputs:
+            out = _block_output(block(*args, **kwargs))
+            _check_finite(out, f"output of {where}")
+            outs.append(out)
+    return outs
+
+
 def quantize_blocks(
     model: nn.Module,
-    blocks: nn.ModuleList,
-    prefix: str,
+    blocks: list[tuple[str, nn.Module]],
     batches: list[dict],
     method: str,
     config: QuantConfig,
-    token_weights: list[torch.Tensor] | None = None,
+    weight_fn: WeightFn | None = None,
     progress: Callable[[str], None] | None = None,
+    component: str = "llm",
 ) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
-    """Calibrate every Linear of ``blocks`` in order, writing the dequantized weights back into the model.
+    """Calibrate every Linear of ``blocks`` (named, in execution order), writing the dequantized weights
+    back into the model.
 
-    ``batches`` are HF forward kwargs (one sample each); ``prefix`` is the blocks' module path
-    (``model.language_model.layers``) used to name layers. Returns the layers as the ONNX pass
-    writes them (keys = hashes of the *float* weights) and one record per layer (float ones too).
+    ``batches`` are HF forward kwargs (one sample each). Returns the layers as the ONNX pass writes
+    them (keys = hashes of the *float* weights) and one record per layer (float ones too).
     """
     say = progress or (lambda _msg: None)
     # every layer's bits and block are decided before any calibration work
-    all_plans = [plan_layers(block_linears(block, f"{prefix}.{bi}"), config.bits, config.group_size)
-                 for bi, block in enumerate(blocks)]
+    all_plans = [plan_layers(block_linears(block, name), config.bits, config.group_size) for name, block in blocks]
     for p in (p for plans in all_plans for p in plans if p.note):
         say(f"{p.name}: {p.note}")
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = capture_block_inputs(model, blocks[0][1], batches)
     if not inputs:
-        raise NumericalError("no calibration inputs reached the first decoder block")
+        return [], [LayerRecord(p.name, "float", None, None, note="no calibration sample reaches this component",
+                                shape=list(p.module.weight.shape), component=component)
+                    for plans in all_plans for p in plans]
+    float_inputs = None
     quantized: list[QuantizedLinear] = []
     records: list[LayerRecord] = []
     t_all = time.perf_counter()
-    for bi, block in enumerate(blocks):
+    for bi, (bname, block) in enumerate(blocks):
         t_block = time.perf_counter()
         plans = all_plans[bi]
         cals = {}
         for p in plans:
             if p.bits is None:
                 records.append(LayerRecord(p.name, "float", None, None, note=p.note,
-                                           shape=list(p.module.weight.shape)))
+                                           shape=list(p.module.weight.shape), component=component))
                 continue
             cfg = QuantConfig(**{**config.__dict__, "group_size": p.group_size})
             cals[p.name] = (p, make_calibrator(method, p.module.weight.data, cfg, p.name))
+        paired = any(getattr(c, "needs_float_inputs", False) for _p, c in cals.values())
+        if paired and float_inputs is None:
+            float_inputs = list(inputs)  # block 0: both models see the same inputs
 
-        current = {"sample": 0}
+        state = {"sample": 0, "stash": None, "fp": {}}
         hooks = []
         for name, (p, cal) in cals.items():
             def hook(mod, args, _out, cal=cal, name=name):
                 x = args[0].detach()
                 _check_finite(x, f"input of {name}")
-                g = None if token_weights is None else token_weights[current["sample"]]
-                cal.add_batch(x, g)
+                si = state["sample"]
+                if state["stash"] is not None:  # full-precision pass of a paired method: keep x
+                    state["stash"][(name, si)] = x
+                    return
+                g = weight_fn(bi, name, si) if weight_fn else None
+                if getattr(cal, "needs_float_inputs", False):
+                    cal.add_pair(x, state["fp"].pop((name, si)), g)
+                else:
+                    cal.add_batch(x, g)
             hooks.append(p.module.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                for si, (args, kwargs) in enumerate(inputs):
-                    current["sample"] = si
+                next_float = None
+                if paired:
+                    state["stash"] = state["fp"]
+                    next_float = []
+                    for si, args, kwargs in float_inputs:
+                        state["sample"] = si
+                        next_float.append(_block_output(block(*args, **kwargs)))
+                    state["stash"] = None
+                for si, args, kwargs in inputs:
+                    state["sample"] = si
                     block(*args, **kwargs)
         finally:
             for h in hooks:
@@ -178,16 +220,16 @@ def quantize_blocks(
                 bits=res.bits, group_size=res.group_size, key=key))
             records.append(LayerRecord(name, method, res.bits, res.group_size, float(res.error),
                                        float(res.damp_used), time.perf_counter() - t0, p.note,
-                                       list(float_w.shape)))
+                                       list(float_w.shape), component))
 
-        # propagate through the now-quantized block
-        with torch.no_grad():
-            for si, (args, kwargs) in enumerate(inputs):
-                out = _block_output(block(*args, **kwargs))
-                _check_finite(out, f"output of block {prefix}.{bi}")
-                inputs[si] = ((out,) + tuple(args[1:]), kwargs)
+        if bi + 1 < len(blocks):  # propagate through the now-quantized block
+            outs = _run_block(block, inputs, bname)
+            inputs = [(si, (o,) + tuple(args[1:]), kw) for (si, args, kw), o in zip(inputs, outs)]
+            if paired:
+                float_inputs = [(si, (o,) + tuple(args[1:]), kw)
+                                for (si, args, kw), o in zip(float_inputs, next_float)]
         errs = [r.error for r in records[-len(plans):] if r.error is not None]
-        say(f"block {bi + 1}/{len(blocks)}: {len(cals)} layers, "
+        say(f"{component} block {bi + 1}/{len(blocks)}: {len(cals)} layers, "
             f"mean error {sum(errs) / max(len(errs), 1):.3g}, {time.perf_counter() - t_block:.1f}s "
             f"(elapsed {time.perf_counter() - t_all:.0f}s)")
     return quantized, records

@@ -1,4 +1,4 @@
-"""Graph pass: write calibrated weights into the ONNX as INT4 initializer + DequantizeLinear.
+"""Graph pass: write calibrated weights into the ONNX as INT4 (or INT8) initializer + DequantizeLinear.
 
 For every float MatMul (or ``Gemm``, which the exporter emits for 2-D inputs) whose constant weight
 is one of the quantized ``nn.Linear`` weights, the pass writes exactly the calibrator's codes and
@@ -98,20 +98,30 @@ class QDQWeightPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _dequantize(graph: ir.Graph, node: ir.Node, layer: QuantizedLinear) -> ir.Value:
+        """INT4 (bits <= 4) or INT8 codes [K, N] and their DequantizeLinear.
+
+        Blockwise: scale [K/g, N], axis 0, block g. Per-channel (group -1): 4-bit as one block of K
+        (which ONNX Runtime still fuses), 8-bit as TensorRT's per-channel form (axis 1, scale [N]).
+        """
         n, k = layer.codes.shape
-        if layer.bits > 4:
-            raise NotImplementedError(f"{layer.name}: {layer.bits}-bit weights are not written by the INT4 pass")
+        if layer.bits > 8:
+            raise NotImplementedError(f"{layer.name}: {layer.bits}-bit weights are not supported")
+        container = ml_dtypes.int4 if layer.bits <= 4 else np.int8
         base = layer.name.replace(".", "_") or "w"
+        scales = np.ascontiguousarray(layer.scales.T, dtype=np.float32)  # [K/g, N]
+        if layer.group_size in (-1, k) and layer.bits == 8:
+            attrs = {"axis": 1}
+            scales = scales.reshape(n)
+        else:
+            attrs = {"axis": 0, "block_size": k if layer.group_size == -1 else layer.group_size}
         q = ir.Value(name=f"{base}_q", const_value=ir.Tensor(
-            np.ascontiguousarray(layer.codes.T).astype(ml_dtypes.int4), name=f"{base}_q"))
-        s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(
-            np.ascontiguousarray(layer.scales.T, dtype=np.float32), name=f"{base}_scale"))
+            np.ascontiguousarray(layer.codes.T).astype(container), name=f"{base}_q"))
+        s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(scales, name=f"{base}_scale"))
         for v in (q, s):
             v.shape = v.const_value.shape
             v.dtype = v.const_value.dtype
             graph.register_initializer(v)
-        dq = ir.node("DequantizeLinear", [q, s], {"axis": 0, "block_size": layer.group_size},
-                     name=f"{base}_DequantizeLinear")
+        dq = ir.node("DequantizeLinear", [q, s], attrs, name=f"{base}_DequantizeLinear")
         dq.outputs[0].name = f"{base}_dq"
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape([k, n])

@@ -106,3 +106,31 @@ def compare(ref: list[dict], test: list[dict]) -> dict:
         res["greedy_token_agreement"] = float(np.mean(greedy))
         res["greedy_identical_samples"] = int(sum(identical))
     return res
+
+
+def component_fidelity(float_vlm, quant_vlm, prepared: list[Prepared], components) -> dict:
+    """Each quantized graph alone against its float graph, both fed the float upstream's outputs."""
+    res: dict[str, dict] = {}
+    vis, proj, llm = [], [], []
+    for p in prepared:
+        if p.num_images:
+            feeds = float_vlm.family.vision_feeds(p)
+            f_feat = float_vlm.session("vision_encoder").run(["features"], feeds)[0]
+            q_feat = quant_vlm.session("vision_encoder").run(["features"], feeds)[0]
+            vis.append(_cos_rows(f_feat, q_feat).mean())
+            f_emb = float_vlm.session("projector").run(["image_embeds"], {"features": f_feat})[0]
+            q_emb = quant_vlm.session("projector").run(["image_embeds"], {"features": f_feat})[0]
+            proj.append(_cos_rows(f_emb, q_emb).mean())
+        emb = float_vlm.embeddings(p)
+        mask = np.ones_like(p.input_ids)
+        f_log, _ = float_vlm.llm(emb, mask, p.position_ids, float_vlm.empty_past())
+        q_log, _ = quant_vlm.llm(emb, mask, p.position_ids, quant_vlm.empty_past())
+        llm.append((_cos_rows(f_log[0], q_log[0]).mean(), (f_log[0].argmax(-1) == q_log[0].argmax(-1)).mean()))
+    if "vision" in components and vis:
+        res["vision"] = {"features_cosine": float(np.mean(vis)), "features_cosine_min": float(np.min(vis))}
+    if "projector" in components and proj:
+        res["projector"] = {"image_embeds_cosine": float(np.mean(proj)), "image_embeds_cosine_min": float(np.min(proj))}
+    if "llm" in components and llm:
+        res["llm"] = {"logits_cosine": float(np.mean([c for c, _ in llm])),
+                      "top1_agreement": float(np.mean([t for _, t in llm]))}
+    return res

@@ -9,6 +9,8 @@ PARITY_TOL = 1e-4
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}"
     return str(v)
@@ -22,8 +24,10 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
     (rdir / "validation.json").write_text(json.dumps(doc, indent=2, default=str))
     lines = [f"# vlmq-export report: {manifest['source']['model']}", ""]
     r = manifest["recipe"]
-    lines += [f"- family: {manifest['source']['family']}; method {r['method']}, W{r['bits']} "
-              f"group {r['group_size']}, symmetric INT4 Q/DQ (opset {manifest['opset']})",
+    comps = ", ".join(f"{c} W{v['bits']} " + ("per-channel" if v["group_size"] == -1 else f"group {v['group_size']}")
+                      for c, v in r["components"].items())
+    lines += [f"- family: {manifest['source']['family']}; method {r['method']}: {comps}; symmetric weight-only "
+              f"Q/DQ (opset {manifest['opset']})",
               f"- calibration: {manifest['calibration']['samples']} samples from {manifest['calibration']['source']}",
               ""]
     lines += ["## Files", "", "| graph | INT4 Q/DQ bytes | float bytes | ratio |", "|---|---|---|---|"]
@@ -39,6 +43,22 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
         lines += [f"### {names.get(key, key)}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in stage.items()]
         lines.append("")
+    comp = report.get("components")
+    if comp:
+        lines += ["## Per-component fidelity (each quantized graph alone, fed the float graph's inputs)", "",
+                  "| component | metric | value |", "|---|---|---|"]
+        for c, metrics in comp.items():
+            lines += [f"| {c} | {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines.append("")
+    sal = report.get("saliency")
+    if sal:
+        lines += ["## Token saliency by modality (decoder blocks)", "",
+                  "| block | vision tokens | vision mean grad | text mean grad | other mean grad | vision share of weight |",
+                  "|---|---|---|---|---|---|"]
+        for site, v in sal.items():
+            lines.append(f"| {site} | {v['vision_tokens']} | {_fmt(v['vision_mean_grad'])} | {_fmt(v['text_mean_grad'])} | "
+                         f"{_fmt(v['other_mean_grad'])} | {_fmt(v['vision_weight_share'])} |")
+        lines.append("")
     fusion = report.get("ort_fusion")
     if fusion:
         lines += ["## ONNX Runtime fusion (llm.onnx)", "",
@@ -49,8 +69,8 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
               "all INT4 weights conform" if not probs else "\n".join(f"- {p}" for p in probs), ""]
     layers = manifest.get("layers", [])
     if layers:
-        lines += ["## Layers", "", "| layer | bits | group | error | note |", "|---|---|---|---|---|"]
+        lines += ["## Layers", "", "| layer | component | bits | group | error | note |", "|---|---|---|---|---|---|"]
         for rec in layers:
-            lines.append(f"| {rec['name']} | {rec['bits'] or 'float'} | {rec['group_size'] or ''} | "
+            lines.append(f"| {rec['name']} | {rec.get('component', '')} | {rec['bits'] or 'float'} | {rec['group_size'] or ''} | "
                          f"{_fmt(rec['error']) if rec.get('error') is not None else ''} | {rec.get('note', '')} |")
     (rdir / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,208 @@
+"""The calibration stage: saliency (VLMQ / MBQ) -> sequential weight calibration per component.
+
+Components are calibrated in execution order (vision blocks, projector, decoder blocks), each on
+inputs from the already-quantized upstream, so the language model is calibrated on the image
+embeddings the quantized vision path will really produce.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibrators import QuantConfig
+from .calibrators import METHODS as CALIBRATOR_METHODS
+from .calibrators.saliency import Saliency, SaliencyConfig, compute_saliency, mbq_factors, self_label
+from .calibrators.sequential import quantize_blocks
+from .data.samples import Sample
+from .errors import CalibrationDataError, VlmqError
+from .export.qdq import QuantizedLinear
+from .models import Family, Prepared
+
+METHODS = ("rtn", "gptq", "gptaq", "mbq", "vlmq")
+COMPONENTS = ("vision", "projector", "llm")
+# which weight calibrator each method drives (mbq and vlmq: GPTQ fed per-token weights)
+CALIBRATOR = {"rtn": "rtn", "gptq": "gptq", "gptaq": "gptaq", "mbq": "gptq", "vlmq": "vlmq"}
+NEEDS_SALIENCY = ("mbq", "vlmq")
+
+
+@dataclass
+class ComponentRecipe:
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+
+    def label(self) -> str:
+        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
+
+
+def parse_component_recipe(text: str, default_group: int = 128) -> ComponentRecipe:
+    """``w4``, ``w4g64``, ``w8pc`` (per-channel), ``w3g128`` ..."""
+    m = re.fullmatch(r"w([2348])(?:g(\d+)|(pc))?", text.strip().lower())
+    if not m:
+        raise VlmqError(f"bad component precision '{text}': use w<bits>[g<group>|pc], bits 2, 3, 4 or 8 (e.g. w4, w8pc, w4g64)")
+    bits = int(m.group(1))
+    group = -1 if m.group(3) else int(m.group(2)) if m.group(2) else (-1 if bits == 8 else default_group)
+    return ComponentRecipe(bits, group)
+
+
+@dataclass
+class Recipe:
+    method: str = "vlmq"
+    components: dict[str, ComponentRecipe] = field(default_factory=lambda: {"llm": ComponentRecipe()})
+    damp: float = 0.01
+    act_order: bool = False
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise VlmqError(f"unknown --method '{self.method}'; valid: {', '.join(METHODS)}")
+        if CALIBRATOR[self.method] not in CALIBRATOR_METHODS:
+            raise VlmqError(f"--method {self.method} is not available in this build")
+        for comp in self.components:
+            if comp not in COMPONENTS:
+                raise VlmqError(f"unknown component '{comp}'; components: {', '.join(COMPONENTS)}")
+        if not self.components:
+            raise VlmqError("no component to quantize")
+
+    def quant_config(self, comp: str) -> QuantConfig:
+        c = self.components[comp]
+        return QuantConfig(bits=c.bits, group_size=c.group_size, sym=True, damp=self.damp, act_order=self.act_order)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "damp": self.damp, "act_order": self.act_order,
+                "components": {k: {"bits": v.bits, "group_size": v.group_size} for k, v in self.components.items()},
+                "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}
+
+
+@dataclass
+class CalibrationResult:
+    layers: list[QuantizedLinear]
+    records: list
+    saliency: Saliency | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def context_length(family: Family) -> int:
+    return int(getattr(family.text_config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def fit_context(p: Prepared, max_len: int) -> Prepared | None:
+    """Cut a too-long sample to ``max_len`` tokens from the end; None if that would cut image tokens."""
+    if p.seq_len <= max_len:
+        return p
+    if p.image_mask[0, max_len:].any():
+        return None
+    cut = p.seq_len - max_len
+    pos = p.position_ids[..., :max_len]
+    return Prepared(input_ids=p.input_ids[:, :max_len], image_mask=p.image_mask[:, :max_len], position_ids=pos,
+                    rope_delta=p.rope_delta, pixel=p.pixel, answer_len=max(p.answer_len - cut, 0),
+                    num_images=p.num_images)
+
+
+def prepare_calibration(family: Family, samples: list[Sample], answers: list[str | None], say) -> tuple[list[Prepared], list[str]]:
+    limit = context_length(family)
+    prepared, warnings = [], []
+    for s, answer in zip(samples, answers):
+        p = family.prepare(s.images, s.prompt, answer)
+        fitted = fit_context(p, limit)
+        if fitted is None:
+            msg = f"sample {s.source}: {p.seq_len} tokens exceed the context of {limit} inside its image tokens: skipped"
+        elif fitted is not p:
+            msg = f"sample {s.source}: {p.seq_len} tokens exceed the context of {limit}: truncated"
+        else:
+            msg = None
+        if msg:
+            warnings.append(msg)
+            say(f"warning: {msg}")
+        if fitted is not None:
+            prepared.append(fitted)
+    if not prepared:
+        raise CalibrationDataError("no calibration sample fits the model's context")
+    return prepared, warnings
+
+
+def _module_path(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise ValueError("module not found in model")
+
+
+def component_blocks(family: Family, model, comp: str) -> list[tuple[str, torch.nn.Module]]:
+    if comp == "projector":
+        proj = family.projector(model)
+        return [(_module_path(model, proj), proj)]
+    stack = family.vision_layers(model) if comp == "vision" else family.decoder_layers(model)
+    prefix = _module_path(model, stack)
+    return [(f"{prefix}.{i}", blk) for i, blk in enumerate(stack)]
+
+
+def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks):
+    """Per-token weights for ``quantize_blocks``: saliency (vlmq), modality weights (mbq) or None."""
+    if sal is None or recipe.method not in NEEDS_SALIENCY:
+        return None
+    if recipe.method == "mbq":
+        if comp != "llm":
+            return None  # all vision tokens: one modality, uniform weights
+        ratios = mbq_factors(sal)
+
+        def mbq(bi, _layer, si):
+            r = ratios.get(f"llm.{bi}", 1.0)
+            return torch.from_numpy(np.where(sal.modality[si] == "vision", r, 1.0).astype(np.float32))
+        return mbq
+
+    block_names = [name for name, _ in blocks]
+
+    def vlmq(bi, layer, si):
+        if comp == "projector":
+            return sal.weights("projector", si)
+        site = f"{comp}.{bi}"
+        if sal.config.site == "linear" and comp == "llm":
+            rel = layer[len(block_names[bi]) + 1:]
+            g = sal.weights(f"{site}.{rel}", si)
+            if g is not None:
+                return g
+        return sal.weights(site, si)
+    return vlmq
+
+
+def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work: Path | None = None,
+              say=None) -> CalibrationResult:
+    say = say or (lambda _m: None)
+    recipe.check()
+    timings = {}
+    answers = [s.answer for s in samples]
+    sal = None
+    if recipe.method in NEEDS_SALIENCY:
+        t0 = time.perf_counter()
+        if any(a is None for a in answers):
+            say(f"self-labelling {sum(a is None for a in answers)} samples without answers")
+            answers = self_label(family, model, samples)
+        prepared, warnings = prepare_calibration(family, samples, answers, say)
+        sal = compute_saliency(family, model, prepared, recipe.saliency, progress=say)
+        if work is not None:
+            sal.save(Path(work) / "saliency.safetensors")
+        timings["saliency"] = time.perf_counter() - t0
+    else:
+        prepared, warnings = prepare_calibration(family, samples, answers, say)
+    batches = [family.hf_inputs(p) for p in prepared]
+    layers, records = [], []
+    for comp in COMPONENTS:  # execution order
+        if comp not in recipe.components:
+            continue
+        t0 = time.perf_counter()
+        blocks = component_blocks(family, model, comp)
+        say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)")
+        q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
+                               weight_function(recipe, sal, comp, blocks), say, component=comp)
+        layers += q
+        records += r
+        timings[comp] = time.perf_counter() - t0
+    for r in records:
+        r.method = recipe.method if r.bits else "float"
+    return CalibrationResult(layers, records, sal, warnings, timings)
