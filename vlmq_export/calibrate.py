@@ -6,7 +6,9 @@ embeddings the quantized vision path will really produce.
 """
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,20 +173,61 @@ def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks):
     return vlmq
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_checkpoint(root: Path | None, key: dict, say) -> Path | None:
+    """A resume folder for this exact job (model, recipe, data); a folder for another job is cleared."""
+    if root is None:
+        return None
+    root = Path(root)
+    stamp = json.dumps(key, sort_keys=True, default=str)
+    keyfile = root / "key.json"
+    if root.exists() and (not keyfile.is_file() or keyfile.read_text() != stamp):
+        shutil.rmtree(root)
+    if root.exists() and any(root.iterdir()):
+        say(f"found calibration checkpoint {root}: resuming")
+    root.mkdir(parents=True, exist_ok=True)
+    keyfile.write_text(stamp)
+    return root
+
+
 def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work: Path | None = None,
-              say=None) -> CalibrationResult:
+              say=None, device: str | None = None, checkpoint: Path | None = None,
+              job_key: dict | None = None) -> CalibrationResult:
+    """Calibrate ``recipe.components`` of ``model`` in place (weights become their dequantized values).
+
+    ``checkpoint``: a folder where finished blocks are kept; rerunning the same job resumes there.
+    """
     say = say or (lambda _m: None)
     recipe.check()
+    device = device or default_device()
+    ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), **(job_key or {})}, say)
     timings = {}
     answers = [s.answer for s in samples]
     sal = None
     if recipe.method in NEEDS_SALIENCY:
         t0 = time.perf_counter()
-        if any(a is None for a in answers):
-            say(f"self-labelling {sum(a is None for a in answers)} samples without answers")
-            answers = self_label(family, model, samples)
-        prepared, warnings = prepare_calibration(family, samples, answers, say)
-        sal = compute_saliency(family, model, prepared, recipe.saliency, progress=say)
+        sal_file = ckpt / "saliency.pt" if ckpt else None
+        if sal_file is not None and sal_file.is_file():
+            saved = torch.load(sal_file, weights_only=False)
+            answers, sal = saved["answers"], saved["saliency"]
+            prepared, warnings = prepare_calibration(family, samples, answers, say)
+            say("saliency factors loaded from the checkpoint")
+        else:
+            if any(a is None for a in answers):
+                say(f"self-labelling {sum(a is None for a in answers)} samples without answers")
+                answers = self_label(family, model, samples)
+            prepared, warnings = prepare_calibration(family, samples, answers, say)
+            home = next(model.parameters()).device
+            model.to(device)
+            try:
+                sal = compute_saliency(family, model, prepared, recipe.saliency, progress=say, device=device)
+            finally:
+                model.to(home)
+            if sal_file is not None:
+                torch.save({"answers": answers, "saliency": sal}, sal_file)
         if work is not None:
             sal.save(Path(work) / "saliency.safetensors")
         timings["saliency"] = time.perf_counter() - t0
@@ -199,7 +242,8 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
         blocks = component_blocks(family, model, comp)
         say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)")
         q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
-                               weight_function(recipe, sal, comp, blocks), say, component=comp)
+                               weight_function(recipe, sal, comp, blocks), say, component=comp, device=device,
+                               checkpoint=ckpt / comp if ckpt else None)
         layers += q
         records += r
         timings[comp] = time.perf_counter() - t0

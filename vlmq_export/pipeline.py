@@ -38,6 +38,7 @@ class Options:
     gen_tokens: int = 16
     validate: bool = True
     keep_float: bool = False
+    device: str | None = None  # calibration device (default: cuda when available)
     extra: dict = field(default_factory=dict)
 
 
@@ -103,18 +104,25 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
 
     staging = outdir.Staging(out)
     try:
-        manifest = _run(model_spec, model_dir, family, model, calib, recipe, opts, staging.path, say)
+        manifest = _run(model_spec, model_dir, family, model, calib, recipe, opts, staging.path, say,
+                        resume_dir(staging.out))
         manifest["status"] = "complete"
         outdir.write_manifest(staging.path, manifest)
         final = staging.publish()
     except BaseException:
-        staging.discard()
+        staging.discard()  # the calibration checkpoint (.OUT.resume) stays for the next run
         raise
+    shutil.rmtree(resume_dir(final), ignore_errors=True)
     say.start("done", f"wrote {final}")
     return final
 
 
-def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, say) -> dict:
+def resume_dir(out: Path) -> Path:
+    """Where calibration keeps finished blocks until the export is published."""
+    return out.parent / f".{out.name}.resume"
+
+
+def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, say, resume: Path) -> dict:
     t_start = time.perf_counter()
     manifest = {
         "schema_version": outdir.SCHEMA_VERSION, "tool": outdir.TOOL, "status": "incomplete",
@@ -156,7 +164,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     comps = ", ".join(f"{c} {r.label()}" for c, r in recipe.components.items())
     say.start("calibrate", f"{recipe.method} ({comps}) on {len(calib)} samples")
     t0 = time.perf_counter()
-    cal = calibrate(family, model, calib, recipe, work, say)
+    cal = calibrate(family, model, calib, recipe, work, say, device=opts.device, checkpoint=resume,
+                    job_key={"model": manifest["source"], "calibration": manifest["calibration"]["sha256"]})
     layers, records = cal.layers, cal.records
     manifest["timings_s"]["calibrate"] = time.perf_counter() - t0
     manifest["timings_s"]["calibrate_parts"] = cal.timings

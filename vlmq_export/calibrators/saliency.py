@@ -137,7 +137,7 @@ def _first(out):
 
 
 def compute_saliency(family: Family, model: nn.Module, prepared: list[Prepared],
-                     config: SaliencyConfig | None = None, progress=None) -> Saliency:
+                     config: SaliencyConfig | None = None, progress=None, device=None) -> Saliency:
     """One forward + backward per sample (batch 1); ``prepared`` must carry answers (answer_len > 0),
     else the loss falls back to next-token prediction over the whole prompt."""
     cfg = config or SaliencyConfig()
@@ -194,16 +194,18 @@ def compute_saliency(family: Family, model: nn.Module, prepared: list[Prepared],
         for si, p in enumerate(prepared):
             current.clear()
             inputs = family.hf_inputs(p)
+            if device is not None:
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             logits = model(**inputs, use_cache=False).logits[0]
-            ids = torch.as_tensor(p.input_ids[0])
+            ids = torch.as_tensor(p.input_ids[0], device=logits.device)
             n = p.answer_len if p.answer_len > 0 else p.seq_len - 1
             start = p.seq_len - n
             loss = torch.nn.functional.cross_entropy(logits[start - 1:-1].float(), ids[start:])
             loss.backward()
             raw.append({k: v.squeeze(0) if k.startswith("llm.") else v for k, v in current.items()})
             modality.append(token_modality(family, p))
-            losses.append(float(loss))
-            say(f"saliency {si + 1}/{len(prepared)}: loss {float(loss):.3f}")
+            losses.append(loss.item())
+            say(f"saliency {si + 1}/{len(prepared)}: loss {losses[-1]:.3f}")
     finally:
         for h in handles:
             h.remove()

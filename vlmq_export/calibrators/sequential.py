@@ -9,8 +9,10 @@ full-precision model, propagated alongside.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -120,14 +122,61 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
         raise NumericalError(f"non-finite activations (NaN/Inf) at {where}")
 
 
-def _run_block(block, inputs: Captured, where: str) -> list[torch.Tensor]:
+def to_device(obj, device):
+    """Tensors inside tuples / lists / dicts moved to ``device`` (other objects as they are)."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _run_block(block, inputs: Captured, where: str, device) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
         for _si, args, kwargs in inputs:
-            out = _block_output(block(*args, **kwargs))
+            out = _block_output(block(*to_device(args, device), **to_device(kwargs, device)))
             _check_finite(out, f"output of {where}")
-            outs.append(out)
+            outs.append(out.cpu())
     return outs
+
+
+class Checkpoint:
+    """Per-block results and the propagated inputs on disk, so an interrupted run resumes at the next block."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def done(self, n_blocks: int) -> int:
+        """Number of leading blocks already calibrated."""
+        k = 0
+        while k < n_blocks and (self.root / f"block{k}.pt").is_file():
+            k += 1
+        return k
+
+    def _save(self, obj, name: str) -> None:
+        tmp = self.root / (name + ".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, self.root / name)
+
+    def save_block(self, bi: int, layers, records, inputs, float_inputs) -> None:
+        self._save({"inputs": inputs, "float_inputs": float_inputs}, f"inputs{bi}.pt")
+        self._save({"layers": layers, "records": records}, f"block{bi}.pt")  # written last: marks the block done
+        old = self.root / f"inputs{bi - 1}.pt"
+        if old.exists():
+            old.unlink()
+
+    def load_block(self, bi: int):
+        return torch.load(self.root / f"block{bi}.pt", weights_only=False)
+
+    def load_inputs(self, bi: int):
+        path = self.root / f"inputs{bi}.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
 
 
 def quantize_blocks(
@@ -139,29 +188,60 @@ def quantize_blocks(
     weight_fn: WeightFn | None = None,
     progress: Callable[[str], None] | None = None,
     component: str = "llm",
+    device: str | torch.device | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
     """Calibrate every Linear of ``blocks`` (named, in execution order), writing the dequantized weights
     back into the model.
 
     ``batches`` are HF forward kwargs (one sample each). Returns the layers as the ONNX pass writes
     them (keys = hashes of the *float* weights) and one record per layer (float ones too).
+
+    Memory: captured activations stay on the CPU; each block in turn is moved to ``device`` (e.g.
+    CUDA), calibrated there with its calibrators, and moved back. With ``checkpoint`` (a folder), each
+    finished block and the propagated inputs are saved, and a later call with the same folder resumes
+    after the last finished block.
     """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
     say = progress or (lambda _msg: None)
     # every layer's bits and block are decided before any calibration work
     all_plans = [plan_layers(block_linears(block, name), config.bits, config.group_size) for name, block in blocks]
     for p in (p for plans in all_plans for p in plans if p.note):
         say(f"{p.name}: {p.note}")
-    inputs = capture_block_inputs(model, blocks[0][1], batches)
+    quantized: list[QuantizedLinear] = []
+    records: list[LayerRecord] = []
+    start = ckpt.done(len(blocks)) if ckpt else 0
+    for bi in range(start):  # resume: re-apply finished blocks
+        saved = ckpt.load_block(bi)
+        modules = dict(block_linears(blocks[bi][1], blocks[bi][0]))
+        for q in saved["layers"]:
+            w = modules[q.name].weight
+            scales = torch.from_numpy(q.scales).repeat_interleave(q.codes.shape[1] // q.scales.shape[1], dim=1)
+            w.data = (torch.from_numpy(q.codes).float() * scales).to(w.dtype).to(w.device)
+        quantized += saved["layers"]
+        records += saved["records"]
+    if start:
+        say(f"{component}: resumed after block {start}/{len(blocks)} from {ckpt.root}")
+    if start == len(blocks):
+        return quantized, records
+    saved_inputs = ckpt.load_inputs(start - 1) if start else None
+    if saved_inputs is not None:
+        inputs, float_inputs = saved_inputs["inputs"], saved_inputs["float_inputs"]
+    else:
+        inputs, float_inputs = capture_block_inputs(model, blocks[0][1], batches), None
     if not inputs:
         return [], [LayerRecord(p.name, "float", None, None, note="no calibration sample reaches this component",
                                 shape=list(p.module.weight.shape), component=component)
                     for plans in all_plans for p in plans]
-    float_inputs = None
-    quantized: list[QuantizedLinear] = []
-    records: list[LayerRecord] = []
     t_all = time.perf_counter()
     for bi, (bname, block) in enumerate(blocks):
+        if bi < start:
+            continue
         t_block = time.perf_counter()
+        n_before = len(quantized), len(records)
+        home = next(block.parameters()).device
+        block.to(device)
         plans = all_plans[bi]
         cals = {}
         for p in plans:
@@ -199,11 +279,12 @@ def quantize_blocks(
                     next_float = []
                     for si, args, kwargs in float_inputs:
                         state["sample"] = si
-                        next_float.append(_block_output(block(*args, **kwargs)))
+                        next_float.append(_block_output(block(*to_device(args, device),
+                                                              **to_device(kwargs, device))).cpu())
                     state["stash"] = None
                 for si, args, kwargs in inputs:
                     state["sample"] = si
-                    block(*args, **kwargs)
+                    block(*to_device(args, device), **to_device(kwargs, device))
         finally:
             for h in hooks:
                 h.remove()
@@ -223,11 +304,14 @@ def quantize_blocks(
                                        list(float_w.shape), component))
 
         if bi + 1 < len(blocks):  # propagate through the now-quantized block
-            outs = _run_block(block, inputs, bname)
+            outs = _run_block(block, inputs, bname, device)
             inputs = [(si, (o,) + tuple(args[1:]), kw) for (si, args, kw), o in zip(inputs, outs)]
             if paired:
                 float_inputs = [(si, (o,) + tuple(args[1:]), kw)
                                 for (si, args, kw), o in zip(float_inputs, next_float)]
+        block.to(home)
+        if ckpt is not None:
+            ckpt.save_block(bi, quantized[n_before[0]:], records[n_before[1]:], inputs, float_inputs)
         errs = [r.error for r in records[-len(plans):] if r.error is not None]
         say(f"{component} block {bi + 1}/{len(blocks)}: {len(cals)} layers, "
             f"mean error {sum(errs) / max(len(errs), 1):.3g}, {time.perf_counter() - t_block:.1f}s "

@@ -1,0 +1,208 @@
+"""VLMQ calibration: saliency factors, token-weighted sequential GPTQ, baselines, components, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vlmq_export import cli
+from vlmq_export.calibrate import (COMPONENTS, ComponentRecipe, Recipe, calibrate, component_blocks,
+                                   parse_component_recipe, prepare_calibration)
+from vlmq_export.calibrators import QuantConfig
+from vlmq_export.calibrators.saliency import SaliencyConfig, compute_saliency
+from vlmq_export.calibrators.sequential import quantize_blocks
+from vlmq_export.data.samples import Sample
+from vlmq_export.data.shapes import make_split
+from vlmq_export.errors import NumericalError, VlmqError
+from vlmq_export.models import load_family
+from vlmq_export.outdir import check_complete
+from vlmq_export.validate.graphs import int4_dequantize_nodes, portable_int4_problems
+
+
+@pytest.fixture(scope="module")
+def smol(tiny_dirs):
+    family = load_family(tiny_dirs["smolvlm"])
+    return family, tiny_dirs["smolvlm"]
+
+
+def samples(n=3, text_only=True):
+    out = make_split("calib", n)
+    if text_only:
+        out.append(Sample([], "Name a colour.", "blue", "text"))
+    return out
+
+
+def prepared(family, items):
+    return [family.prepare(s.images, s.prompt, s.answer) for s in items]
+
+
+def test_saliency_sites_normalisation_and_modalities(smol):
+    family, path = smol
+    model = family.load_model(path)
+    items = samples(2)
+    sal = compute_saliency(family, model, prepared(family, items), SaliencyConfig(floor=0.01))
+    n_llm, n_vis = family.num_layers, len(family.vision_layers(model))
+    assert {f"llm.{i}" for i in range(n_llm)} <= set(sal.sites())
+    assert {f"vision.{i}" for i in range(n_vis)} | {"projector"} <= set(sal.raw[0])
+    # the text-only sample has decoder factors but none for the vision tower
+    assert "vision.0" not in sal.raw[2] and "llm.0" in sal.raw[2]
+    for i, p in enumerate(prepared(family, items)):
+        g = sal.weights("llm.0", i)
+        assert g.shape == (p.seq_len,) and float(g.min()) >= np.float32(0.01)
+        raw = sal.raw[i]["llm.0"].double()
+        assert torch.allclose((raw / raw.mean()).clamp_min(0.01).float(), g)
+        assert (raw > 0).any()
+    # the last decoder block's outputs at image positions never reach the loss: gradient exactly 0
+    last = sal.summary()[f"llm.{n_llm - 1}"]
+    assert last["vision_tokens"] > 0 and last["vision_mean_grad"] == 0.0 and last["text_mean_grad"] > 0
+    # parameters stay frozen / untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_saliency_options_validated():
+    with pytest.raises(ValueError):
+        SaliencyConfig(norm="l3")
+    with pytest.raises(ValueError):
+        SaliencyConfig(floor=-1)
+
+
+def _codes(layers):
+    return {q.name: (q.codes, q.scales) for q in layers}
+
+
+def test_vlmq_with_unit_factors_equals_gptq(smol):
+    family, path = smol
+    items = samples(2)
+    batches = [family.hf_inputs(p) for p in prepared(family, items)]
+    results = []
+    for method, fn in (("gptq", None), ("vlmq", lambda bi, name, si: torch.ones(1))):
+        model = family.load_model(path)
+        blocks = component_blocks(family, model, "llm")
+        layers, _ = quantize_blocks(model, blocks, batches, method, QuantConfig(bits=3), fn)
+        results.append(_codes(layers))
+    assert results[0].keys() == results[1].keys() and results[0]
+    for name in results[0]:
+        assert np.array_equal(results[0][name][0], results[1][name][0])
+        assert np.array_equal(results[0][name][1], results[1][name][1])
+
+
+def test_vlmq_factors_change_the_solution(smol):
+    family, path = smol
+    items = samples(2)
+    out = {}
+    for method in ("gptq", "vlmq"):
+        model = family.load_model(path)
+        out[method] = _codes(calibrate(family, model, items, Recipe(method=method,
+                                       components={"llm": ComponentRecipe(3, 128)}), device="cpu").layers)
+    assert any(not np.array_equal(out["gptq"][k][0], out["vlmq"][k][0]) for k in out["gptq"])
+
+
+def test_nan_activations_name_the_layer(smol):
+    family, path = smol
+    model = family.load_model(path)
+    blocks = component_blocks(family, model, "llm")
+    blocks[0][1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    batches = [family.hf_inputs(p) for p in prepared(family, samples(1, text_only=False))]
+    with pytest.raises(NumericalError, match=r"mlp\.down_proj|layers\.0"):
+        quantize_blocks(model, blocks, batches, "gptq", QuantConfig())
+
+
+def test_rank_deficient_hessian_raises_damping_and_records_it(smol):
+    family, path = smol
+    model = family.load_model(path)
+    blocks = component_blocks(family, model, "llm")
+    batches = [family.hf_inputs(family.prepare([], "Hi"))]  # a handful of tokens << in_features
+    _, records = quantize_blocks(model, blocks, batches, "gptq", QuantConfig(damp=0.0))
+    assert all(r.damp is not None and r.damp > 0 for r in records)
+
+
+def test_too_long_sample_truncated_with_warning(smol, monkeypatch):
+    family, _ = smol
+    import vlmq_export.calibrate as cal
+
+    long_text = Sample([], "word " * 200, "yes", "long-one")
+    with_image = make_split("calib", 1)[0]
+    n_img = family.prepare(with_image.images, with_image.prompt, with_image.answer).seq_len
+    monkeypatch.setattr(cal, "context_length", lambda fam: 64)
+    msgs = []
+    prepared_, warnings = prepare_calibration(family, [long_text], ["yes"], msgs.append)
+    assert prepared_[0].seq_len == 64 and "long-one" in warnings[0] and "truncated" in warnings[0]
+    assert msgs and "long-one" in msgs[0]
+    if n_img > 64:  # image tokens beyond the context: the sample cannot be cut, it is skipped
+        with pytest.raises(VlmqError):
+            prepare_calibration(family, [with_image], [with_image.answer], msgs.append)
+
+
+def test_component_recipe_parsing():
+    assert parse_component_recipe("w4") == ComponentRecipe(4, 128)
+    assert parse_component_recipe("w8pc") == ComponentRecipe(8, -1)
+    assert parse_component_recipe("w8") == ComponentRecipe(8, -1)
+    assert parse_component_recipe("w3g64") == ComponentRecipe(3, 64)
+    with pytest.raises(VlmqError):
+        parse_component_recipe("w5")
+    assert COMPONENTS == ("vision", "projector", "llm")
+
+
+@pytest.mark.parametrize("method", ["gptaq", "mbq", "rtn"])
+def test_baselines_through_the_pipeline(tiny_dirs, tmp_path, method):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int3", "--method", method, "-o", str(out),
+                     "--n-calib", "3", "--no-validate", "--quiet"]) == 0
+    manifest = check_complete(out)
+    assert manifest["recipe"]["method"] == method
+    assert {r["method"] for r in manifest["layers"]} == {method}
+    llm = onnx.load(str(out / "llm.onnx"))
+    assert portable_int4_problems(llm) == [] and len(int4_dequantize_nodes(llm)) == len(manifest["layers"])
+
+
+def test_vision_and_projector_quantized_with_saliency(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["qwen2_vl"]), "--int4", "--vision", "w4", "--projector", "w8pc",
+                     "-o", str(out), "--n-calib", "3", "--n-val", "2", "--gen-tokens", "4", "--quiet"]) == 0
+    manifest = check_complete(out)
+    comps = {r["component"] for r in manifest["layers"] if r["bits"]}
+    assert comps == {"vision", "projector", "llm"}
+    vision = onnx.load(str(out / "vision_encoder.onnx"))
+    assert len(int4_dequantize_nodes(vision)) == sum(1 for r in manifest["layers"] if r["component"] == "vision")
+    proj = onnx.load(str(out / "projector.onnx"))
+    dq8 = [n for n in proj.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq8) == 2 and all(a.i == 1 for n in dq8 for a in n.attribute if a.name == "axis")
+    # the patch embedding stays float
+    assert not any("patch_embed" in r["name"] for r in manifest["layers"])
+    report = json.loads((out / "report" / "validation.json").read_text())
+    assert set(report["components"]) == {"vision", "projector", "llm"}
+    assert report["components"]["vision"]["features_cosine"] > 0.9
+    assert report["stages"]["qdq_onnx_vs_torch_fakequant"]["image_features_max_abs_diff"] <= 1e-4
+    assert (out / "saliency.safetensors").is_file() and "llm.0" in report["saliency"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_calibration_resumes_after_interruption(smol, tmp_path):
+    family, path = smol
+    items = samples(2)
+    recipe = Recipe(method="vlmq", components={"llm": ComponentRecipe(4, 128)})
+    ref = _codes(calibrate(family, family.load_model(path), items, recipe, device="cpu").layers)
+
+    def stop_after_first_block(msg):
+        if msg.startswith("llm block 1/"):
+            raise _Interrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Interrupt):
+        calibrate(family, family.load_model(path), items, recipe, say=stop_after_first_block, device="cpu",
+                  checkpoint=ckpt)
+    msgs = []
+    resumed = calibrate(family, family.load_model(path), items, recipe, say=msgs.append, device="cpu",
+                        checkpoint=ckpt)
+    assert any("resumed after block 1/" in m for m in msgs)
+    assert any("saliency factors loaded" in m for m in msgs)
+    got = _codes(resumed.layers)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert np.array_equal(got[k][0], ref[k][0]) and np.array_equal(got[k][1], ref[k][1])
