@@ -312,8 +312,9 @@ def quantize_blocks(
         block.to(home)
         if ckpt is not None:
             ckpt.save_block(bi, quantized[n_before[0]:], records[n_before[1]:], inputs, float_inputs)
-        errs = [r.error for r in records[-len(plans):] if r.error is not None]
-        say(f"{component} block {bi + 1}/{len(blocks)}: {len(cals)} layers, "
-            f"mean error {sum(errs) / max(len(errs), 1):.3g}, {time.perf_counter() - t_block:.1f}s "
-            f"(elapsed {time.perf_counter() - t_all:.0f}s)")
+        done = records[n_before[1]:]
+        per_layer = ", ".join(f"{r.name[len(bname) + 1:] or r.name} {r.error:.3g}" for r in done if r.error is not None)
+        eta = (time.perf_counter() - t_all) / (bi + 1 - start) * (len(blocks) - bi - 1)
+        say(f"{component} block {bi + 1}/{len(blocks)}: {time.perf_counter() - t_block:.1f}s, "
+            f"elapsed {time.perf_counter() - t_all:.0f}s, ETA {eta:.0f}s; errors: {per_layer or 'n/a'}")
     return quantized, records

