@@ -1,0 +1,478 @@
+#!/usr/bin/env python
+"""Train the ShapesVQA testbed: a SmolVLM whose text model is the real SmolLM2-135M-Instruct.
+
+The language model stays frozen (optionally with small LoRA adapters on its attention, merged at
+assembly time); the small SigLIP-style vision tower and the pixel-shuffle connector are trained from
+scratch on ShapesVQA's train split, loss on the answer tokens only (`` red<end_of_utterance>``).
+
+Everything is seeded: the weights' initialisation (``--seed``) and the data (training step ``s`` uses
+the train-split seeds ``s*batch .. s*batch+batch-1``), so a resumed run sees the same samples as an
+uninterrupted one.
+
+Output folder (``--out``)::
+
+    base/             the untrained HF model directory (random vision, SmolLM2 text model)
+    log.jsonl         one JSON object per logged step / evaluation
+    last.pt           trainable weights + optimizer + step (``--resume`` continues from it)
+    best.safetensors  trainable weights of the best validation checkpoint (+ best.json)
+
+Validation accuracy here is *teacher-forced exact match*: every answer token must be the arg-max under
+teacher forcing and the closing token a stop token, which is exactly "greedy decoding reproduces the
+answer and stops"; it needs one batched forward pass instead of a generation loop. (SmolVLM's
+``<end_of_utterance>`` embedding row is a copy of ``<|im_end|>``'s and the head is tied, so their logits
+are always equal: the answer loss cannot go below ln 2 per answer on that token, and greedy decoding
+stops on ``<|im_end|>``, which is also a stop token.)
+
+``--export-assets DIR`` writes the committed parts from ``best.safetensors`` (or ``--from``):
+``vision_connector.safetensors``, ``lora.safetensors`` (when LoRA was trained) and ``meta.json``.
+
+Examples::
+
+    python tools/train_shapes_vlm.py --bench 3                   # time a few steps and exit
+    python tools/train_shapes_vlm.py --steps 900 --out /tmp/train_shapes/run
+    python tools/train_shapes_vlm.py --out /tmp/train_shapes/run --resume
+    python tools/train_shapes_vlm.py --out /tmp/train_shapes/run --export-assets vlmq_export/assets/shapes_smolvlm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GEOMETRY_KEYS = ("image_size", "patch_size", "scale_factor", "vision_hidden_size", "vision_intermediate_size",
+                 "vision_layers", "vision_heads")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="/tmp/train_shapes/run")
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--questions", type=int, default=4,
+                   help="questions packed per training scene (the image block goes through the LM once for all)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the vision tower + connector")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LM's attention (0: LM fully frozen)")
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward (measure first)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--n-val", type=int, default=160)
+    p.add_argument("--ckpt-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, default=60.0, help="stop (final eval + save) after this much training time")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", default=None, help="start from these trainable weights (a .safetensors), new schedule")
+    p.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
+    p.add_argument("--export-assets", default=None, help="write the committed parts to this folder and exit")
+    p.add_argument("--from", dest="from_", default=None, help="weights for --export-assets (default OUT/best.safetensors)")
+    for k, v in (("image_size", 256), ("patch_size", 16), ("scale_factor", 2), ("vision_hidden_size", 256),
+                 ("vision_intermediate_size", 1024), ("vision_layers", 4), ("vision_heads", 4)):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def lora_modules():
+    import torch
+
+    class LoRALinear(torch.nn.Module):
+        """base(x) + (x A^T) B^T * alpha/r; merged into base.weight at assembly (W += B A * alpha/r)."""
+
+        def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, gen: torch.Generator):
+            super().__init__()
+            self.base = base
+            self.rank, self.alpha = rank, alpha
+            self.lora_A = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=gen) / math.sqrt(base.in_features))
+            self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * (self.alpha / self.rank)
+
+    return LoRALinear
+
+
+def add_lora(model, rank: int, targets: list[str], seed: int) -> None:
+    import torch
+
+    LoRALinear = lora_modules()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for layer in model.model.text_model.layers:
+        for name in targets:
+            base = getattr(layer.self_attn, name)
+            setattr(layer.self_attn, name, LoRALinear(base, rank, float(rank), gen))  # alpha = rank: scale 1
+
+
+def trainable_state(model) -> dict:
+    """Trainable tensors, keys as in the HF model (``model.vision_model.*``, ``model.connector.*``,
+    ``model.text_model.layers.{i}.self_attn.{proj}.lora_A/B``)."""
+    sd = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            sd[name] = p.detach().clone().contiguous()
+    return sd
+
+
+def load_trainable(model, sd: dict) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = [k for k, p in params.items() if p.requires_grad and k not in sd]
+    unexpected = [k for k in sd if k not in params]
+    if missing or unexpected:
+        raise SystemExit(f"checkpoint does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
+
+
+# ------------------------------------------------------------------------------------------ data
+def make_batch(family, samples, pad_id: int):
+    """Right-padded batch: input_ids, attention_mask, pixel_values, pixel_attention_mask, answer positions."""
+    import numpy as np
+    import torch
+
+    preps = [family.prepare(s.images, s.prompt, s.answer) for s in samples]
+    L = max(p.seq_len for p in preps)
+    ids = np.full((len(preps), L), pad_id, np.int64)
+    mask = np.zeros((len(preps), L), np.int64)
+    rows, cols, targets = [], [], []
+    for i, p in enumerate(preps):
+        n = p.seq_len
+        ids[i, :n] = p.input_ids[0]
+        mask[i, :n] = 1
+        for t in range(n - p.answer_len, n):  # logits at t-1 predict token t
+            rows.append(i)
+            cols.append(t - 1)
+            targets.append(int(p.input_ids[0, t]))
+    pv = np.concatenate([p.pixel["pixel_values"] for p in preps], axis=0)  # [B, 1, 3, H, W]
+    pam = np.concatenate([p.pixel["pixel_attention_mask"] for p in preps], axis=0)
+    return {
+        "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+        "pixel_values": torch.from_numpy(pv), "pixel_attention_mask": torch.from_numpy(pam).bool(),
+        "rows": torch.tensor(rows), "cols": torch.tensor(cols), "targets": torch.tensor(targets),
+    }
+
+
+def packed_batch(family, seeds, k: int, image_size: int, pad_id: int):
+    """One scene per row with ``k`` questions packed after its image: the prompt up to the end of the image
+    block is shared, each question+answer segment attends to it and (causally) to itself only, and its
+    positions continue from the shared part, so each segment sees exactly what it sees alone. The image
+    block (most of the tokens) goes through the LM once for k questions."""
+    import numpy as np
+    import torch
+
+    from vlmq_export.data.shapes import make_question, make_scene, render
+
+    rows = []
+    for seed in seeds:
+        scene = make_scene(seed, image_size)
+        img = render(scene)
+        qs = [make_question(scene, np.random.default_rng([int(seed), 1]))]  # the split's own question first
+        rng = np.random.default_rng([int(seed), 7])
+        while len(qs) < k:
+            qs.append(make_question(scene, rng))
+        preps = [family.prepare([img], q, a) for q, a, _ in qs]
+        ids0 = preps[0].input_ids[0]
+        shared = int(np.nonzero(preps[0].image_mask[0])[0][-1]) + 2  # through the closing <fake_token_around_image>
+        segs = []
+        for p in preps:
+            if not np.array_equal(p.input_ids[0, :shared], ids0[:shared]):
+                raise RuntimeError("packed questions do not share the image prefix")
+            segs.append((p.input_ids[0, shared:], p.answer_len))
+        rows.append((ids0[:shared], segs, preps[0].pixel))
+    L = max(len(sh) + sum(len(s) for s, _ in segs) for sh, segs, _ in rows)
+    B = len(rows)
+    ids = np.full((B, L), pad_id, np.int64)
+    pos = np.zeros((B, L), np.int64)
+    mask = np.zeros((B, 1, L, L), bool)
+    r_idx, c_idx, targets, seg_of = [], [], [], []
+    tri = lambda n: np.tril(np.ones((n, n), bool))
+    for b, (sh, segs, _) in enumerate(rows):
+        n0 = len(sh)
+        ids[b, :n0] = sh
+        pos[b, :n0] = np.arange(n0)
+        mask[b, 0, :n0, :n0] = tri(n0)
+        o = n0
+        for j, (seg, alen) in enumerate(segs):
+            n = len(seg)
+            ids[b, o:o + n] = seg
+            pos[b, o:o + n] = np.arange(n0, n0 + n)
+            mask[b, 0, o:o + n, :n0] = True
+            mask[b, 0, o:o + n, o:o + n] = tri(n)
+            for t in range(o + n - alen, o + n):
+                r_idx.append(b)
+                c_idx.append(t - 1)
+                targets.append(int(ids[b, t]))
+                seg_of.append(b * k + j)
+            o += n
+        for t in range(o, L):  # padding attends to itself only (no empty softmax rows)
+            mask[b, 0, t, t] = True
+    pv = np.concatenate([r[2]["pixel_values"] for r in rows], axis=0)
+    pam = np.concatenate([r[2]["pixel_attention_mask"] for r in rows], axis=0)
+    return {
+        "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "position_ids": torch.from_numpy(pos),
+        "pixel_values": torch.from_numpy(pv), "pixel_attention_mask": torch.from_numpy(pam).bool(),
+        "rows": torch.tensor(r_idx), "cols": torch.tensor(c_idx), "targets": torch.tensor(targets),
+        "segments": torch.tensor(seg_of),
+    }
+
+
+def answer_logits(model, batch, bf16: bool = False):
+    """Logits at the answer positions only (the LM head runs on those rows alone: cheaper)."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch.get("position_ids"), pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
+                          use_cache=False, return_dict=True)
+        h = out.last_hidden_state[batch["rows"], batch["cols"]]
+        return model.lm_head(h).float()
+
+
+def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bool = False) -> dict:
+    """Teacher-forced exact match overall and per qtype, plus the mean answer loss."""
+    import torch
+
+    per: dict[str, list[int]] = {}
+    losses = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            b = make_batch(family, chunk, pad_id)
+            logits = answer_logits(model, b, bf16)
+            losses.append(float(torch.nn.functional.cross_entropy(logits, b["targets"])))
+            pred = logits.argmax(-1)
+            # SmolVLM's <end_of_utterance> row is a copy of <|im_end|>'s and the LM head is tied, so the two
+            # always tie; greedy decoding stops on either, so either counts as the closing token.
+            stop = torch.tensor(family.stop_token_ids)
+            ok = (pred == b["targets"]) | (torch.isin(b["targets"], stop) & torch.isin(pred, stop))
+            for j, s in enumerate(chunk):
+                good = bool(ok[b["rows"] == j].all())
+                per.setdefault(s.meta["qtype"], []).append(int(good))
+    allv = [v for vs in per.values() for v in vs]
+    return {"acc": sum(allv) / len(allv), "loss": sum(losses) / len(losses),
+            "per_qtype": {k: sum(v) / len(v) for k, v in sorted(per.items())},
+            "n_per_qtype": {k: len(v) for k, v in sorted(per.items())}}
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_model(args, base_dir: Path):
+    import torch
+
+    from vlmq_export.models import load_family
+    from vlmq_export.testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+
+    geometry = {k: getattr(args, k) for k in GEOMETRY_KEYS}
+    stamp = base_dir / "geometry.json"
+    if not (base_dir / "config.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != geometry:
+        make_smolvlm_with_smollm2(base_dir, seed=args.seed, **geometry)
+        stamp.write_text(json.dumps(geometry))
+    family = load_family(base_dir)
+    model = family.load_model(base_dir)
+    # from-scratch vision tower + connector: seeded re-initialisation (independent of how base/ was made)
+    torch.manual_seed(args.seed)
+    inner = model.model
+    for m in list(inner.vision_model.modules()) + list(inner.connector.modules()):
+        if hasattr(m, "reset_parameters") and m is not inner.vision_model:
+            m.reset_parameters()
+    emb = inner.vision_model.embeddings
+    torch.nn.init.normal_(emb.position_embedding.weight, std=0.02)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in list(inner.vision_model.parameters()) + list(inner.connector.parameters()):
+        p.requires_grad_(True)
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_targets.split(","), args.seed)
+    return family, model
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%H", "--", "tools/train_shapes_vlm.py"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def export_assets(args) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(args.out)
+    src = Path(args.from_ or out / "best.safetensors")
+    sd = load_file(str(src))
+    info = json.loads((src.with_suffix(".json")).read_text())
+    dest = Path(args.export_assets)
+    dest.mkdir(parents=True, exist_ok=True)
+    vision = {k: v.to(torch.float32).contiguous() for k, v in sd.items() if ".lora_" not in k}
+    lora = {k: v.to(torch.float32).contiguous() for k, v in sd.items() if ".lora_" in k}
+    save_file(vision, str(dest / "vision_connector.safetensors"))
+    if lora:
+        save_file(lora, str(dest / "lora.safetensors"))
+    elif (dest / "lora.safetensors").exists():
+        (dest / "lora.safetensors").unlink()
+    meta = dict(info)
+    if lora:
+        meta.setdefault("lora_scale", 1.0)
+    meta["files"] = sorted(p.name for p in dest.iterdir() if p.suffix == ".safetensors")
+    (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {dest}: {meta['files']} (step {info['step']}, val acc {info['val']['acc']:.3f})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.export_assets:
+        export_assets(args)
+        return 0
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vlmq_export.data.shapes import make_split, sample, SPLITS
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    family, model = build_model(args, out / "base")
+    pad_id = int(family.tokenizer.pad_token_id if family.tokenizer.pad_token_id is not None else 0)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    vis = [p for n, p in named if ".lora_" not in n]
+    lora = [p for n, p in named if ".lora_" in n]
+    groups = [{"params": vis, "lr": args.lr, "weight_decay": args.weight_decay}]
+    if lora:
+        groups.append({"params": lora, "lr": args.lora_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+    peak = [g["lr"] for g in opt.param_groups]
+    n_train = sum(p.numel() for p in vis) + sum(p.numel() for p in lora)
+    print(f"trainable: vision+connector {sum(p.numel() for p in vis):,}, lora {sum(p.numel() for p in lora):,}", flush=True)
+
+    step, best, train_s, last_eval = 0, -1.0, 0.0, -1
+    if args.resume and (out / "last.pt").is_file():
+        ck = torch.load(out / "last.pt", weights_only=False)
+        load_trainable(model, ck["weights"])
+        opt.load_state_dict(ck["opt"])
+        step, best, train_s = ck["step"], ck["best"], ck["train_s"]
+        print(f"resumed at step {step} (best val {best:.3f}, {train_s / 60:.1f} min trained)", flush=True)
+    elif args.init:
+        load_trainable(model, {k: v for k, v in load_file(args.init).items()})
+        print(f"initialised from {args.init}", flush=True)
+
+    val = make_split("val", args.n_val, args.image_size)
+    log_f = open(out / "log.jsonl", "a")
+
+    def log(rec):
+        rec = {"time": round(time.time(), 1), **rec}
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+
+    config = {k: v for k, v in vars(args).items() if k not in ("bench", "export_assets", "from_")}
+    log({"event": "start", "step": step, "config": config, "trainable_params": n_train})
+
+    def save_last():
+        tmp = out / "last.pt.tmp"
+        torch.save({"weights": trainable_state(model), "opt": opt.state_dict(), "step": step, "best": best,
+                    "train_s": train_s, "config": config}, tmp)
+        os.replace(tmp, out / "last.pt")
+
+    def do_eval():
+        nonlocal best, last_eval
+        last_eval = step
+        t0 = time.perf_counter()
+        r = evaluate(model, family, val, pad_id, bf16=args.bf16)
+        model.train()
+        r["eval_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[val] step {step}: acc {r['acc']:.3f} loss {r['loss']:.4f} "
+              + " ".join(f"{k} {v:.2f}" for k, v in r["per_qtype"].items()) + f" ({r['eval_s']}s)", flush=True)
+        log({"event": "val", "step": step, **r, "train_s": round(train_s, 1)})
+        if r["acc"] > best:
+            best = r["acc"]
+            save_file(trainable_state(model), str(out / "best.safetensors"))
+            info = {"seed": args.seed, "step": step, "steps_planned": args.steps, "batch": args.batch,
+                    "lr": args.lr, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr if args.lora_rank else None,
+                    "lora_targets": args.lora_targets.split(",") if args.lora_rank else [],
+                    "lora_scale": 1.0 if args.lora_rank else None,  # alpha = rank
+                    "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip, "bf16": args.bf16,
+                    "geometry": {k: getattr(args, k) for k in GEOMETRY_KEYS},
+                    "image_seq_len": family.image_seq_len,
+                    "train_samples_seen": step * args.batch, "train_split_seeds": [SPLITS["train"][0], SPLITS["train"][0] + step * args.batch],
+                    "val": {"n": len(val), "split": "val", "metric": "teacher-forced exact match",
+                            **{k: r[k] for k in ("acc", "loss", "per_qtype", "n_per_qtype")}},
+                    "train_minutes": round(train_s / 60, 1), "threads": args.threads,
+                    "script": "tools/train_shapes_vlm.py", "script_commit": git_commit(),
+                    "torch": torch.__version__}
+            (out / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+        return r
+
+    model.train()
+    t_start = time.perf_counter()
+    loss_ema = None
+    while step < args.steps:
+        if args.bench and step >= args.bench:
+            break
+        if train_s / 60 > args.max_minutes:
+            print(f"time limit reached at step {step}", flush=True)
+            break
+        t0 = time.perf_counter()
+        seeds = [SPLITS["train"][step * args.batch + i] for i in range(args.batch)]
+        b = packed_batch(family, seeds, args.questions, args.image_size, pad_id)
+        t_data = time.perf_counter() - t0
+        f = lr_at(step, args)
+        for g, pk in zip(opt.param_groups, peak):
+            g["lr"] = pk * f
+        logits = answer_logits(model, b, args.bf16)
+        loss = torch.nn.functional.cross_entropy(logits, b["targets"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
+        opt.step()
+        dt = time.perf_counter() - t0
+        train_s += dt
+        step += 1
+        lv = float(loss.detach())
+        loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        if args.bench:
+            print(f"step {step}: {dt:.2f}s (data {t_data:.2f}s) loss {lv:.4f} seq {b['input_ids'].shape[1]}", flush=True)
+            continue
+        if step % args.log_every == 0 or step == 1:
+            print(f"step {step}/{args.steps} loss {lv:.4f} ema {loss_ema:.4f} gnorm {float(gn):.2f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} {dt:.2f}s/step ({train_s / 60:.1f} min)", flush=True)
+            log({"event": "train", "step": step, "loss": lv, "loss_ema": loss_ema, "grad_norm": float(gn),
+                 "lr": opt.param_groups[0]["lr"], "step_s": round(dt, 2), "train_s": round(train_s, 1)})
+        if step % args.eval_every == 0:
+            do_eval()
+        if step % args.ckpt_every == 0:
+            save_last()
+    if args.bench:
+        return 0
+    if last_eval != step:
+        do_eval()
+    save_last()
+    log({"event": "end", "step": step, "best": best, "train_s": round(train_s, 1),
+         "wall_s": round(time.perf_counter() - t_start, 1)})
+    print(f"done: step {step}, best val acc {best:.3f}, {train_s / 60:.1f} min training", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
