@@ -143,8 +143,6 @@ def make_smolvlm_with_smollm2(
 
     src = smollm2_dir()
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-
     tokenizer = extended_tokenizer(src)
     tid = tokenizer.convert_tokens_to_ids
     lm_config = json.loads((src / "config.json").read_text())
@@ -183,6 +181,7 @@ def make_smolvlm_with_smollm2(
         tie_word_embeddings=True,
     )
 
+    vision = _check_vision(model_cls, config, vision) if vision is not None else None  # fail before slow work
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     inner = model.model
@@ -210,6 +209,7 @@ def make_smolvlm_with_smollm2(
     # -- vision tower + connector
     if vision is not None:
         _load_vision(model, vision)
+    path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     config.save_pretrained(path)
 
@@ -231,12 +231,19 @@ def make_smolvlm_with_smollm2(
     return path
 
 
-def _load_vision(model, vision: Mapping) -> None:
+def _vision_shapes(module) -> dict[str, tuple[int, ...]]:
+    inner = module.model
+    shapes = {f"vision_model.{k}": tuple(v.shape) for k, v in inner.vision_model.state_dict().items()}
+    shapes.update({f"connector.{k}": tuple(v.shape) for k, v in inner.connector.state_dict().items()})
+    return shapes
+
+
+def _check_vision(model_cls, config, vision: Mapping) -> dict:
+    """``vision`` with keys normalised to ``vision_model.*`` / ``connector.*``, checked against the geometry."""
     import torch
 
-    inner = model.model
-    own = {f"vision_model.{k}": v for k, v in inner.vision_model.state_dict().items()}
-    own.update({f"connector.{k}": v for k, v in inner.connector.state_dict().items()})
+    with torch.device("meta"):
+        own = _vision_shapes(model_cls(config))
     given = {}
     for k, v in vision.items():
         k = k.removeprefix("model.")
@@ -249,8 +256,15 @@ def _load_vision(model, vision: Mapping) -> None:
         raise ValueError(f"vision state dict does not match the geometry: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
     for k, v in given.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"vision state dict: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        if tuple(v.shape) != own[k]:
+            raise ValueError(f"vision state dict: {k} has shape {tuple(v.shape)}, expected {own[k]}")
+    return given
+
+
+def _load_vision(model, given: dict) -> None:
+    import torch
+
+    inner = model.model
     with torch.no_grad():
         inner.vision_model.load_state_dict({k[len("vision_model."):]: v for k, v in given.items()
                                             if k.startswith("vision_model.")})
