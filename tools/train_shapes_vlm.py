@@ -58,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--questions", type=int, default=4,
                    help="questions packed per training scene (the image block goes through the LM once for all)")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of an auxiliary dense loss: a linear probe (dropped after training) on the connector's "
+                        "image tokens predicts, per token's 32x32 cell, the colour and kind of the shape covering it")
+    p.add_argument("--data-offset", type=int, default=0, help="first train-split index (continue on fresh scenes)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the vision tower + connector")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LM's attention (0: LM fully frozen)")
     p.add_argument("--lora-lr", type=float, default=5e-4)
@@ -269,6 +273,45 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
             "n_per_qtype": {k: len(v) for k, v in sorted(per.items())}}
 
 
+# ------------------------------------------------------------------------------------------ auxiliary labels
+from vlmq_export.data.shapes import COLORS as _COLORS, KINDS as _KINDS  # noqa: E402
+
+COLOR_IDS = {c: i + 1 for i, c in enumerate(_COLORS)}
+KIND_IDS = {k: i + 1 for i, k in enumerate(_KINDS)}
+
+
+def cell_labels(seed: int, args):
+    """[cells, 2] int64: per image token's cell (row-major grid of side image/patch/scale), the colour id and kind
+    id of the shape covering most of it (at least 10 % of the cell), 0 for background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from vlmq_export.data.shapes import make_scene, shape_polygon
+
+    scene = make_scene(seed, args.image_size)
+    S = args.image_size
+    lab = Image.new("L", (S, S), 0)
+    d = ImageDraw.Draw(lab)
+    for i, sh in enumerate(scene.shapes):
+        if sh.kind == "circle":
+            d.ellipse((sh.cx - sh.radius, sh.cy - sh.radius, sh.cx + sh.radius, sh.cy + sh.radius), fill=i + 1)
+        else:
+            d.polygon(shape_polygon(sh), fill=i + 1)
+    a = np.asarray(lab)
+    g = S // (args.patch_size * args.scale_factor)
+    c = S // g
+    cells = a[: g * c, : g * c].reshape(g, c, g, c).transpose(0, 2, 1, 3).reshape(g * g, c * c)
+    out = np.zeros((g * g, 2), np.int64)
+    for j, px in enumerate(cells):
+        counts = np.bincount(px, minlength=len(scene.shapes) + 1)
+        counts[0] = 0
+        k = int(counts.argmax())
+        if k and counts[k] >= 0.1 * c * c:
+            sh = scene.shapes[k - 1]
+            out[j] = (COLOR_IDS[sh.color], KIND_IDS[sh.kind])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_model(args, base_dir: Path):
     import torch
@@ -336,6 +379,16 @@ def export_assets(args) -> None:
     if lora:
         meta.setdefault("lora_scale", 1.0)
     meta["files"] = sorted(p.name for p in dest.iterdir() if p.suffix == ".safetensors")
+    log_path = out / "log.jsonl"
+    if log_path.is_file():  # how the run went: every (re)start with its flags, the validation curve
+        recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        meta["runs"] = [{"from_step": r["step"], "flags": {k: v for k, v in r["config"].items() if k != "out"}}
+                        for r in recs if r.get("event") == "start"]
+        meta["val_curve"] = [{"step": r["step"], "acc": round(r["acc"], 4), "loss": round(r["loss"], 4),
+                              "train_minutes": round(r.get("train_s", 0) / 60, 1)} for r in recs if r.get("event") == "val"]
+        ends = [r for r in recs if r.get("event") == "end"]
+        if ends:
+            meta["final_step"] = ends[-1]["step"]
     (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {dest}: {meta['files']} (step {info['step']}, val acc {info['val']['acc']:.3f})")
 
@@ -345,10 +398,11 @@ def main(argv=None) -> int:
     if args.export_assets:
         export_assets(args)
         return 0
+    import numpy as np
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vlmq_export.data.shapes import make_split, sample, SPLITS
+    from vlmq_export.data.shapes import SPLITS, make_split
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -362,6 +416,13 @@ def main(argv=None) -> int:
     groups = [{"params": vis, "lr": args.lr, "weight_decay": args.weight_decay}]
     if lora:
         groups.append({"params": lora, "lr": args.lora_lr, "weight_decay": 0.0})
+    aux, captured = None, {}
+    if args.aux_weight > 0:
+        torch.manual_seed(args.seed + 2)
+        aux = torch.nn.Linear(family.hidden_size, len(COLOR_IDS) + len(KIND_IDS) + 2)
+        groups.append({"params": list(aux.parameters()), "lr": args.lr, "weight_decay": 0.0})
+        model.model.connector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("connector", out))
+        named = named + [(f"aux.{n}", p) for n, p in aux.named_parameters()]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
     peak = [g["lr"] for g in opt.param_groups]
     n_train = sum(p.numel() for p in vis) + sum(p.numel() for p in lora)
@@ -371,11 +432,15 @@ def main(argv=None) -> int:
     if args.resume and (out / "last.pt").is_file():
         ck = torch.load(out / "last.pt", weights_only=False)
         load_trainable(model, ck["weights"])
+        if aux is not None and "aux" in ck:
+            aux.load_state_dict(ck["aux"])
         opt.load_state_dict(ck["opt"])
         step, best, train_s = ck["step"], ck["best"], ck["train_s"]
         print(f"resumed at step {step} (best val {best:.3f}, {train_s / 60:.1f} min trained)", flush=True)
     elif args.init:
-        load_trainable(model, {k: v for k, v in load_file(args.init).items()})
+        init = (torch.load(args.init, weights_only=False)["weights"] if args.init.endswith(".pt")
+                else load_file(args.init))
+        load_trainable(model, init)
         print(f"initialised from {args.init}", flush=True)
 
     val = make_split("val", args.n_val, args.image_size)
@@ -392,6 +457,7 @@ def main(argv=None) -> int:
     def save_last():
         tmp = out / "last.pt.tmp"
         torch.save({"weights": trainable_state(model), "opt": opt.state_dict(), "step": step, "best": best,
+                    **({"aux": aux.state_dict()} if aux is not None else {}),
                     "train_s": train_s, "config": config}, tmp)
         os.replace(tmp, out / "last.pt")
 
@@ -434,16 +500,27 @@ def main(argv=None) -> int:
             print(f"time limit reached at step {step}", flush=True)
             break
         t0 = time.perf_counter()
-        seeds = [SPLITS["train"][step * args.batch + i] for i in range(args.batch)]
+        seeds = [SPLITS["train"][args.data_offset + step * args.batch + i] for i in range(args.batch)]
         b = packed_batch(family, seeds, args.questions, args.image_size, pad_id)
+        if aux is not None:
+            b["cell_labels"] = torch.from_numpy(np.stack([cell_labels(sd_, args) for sd_ in seeds]))
         t_data = time.perf_counter() - t0
         f = lr_at(step, args)
         for g, pk in zip(opt.param_groups, peak):
             g["lr"] = pk * f
+        opt.zero_grad(set_to_none=True)
         logits = answer_logits(model, b, args.bf16)
         loss = torch.nn.functional.cross_entropy(logits, b["targets"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        aux_loss = None
+        if aux is not None:
+            tokens = captured["connector"]  # [B, L, hidden]
+            lab = b["cell_labels"]  # [B, L, 2]: colour id, kind id (0 = background)
+            out_c, out_k = aux(tokens).split([len(COLOR_IDS) + 1, len(KIND_IDS) + 1], dim=-1)
+            aux_loss = (torch.nn.functional.cross_entropy(out_c.flatten(0, 1), lab[..., 0].flatten())
+                        + torch.nn.functional.cross_entropy(out_k.flatten(0, 1), lab[..., 1].flatten()))
+            (loss + args.aux_weight * aux_loss).backward()
+        else:
+            loss.backward()
         gn = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
         opt.step()
         dt = time.perf_counter() - t0
@@ -457,7 +534,9 @@ def main(argv=None) -> int:
         if step % args.log_every == 0 or step == 1:
             print(f"step {step}/{args.steps} loss {lv:.4f} ema {loss_ema:.4f} gnorm {float(gn):.2f} "
                   f"lr {opt.param_groups[0]['lr']:.2e} {dt:.2f}s/step ({train_s / 60:.1f} min)", flush=True)
-            log({"event": "train", "step": step, "loss": lv, "loss_ema": loss_ema, "grad_norm": float(gn),
+            if aux_loss is not None:
+                print(f"    aux loss {float(aux_loss.detach()):.4f}", flush=True)
+            log({"event": "train", "step": step, "loss": lv, "aux_loss": None if aux_loss is None else float(aux_loss.detach()), "loss_ema": loss_ema, "grad_norm": float(gn),
                  "lr": opt.param_groups[0]["lr"], "step_s": round(dt, 2), "train_s": round(train_s, 1)})
         if step % args.eval_every == 0:
             do_eval()
