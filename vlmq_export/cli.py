@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-VERBS = ("run", "validate", "inspect")
+VERBS = ("run", "validate", "eval", "inspect")
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=4, help="held-out validation prompts (default 4)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared in validation (default 16)")
     p.add_argument("--keep-float", action="store_true", help="keep the float ONNX graphs in OUT/float")
+    p.add_argument("--eval-task", type=int, metavar="N",
+                   help="ShapesVQA task accuracy on N test samples, torch full precision and exported ONNX "
+                        "(default: 100 for builtin:shapes-* models, else off)")
+    p.add_argument("--device", help="calibration device (default: cuda when available, else cpu)")
     _output_flags(p)
     return p
 
@@ -103,7 +107,8 @@ def cmd_export(argv: list[str]) -> int:
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))
     opts = Options(calib=args.calib, n_calib=args.n_calib, n_val=args.n_val, gen_tokens=args.gen_tokens,
-                   validate=not args.no_validate, keep_float=args.keep_float)
+                   validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
+                   eval_task=args.eval_task)
     progress = _progress(args)
     out = export_model(args.model, args.output, recipe, opts, progress)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -116,7 +121,8 @@ def cmd_export(argv: list[str]) -> int:
         llm = sizes["llm"]
         print(f"  llm.onnx {llm['bytes'] / 1e6:.2f} MB (float {llm['float_bytes'] / 1e6:.2f} MB)")
         for k in ("logits_cosine", "top1_agreement", "greedy_token_agreement", "image_features_cosine",
-                  "qdq_max_abs_diff", "int4_form_ok", "ort_fused_all"):
+                  "qdq_max_abs_diff", "task_accuracy_torch_full_precision", "task_accuracy_onnx_quantized",
+                  "int4_form_ok", "ort_fused_all"):
             if k in v:
                 print(f"  {k}: {v[k]:.4f}" if isinstance(v[k], float) else f"  {k}: {v[k]}")
         print(f"  report: {out / 'report' / 'report.md'}")
@@ -183,6 +189,39 @@ def cmd_validate(argv: list[str]) -> int:
     return 0 if v.get("int4_form_ok") and v.get("ort_fused_all") else 1
 
 
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlmq-export eval", description=(
+        "ShapesVQA exact-match accuracy (held-out test split, per question type) and language-model perplexity "
+        "on a fixed English text, for an output directory in ONNX Runtime (and its source model in torch)."))
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=200, help="test samples (default 200)")
+    p.add_argument("--torch", action="store_true", help="also evaluate the full-precision source model in torch")
+    p.add_argument("--model", help="source model for --torch (default: the manifest's)")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4))
+    _output_flags(p)
+    args = p.parse_args(argv)
+    from .models import load_family
+    from .outdir import check_complete
+    from .runtime.generate import OnnxVLM
+    from .sources import resolve_model
+    from .testbed import evaluate_onnx, evaluate_torch
+    from .validate.perplexity import perplexity_onnx, perplexity_torch, text_ids
+
+    out = Path(args.out)
+    manifest = check_complete(out, verify_hashes=False)
+    vlm = OnnxVLM(out, accuracy_level=args.accuracy_level)
+    res = {"onnx": {**evaluate_onnx(out, n=args.n, accuracy_level=args.accuracy_level, vlm=vlm),
+                    "perplexity": perplexity_onnx(vlm, text_ids(vlm.family.tokenizer))}}
+    if args.torch:
+        model_dir = resolve_model(args.model) if args.model else Path(manifest["source"]["path"])
+        family = load_family(model_dir)
+        model = family.load_model(model_dir)
+        res["torch"] = {**evaluate_torch(family, model, n=args.n),
+                        "perplexity": perplexity_torch(model, text_ids(family.tokenizer))}
+    print(json.dumps(res, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_inspect(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vlmq-export inspect", description="Summarise an output directory's manifest.")
     p.add_argument("out")
@@ -202,9 +241,12 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # OpenMP threads that spin while waiting make torch's many small GPTQ ops ~10-100x slower when another
+    # process shares the cores; passive waiting costs little when they are idle. (Read when torch loads.)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .errors import VlmqError
 
-    handlers = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect}
+    handlers = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "inspect": cmd_inspect}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])

@@ -39,6 +39,7 @@ class Options:
     validate: bool = True
     keep_float: bool = False
     device: str | None = None  # calibration device (default: cuda when available)
+    eval_task: int | None = None  # ShapesVQA test samples for task accuracy (None: 100 for builtin:shapes-*)
     extra: dict = field(default_factory=dict)
 
 
@@ -160,6 +161,13 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         report["stages"]["float_onnx_vs_torch"] = compare(ref_float, onnx_outputs(vlm, val, opts.gen_tokens))
         del vlm
 
+    n_task = opts.eval_task if opts.eval_task is not None else (100 if model_spec.startswith("builtin:shapes") else 0)
+    if n_task:
+        from .testbed import evaluate_torch
+
+        say.start("evaluate", f"ShapesVQA accuracy of the full-precision model on {n_task} test samples")
+        report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task)}
+
     # -- calibration
     comps = ", ".join(f"{c} {r.label()}" for c, r in recipe.components.items())
     say.start("calibrate", f"{recipe.method} ({comps}) on {len(calib)} samples")
@@ -209,6 +217,11 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         float_vlm = OnnxVLM(work, graphs={g: float_dir / f"{g}.onnx" for g in GRAPHS}, accuracy_level=0)
         report["components"] = component_fidelity(float_vlm, vlm, val, recipe.components)
         del float_vlm
+    if n_task:
+        from .testbed import evaluate_onnx
+
+        say.start("evaluate", f"ShapesVQA accuracy of the exported ONNX in ONNX Runtime on {n_task} test samples")
+        report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task)
     report["layers"] = {}
     for comp in recipe.components:
         recs = [r for r in records if r.component == comp]
@@ -240,6 +253,10 @@ def summary(report: dict) -> dict:
         for k, v in metrics.items():
             if not k.endswith("_min"):
                 s[f"{comp}_{k}"] = v
+    task = report.get("task", {})
+    for key in ("torch_full_precision", "onnx_quantized"):
+        if key in task:
+            s[f"task_accuracy_{key}"] = task[key].get("accuracy")
     s["int4_form_ok"] = not report.get("int4_form_problems")
     f = report.get("ort_fusion", {})
     s["ort_fused_all"] = bool(f) and f.get("matmulnbits") == f.get("int4_dequantize") and f.get("dequantize_left") == 0

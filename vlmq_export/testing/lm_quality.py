@@ -17,21 +17,28 @@ from ..data.samples import Sample
 from ..models import load_family
 from ..validate.perplexity import perplexity_torch, text_ids
 
-def text_samples(n: int, prompt_words: int = 40, answer_words: int = 120) -> list[Sample]:
-    """Calibration text that is not the evaluation text: passages of the Python reference manual that
-    ship with CPython (``pydoc_data.topics``), each split into a prompt and an answer to continue it."""
+def text_samples(n: int, prompt_words: int = 100, answer_words: int = 500) -> list[Sample]:
+    """Calibration text that is not the evaluation text: the prose of the Python reference manual that
+    ships with CPython (``pydoc_data.topics``), cut into ``n`` long passages (about 800 tokens), each
+    split into a prompt and an answer that continues it.
+
+    Long passages matter: the first token of every sequence carries SmolLM2's massive activations
+    (values ~2000 in the last blocks' down_proj inputs); with many short samples those few tokens
+    dominate the Hessian and GPTQ trades every other token's error for theirs.
+    """
     from pydoc_data.topics import topics
 
-    samples = []
+    words = []
     for key in sorted(topics):
-        words = " ".join(line for line in topics[key].splitlines() if line.strip() and not line.startswith("   "))
-        words = words.split()
-        if len(words) < prompt_words + answer_words:
-            continue
-        samples.append(Sample([], " ".join(words[:prompt_words]),
-                              " ".join(words[prompt_words:prompt_words + answer_words]), f"pydoc:{key}"))
-        if len(samples) == n:
+        words += " ".join(line for line in topics[key].splitlines()
+                          if line.strip() and not line.startswith("   ")).split()
+    step = prompt_words + answer_words
+    samples = []
+    for i in range(n):
+        chunk = words[i * step:(i + 1) * step]
+        if len(chunk) < step:
             break
+        samples.append(Sample([], " ".join(chunk[:prompt_words]), " ".join(chunk[prompt_words:]), f"pydoc:{i}"))
     return samples
 
 
@@ -44,7 +51,7 @@ def smollm2_testbed_dir(root: Path) -> Path:
     return path
 
 
-def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 16,
+def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 8,
                   progress=print) -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times."""
     family = load_family(model_dir)
@@ -68,7 +75,7 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             "calibration_samples": n_calib, "group_size": 128, "rows": rows}
 
 
-def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 16) -> dict:
+def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 8) -> dict:
     """Output error Σ‖(W - Ŵ) x‖² / tokens of RTN and GPTQ on the given Linear layers, on the calibration
     tokens (the objective GPTQ minimises) and on held-out tokens (the evaluation text)."""
     from ..calibrators import QuantConfig, make_calibrator

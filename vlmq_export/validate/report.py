@@ -43,6 +43,16 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
         lines += [f"### {names.get(key, key)}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in stage.items()]
         lines.append("")
+    task = report.get("task")
+    if task:
+        lines += [f"## Task accuracy (ShapesVQA test split, {task['samples']} samples, exact match)", "",
+                  "| model | overall | per question type |", "|---|---|---|"]
+        names = {"torch_full_precision": "full precision (torch)", "onnx_quantized": "exported ONNX (ONNX Runtime)"}
+        for key, res in task.items():
+            if isinstance(res, dict):
+                per = ", ".join(f"{k} {_fmt(v)}" for k, v in res.get("per_qtype", {}).items())
+                lines.append(f"| {names.get(key, key)} | {_fmt(res.get('accuracy'))} | {per} |")
+        lines.append("")
     comp = report.get("components")
     if comp:
         lines += ["## Per-component fidelity (each quantized graph alone, fed the float graph's inputs)", "",
