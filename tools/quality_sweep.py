@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Quality sweep on the task-trained testbed: methods x bits x components, measured by task accuracy.
+
+For every (scope, method, bits) the full-precision testbed is copied, calibrated with the pipeline's own
+``calibrate`` on the built-in ShapesVQA calibration samples (group 128; the pipeline's fallback block where
+a width is not a multiple of 128), and measured in torch with the fake-quantized weights (the exported
+Q/DQ ONNX reproduces these to ~1e-5, which the pipeline's validation checks on every export):
+
+* ShapesVQA exact-match accuracy on the held-out test split, overall and per question type;
+* perplexity of the language model on ``vlmq_export/assets/english.txt``;
+* image-feature cosine, prompt-logits cosine and top-1 agreement against full precision on validation
+  prompts (``validation_samples``);
+* calibration wall time.
+
+Scopes: ``llm`` (decoder Linears only) and ``all`` (vision encoder + projector + decoder, same bits).
+Writes ``OUT.json`` and ``OUT.md`` stamped with the commit measured.
+
+    python tools/quality_sweep.py [--model builtin:shapes-smolvlm] [--methods rtn,gptq,vlmq]
+                                  [--bits 4,3,2] [--scopes llm,all] [--n-eval 200] [--n-calib 32]
+                                  [--out benchmarks/quality]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+SCOPES = {"llm": ("llm",), "all": ("vision", "projector", "llm")}
+
+
+def measure(family, model, ref_outputs, val, ids, n_eval: int) -> dict:
+    from vlmq_export.testbed import evaluate_torch
+    from vlmq_export.validate.compare import compare, torch_outputs
+    from vlmq_export.validate.perplexity import perplexity_torch
+
+    acc = evaluate_torch(family, model, n=n_eval)
+    row = {"accuracy": acc["accuracy"], "per_qtype": acc["per_qtype"], "n_eval": acc["n"],
+           "perplexity": perplexity_torch(model, ids)}
+    if ref_outputs is not None:
+        c = compare(ref_outputs, torch_outputs(family, model, val))
+        row.update({k: c.get(k) for k in ("image_features_cosine", "logits_cosine", "top1_agreement")})
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin:shapes-smolvlm")
+    ap.add_argument("--methods", default="rtn,gptq,vlmq")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--scopes", default="llm,all")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--n-eval", type=int, default=200, help="ShapesVQA test samples per configuration")
+    ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--n-val", type=int, default=4, help="validation prompts for the cosine metrics")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/quality")
+    args = ap.parse_args()
+
+    import torch
+
+    from vlmq_export.calibrate import ComponentRecipe, Recipe, calibrate
+    from vlmq_export.data.loader import load_samples
+    from vlmq_export.models import load_family
+    from vlmq_export.pipeline import prepare_all, validation_samples
+    from vlmq_export.sources import resolve_model
+    from vlmq_export.testbed import format_accuracy
+    from vlmq_export.validate.compare import torch_outputs
+    from vlmq_export.validate.perplexity import text_ids
+
+    torch.set_num_threads(args.threads)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    t_start = time.time()
+    path = resolve_model(args.model)
+    family = load_family(path)
+    base = family.load_model(path)
+    ids = text_ids(family.tokenizer)
+    calib = load_samples("builtin:shapes", limit=args.n_calib)
+    val = prepare_all(family, validation_samples(args.n_val), with_answer=False)
+    ref = torch_outputs(family, base, val)
+
+    fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, ids, args.n_eval)}
+    log(f"fp: {format_accuracy({**fp, 'correct': round(fp['accuracy'] * fp['n_eval']), 'n': fp['n_eval']})}, "
+        f"ppl {fp['perplexity']:.2f}")
+    rows = [fp]
+    for scope in args.scopes.split(","):
+        for bits in (int(b) for b in args.bits.split(",")):
+            for method in args.methods.split(","):
+                model = copy.deepcopy(base)
+                recipe = Recipe(method=method, components={c: ComponentRecipe(bits, args.group) for c in SCOPES[scope]})
+                t0 = time.perf_counter()
+                calibrate(family, model, calib, recipe, device="cpu")
+                calib_s = time.perf_counter() - t0
+                row = {"scope": scope, "method": method, "bits": bits, "calib_s": calib_s,
+                       **measure(family, model, ref, val, ids, args.n_eval)}
+                rows.append(row)
+                log(f"{scope} {method} W{bits}: acc {row['accuracy']:.3f} ppl {row['perplexity']:.2f} "
+                    f"img cos {row.get('image_features_cosine') or float('nan'):.4f} ({calib_s:.0f}s calibration)")
+                del model
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=ROOT).stdout.strip())
+    result = {"model": args.model, "commit": commit, "dirty": dirty, "group_size": args.group,
+              "n_calib": args.n_calib, "n_eval": args.n_eval, "threads": args.threads,
+              "seconds": time.time() - t_start, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    qtypes = sorted(fp["per_qtype"])
+    lines = [f"# Quality sweep: {args.model}", "",
+             f"Commit {commit}{' (with uncommitted changes)' if dirty else ''}. ShapesVQA exact match on "
+             f"{args.n_eval} test samples (torch, fake-quantized weights), perplexity on the English text, cosines "
+             f"against full precision on {args.n_val} validation prompts. Calibration: {args.n_calib} built-in "
+             f"ShapesVQA samples, group {args.group}, symmetric weight-only. Scope `llm`: decoder only; `all`: "
+             "vision encoder + projector + decoder.", "",
+             "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "
+             "| top-1 | calibration s |",
+             "|---|---|---|---|" + "---|" * len(qtypes) + "---|---|---|---|---|"]
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['scope']} | {r['method']} | {r['bits']} | {f(r['accuracy'])} | "
+                     + " | ".join(f(r["per_qtype"].get(q), 2) for q in qtypes)
+                     + f" | {f(r['perplexity'], 2)} | {f(r.get('image_features_cosine'), 4)} | "
+                       f"{f(r.get('logits_cosine'), 4)} | {f(r.get('top1_agreement'))} | {r['calib_s']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
