@@ -207,8 +207,11 @@ def quantize_blocks(
     say = progress or (lambda _msg: None)
     # every layer's bits and block are decided before any calibration work
     all_plans = [plan_layers(block_linears(block, name), config.bits, config.group_size) for name, block in blocks]
+    by_note: dict[str, list[str]] = {}
     for p in (p for plans in all_plans for p in plans if p.note):
-        say(f"{p.name}: {p.note}")
+        by_note.setdefault(p.note, []).append(p.name)
+    for note, names in by_note.items():  # one line per distinct decision, not per layer
+        say(f"{names[0]}: {note}" if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]}): {note}")
     quantized: list[QuantizedLinear] = []
     records: list[LayerRecord] = []
     start = ckpt.done(len(blocks)) if ckpt else 0
