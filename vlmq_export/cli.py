@@ -20,7 +20,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmq-export", description=(
         "Quantize a vision-language model post-training and export it to ONNX (INT4 Q/DQ). "
         f"Other verbs: {', '.join(VERBS)} (vlmq-export VERB -h)."))
-    p.add_argument("model", help="local Hugging Face model directory, hub id, or builtin:tiny-qwen2-vl / builtin:tiny-smolvlm")
+    p.add_argument("model", help="local Hugging Face model directory, hub id, builtin:shapes-smolvlm (the task-trained testbed), or builtin:tiny-qwen2-vl / builtin:tiny-smolvlm (random, tiny)")
     prec = p.add_mutually_exclusive_group()
     for bits in (4, 3, 2):
         prec.add_argument(f"--int{bits}", dest="bits", action="store_const", const=bits,

@@ -88,7 +88,8 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             "group_size": 128, "rows": rows}
 
 
-def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 8) -> dict:
+def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 8,
+                 passage_words: tuple[int, int] = (100, 500)) -> dict:
     """Output error Σ‖(W - Ŵ) x‖² / tokens of RTN and GPTQ on the given Linear layers, on the calibration
     tokens (the objective GPTQ minimises) and on held-out tokens (the evaluation text)."""
     from ..calibrators import QuantConfig, make_calibrator
@@ -101,7 +102,7 @@ def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib
              for n, m in mods.items()]
     ids = text_ids(family.tokenizer)
     with torch.no_grad():
-        for s in text_samples(n_calib):  # calibration inputs
+        for s in text_samples(n_calib, *passage_words):  # calibration inputs
             model(**family.hf_inputs(family.prepare([], s.prompt, s.answer)))
         n_cal = {n: len(v) for n, v in xs.items()}
         model(input_ids=torch.from_numpy(ids[:512])[None])  # held-out inputs: the evaluation text
