@@ -77,6 +77,10 @@ def main() -> int:
     from vlmq_export.validate.perplexity import text_ids
 
     torch.set_num_threads(args.threads)
+    # the code measured: stamped before the (long) run, so edits made meanwhile do not count
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=ROOT).stdout.strip())
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.time()
     path = resolve_model(args.model)
@@ -106,9 +110,6 @@ def main() -> int:
                     f"img cos {row.get('image_features_cosine') or float('nan'):.4f} ({calib_s:.0f}s calibration)")
                 del model
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=ROOT).stdout.strip())
     result = {"model": args.model, "commit": commit, "dirty": dirty, "group_size": args.group,
               "n_calib": args.n_calib, "n_eval": args.n_eval, "threads": args.threads,
               "seconds": time.time() - t_start, "rows": rows}
