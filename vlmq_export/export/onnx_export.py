@@ -1,6 +1,7 @@
 """torch -> ONNX for one graph (the dynamo exporter, opset 21, IR version 10)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ import onnx
 import torch
 
 from ..models.base import ExportSpec
+from .passes import canonicalize
 
 OPSET = 21
 IR_VERSION = 10  # older ONNX Runtime builds reject IR 11; opset 21 needs IR >= 10
@@ -21,7 +23,7 @@ def export_graph(spec: ExportSpec, path: str | Path, opset: int = OPSET) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _attention(spec):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             spec.module,
@@ -34,10 +36,25 @@ def export_graph(spec: ExportSpec, path: str | Path, opset: int = OPSET) -> Path
             optimize=True,
             verbose=False,
         )
-    model = program.model_proto
+    model = canonicalize(program.model_proto)
     model.ir_version = IR_VERSION
     save_model(model, path)
     return path
+
+
+@contextlib.contextmanager
+def _attention(spec: ExportSpec):
+    """Trace with ``spec.attention``'s implementation, restoring the model's own afterwards."""
+    if spec.attention is None:
+        yield
+        return
+    module, impl = spec.attention
+    before = module.config._attn_implementation
+    module.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(before)
 
 
 def model_bytes(model: onnx.ModelProto) -> int:

@@ -324,6 +324,7 @@ class Qwen2VLFamily(Family):
         llm = ExportSpec(
             name="llm",
             module=llm_module,
+            attention=(model.model.language_model, "eager"),
             args=args,
             input_names=["inputs_embeds", "attention_mask", "position_ids"]
             + [f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")],
@@ -416,7 +417,7 @@ class _EmbedTokens(nn.Module):
 class Qwen2VLDecoderWrapper(nn.Module):
     """One graph for prefill (P = 0) and decode: flat past KV in, logits and flat present KV out.
 
-    The attention mask is built here: key j is visible to query i iff j <= P + i and
+    The attention mask is built here (additive, 0 / dtype min): key j is visible to query i iff j <= P + i and
     ``attention_mask[b, j] == 1``; every query also sees itself, so padded rows never go all-masked
     (their outputs are garbage but finite, and no real token attends to them).
     """
@@ -443,7 +444,9 @@ class Qwen2VLDecoderWrapper(nn.Module):
         causal = k_pos[None, :] <= q_pos[:, None]  # [S, T]
         mask = causal[None] & attention_mask.bool()[:, None, :]  # [B, S, T]
         mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
-        mask = mask[:, None]  # [B, 1, S, T]
+        # additive form [B, 1, S, T]: eager attention (the export's) adds it, SDPA accepts it too
+        mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(inputs_embeds.dtype).min)[:, None]
 
         hidden = inputs_embeds
         pos_emb = self.rotary_emb(hidden, position_ids)

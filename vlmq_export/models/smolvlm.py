@@ -300,6 +300,7 @@ class SmolVLMFamily(Family):
             ExportSpec(
                 name="llm",
                 module=W["LLMWrapper"](inner.text_model, model.lm_head, self.text_config),
+                attention=(inner.text_model, "eager"),
                 args=(inputs_embeds, attention_mask, position_ids, *kv),
                 input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
                 output_names=["logits", *present_names],
