@@ -143,7 +143,7 @@ def test_component_recipe_parsing():
     assert parse_component_recipe("w3g64") == ComponentRecipe(3, 64)
     with pytest.raises(VlmqError):
         parse_component_recipe("w5")
-    assert COMPONENTS == ("vision", "projector", "llm")
+    assert COMPONENTS == ("vision", "projector", "llm", "lm_head")
 
 
 @pytest.mark.parametrize("method", ["gptaq", "mbq", "rtn"])
@@ -177,6 +177,47 @@ def test_vision_and_projector_quantized_with_saliency(tiny_dirs, tmp_path):
     assert report["components"]["vision"]["features_cosine"] > 0.9
     assert report["stages"]["qdq_onnx_vs_torch_fakequant"]["image_features_max_abs_diff"] <= 1e-4
     assert (out / "saliency.safetensors").is_file() and "llm.0" in report["saliency"]
+
+
+@pytest.mark.parametrize("family_name,head", [("smolvlm", "w4"), ("qwen2_vl", "w8g64")])
+def test_lm_head_quantized_on_request(tiny_dirs, tmp_path, family_name, head):
+    """--lm-head: the head is calibrated last (after the decoder), written as a blockwise DQ into llm.onnx, and
+    validated; a tied head is untied first, so the embeddings (embed_tokens.onnx and torch) stay float."""
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs[family_name]), "--int4", "--lm-head", head, "-o", str(out), "--n-calib", "3",
+                     "--n-val", "2", "--gen-tokens", "4", "--quiet"]) == 0
+    manifest = check_complete(out)
+    heads = [r for r in manifest["layers"] if r["component"] == "lm_head"]
+    assert len(heads) == 1 and heads[0]["name"] == "lm_head" and heads[0]["bits"] == int(head[1])
+    assert manifest["layers"][-1]["component"] == "lm_head"
+    assert manifest["recipe"]["lm_head"] == parse_component_recipe(head).label()
+    llm = onnx.load(str(out / "llm.onnx"))
+    inits = {i.name: i for i in llm.graph.initializer}
+    dq = [n for n in llm.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == heads[0]["onnx_weight"]]
+    assert len(dq) == 1
+    want = onnx.TensorProto.INT4 if head == "w4" else onnx.TensorProto.INT8
+    assert inits[dq[0].input[0]].data_type == want and list(inits[dq[0].input[0]].dims)[1] > 100
+    emb = onnx.load(str(out / "embed_tokens.onnx"))
+    assert not any(n.op_type == "DequantizeLinear" for n in emb.graph.node)
+    report = json.loads((out / "report" / "validation.json").read_text())
+    assert report["stages"]["qdq_onnx_vs_torch_fakequant"]["logits_max_abs_diff"] <= 1e-4
+    assert "llm" in report["components"]
+
+
+def test_tied_lm_head_is_untied_before_calibration(tiny_dirs):
+    from vlmq_export.models import load_family
+
+    fam = load_family(tiny_dirs["smolvlm"])
+    model = fam.load_model(tiny_dirs["smolvlm"])
+    emb = model.get_input_embeddings()
+    emb.weight.data[: model.lm_head.weight.shape[0]] = model.lm_head.weight.data[: emb.weight.shape[0]]
+    model.lm_head.weight = emb.weight  # tie, as SmolLM2 does
+    (name, head), = component_blocks(fam, model, "lm_head")
+    assert name == "lm_head" and head.weight is not emb.weight
+    torch.testing.assert_close(head.weight, emb.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        head.weight.zero_()
+    assert emb.weight.abs().sum() > 0
 
 
 class _Interrupt(Exception):

@@ -26,7 +26,7 @@ from .export.qdq import QuantizedLinear
 from .models import Family, Prepared
 
 METHODS = ("rtn", "gptq", "gptaq", "mbq", "vlmq")
-COMPONENTS = ("vision", "projector", "llm")
+COMPONENTS = ("vision", "projector", "llm", "lm_head")  # execution order
 # which weight calibrator each method drives (mbq and vlmq: GPTQ fed per-token weights)
 CALIBRATOR = {"rtn": "rtn", "gptq": "gptq", "gptaq": "gptaq", "mbq": "gptq", "vlmq": "vlmq"}
 NEEDS_SALIENCY = ("mbq", "vlmq")
@@ -135,7 +135,21 @@ def _module_path(model: torch.nn.Module, target: torch.nn.Module) -> str:
     raise ValueError("module not found in model")
 
 
+def untie_lm_head(model, head: torch.nn.Module) -> bool:
+    """Give ``head`` its own weight when it shares the input embeddings' (tied), so that quantizing it
+    leaves the embeddings float, as ``embed_tokens.onnx`` keeps them. True if it was tied."""
+    emb = model.get_input_embeddings()
+    if emb is None or head.weight is not emb.weight:
+        return False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    return True
+
+
 def component_blocks(family: Family, model, comp: str) -> list[tuple[str, torch.nn.Module]]:
+    if comp == "lm_head":
+        head = family.lm_head(model)
+        untie_lm_head(model, head)
+        return [(_module_path(model, head), head)]
     if comp == "projector":
         proj = family.projector(model)
         return [(_module_path(model, proj), proj)]
@@ -144,12 +158,12 @@ def component_blocks(family: Family, model, comp: str) -> list[tuple[str, torch.
     return [(f"{prefix}.{i}", blk) for i, blk in enumerate(stack)]
 
 
-def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks):
+def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks, family: Family, model):
     """Per-token weights for ``quantize_blocks``: saliency (vlmq), modality weights (mbq) or None."""
     if sal is None or recipe.method not in NEEDS_SALIENCY:
         return None
     if recipe.method == "mbq":
-        if comp != "llm":
+        if comp != "llm":  # vision: one modality; lm_head: uniform
             return None  # all vision tokens: one modality, uniform weights
         ratios = mbq_factors(sal)
 
@@ -160,9 +174,13 @@ def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks):
 
     block_names = [name for name, _ in blocks]
 
+    last_llm = f"llm.{len(family.decoder_layers(model)) - 1}" if comp == "lm_head" else ""
+
     def vlmq(bi, layer, si):
         if comp == "projector":
             return sal.weights("projector", si)
+        if comp == "lm_head":  # its input is the last block's output, normed: that block's factors
+            return sal.weights(last_llm, si)
         site = f"{comp}.{bi}"
         if sal.config.site == "linear" and comp == "llm":
             rel = layer[len(block_names[bi]) + 1:]
@@ -242,7 +260,7 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
         blocks = component_blocks(family, model, comp)
         say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)")
         q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
-                               weight_function(recipe, sal, comp, blocks), say, component=comp, device=device,
+                               weight_function(recipe, sal, comp, blocks, family, model), say, component=comp, device=device,
                                checkpoint=ckpt / comp if ckpt else None)
         layers += q
         records += r

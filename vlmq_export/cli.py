@@ -34,11 +34,13 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128,
                    help="block along the input dimension for --intN (default 128; -1 per output channel)")
     p.add_argument("--components", default="llm",
-                   help="comma-separated components to quantize: vision, projector, llm (default: llm)")
-    for comp, default in (("vision", "w8"), ("projector", "w8"), ("llm", None)):
-        p.add_argument(f"--{comp}", metavar="wB[gG|pc]",
+                   help="comma-separated components to quantize: vision, projector, llm, lm_head (default: llm)")
+    for comp, default in (("vision", "w8"), ("projector", "w8"), ("llm", None), ("lm_head", None)):
+        p.add_argument(f"--{comp.replace('_', '-')}", dest=comp, metavar="wB[gG|pc]",
                        help=f"{comp} precision, e.g. w4, w4g64, w8pc (implies --components {comp}; "
-                            f"default {default or 'from --intN'})")
+                            f"default {default or 'from --intN'})"
+                            + ("; float unless asked (ONNX Runtime runs w4 fast at any accuracy level, "
+                               "w8g<G> only at --accuracy-level 4)" if comp == "lm_head" else ""))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing diag(H)")
     s = p.add_argument_group("saliency (vlmq, mbq)")
@@ -93,14 +95,14 @@ def cmd_export(argv: list[str]) -> int:
         raise VlmqError(f"--{'fp8' if bits == 'fp8' else 'int8'} is not available yet; use --int4, --int3 or --int2")
     if args.n_calib < 1:
         raise VlmqError("--n-calib must be at least 1")
-    order = ("vision", "projector", "llm")
+    order = ("vision", "projector", "llm", "lm_head")
     comps = {c.strip() for c in args.components.split(",") if c.strip()} | {c for c in order if getattr(args, c)}
     unknown = sorted(comps - set(order))
     if unknown:
         raise VlmqError(f"unknown component '{unknown[0]}'; components: {', '.join(order)}")
     llm_default = ComponentRecipe(bits, args.group_size)
     components = {c: parse_component_recipe(getattr(args, c), args.group_size) if getattr(args, c)
-                  else llm_default if c == "llm" else parse_component_recipe("w8")
+                  else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in order if c in comps}
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,

@@ -130,7 +130,7 @@ def component_fidelity(float_vlm, quant_vlm, prepared: list[Prepared], component
         res["vision"] = {"features_cosine": float(np.mean(vis)), "features_cosine_min": float(np.min(vis))}
     if "projector" in components and proj:
         res["projector"] = {"image_embeds_cosine": float(np.mean(proj)), "image_embeds_cosine_min": float(np.min(proj))}
-    if "llm" in components and llm:
+    if ("llm" in components or "lm_head" in components) and llm:  # the llm graph holds the lm_head
         res["llm"] = {"logits_cosine": float(np.mean([c for c, _ in llm])),
                       "top1_agreement": float(np.mean([t for _, t in llm]))}
     return res
