@@ -12,7 +12,8 @@ Q/DQ ONNX reproduces these to ~1e-5, which the pipeline's validation checks on e
   prompts (``validation_samples``);
 * calibration wall time.
 
-Scopes: ``llm`` (decoder Linears only) and ``all`` (vision encoder + projector + decoder, same bits).
+Scopes: ``llm`` (decoder Linears only), ``llm+head`` (decoder and lm_head) and ``all`` (vision encoder +
+projector + decoder, same bits).
 Writes ``OUT.json`` and ``OUT.md`` stamped with the commit measured.
 
     python tools/quality_sweep.py [--model builtin:shapes-smolvlm] [--methods rtn,gptq,vlmq]
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SCOPES = {"llm": ("llm",), "all": ("vision", "projector", "llm")}
+SCOPES = {"llm": ("llm",), "llm+head": ("llm", "lm_head"), "all": ("vision", "projector", "llm")}
 
 
 def measure(family, model, ref_outputs, val, ids, n_eval: int) -> dict:
@@ -121,8 +122,8 @@ def main() -> int:
              f"Commit {commit}{' (with uncommitted changes)' if dirty else ''}. ShapesVQA exact match on "
              f"{args.n_eval} test samples (torch, fake-quantized weights), perplexity on the English text, cosines "
              f"against full precision on {args.n_val} validation prompts. Calibration: {args.n_calib} built-in "
-             f"ShapesVQA samples, group {args.group}, symmetric weight-only. Scope `llm`: decoder only; `all`: "
-             "vision encoder + projector + decoder.", "",
+             f"ShapesVQA samples, group {args.group}, symmetric weight-only. Scope `llm`: decoder only; `llm+head`: "
+             "decoder and lm_head; `all`: vision encoder + projector + decoder.", "",
              "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "
              "| top-1 | calibration s |",
              "|---|---|---|---|" + "---|" * len(qtypes) + "---|---|---|---|---|"]
