@@ -163,8 +163,8 @@ def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks, fam
     if sal is None or recipe.method not in NEEDS_SALIENCY:
         return None
     if recipe.method == "mbq":
-        if comp != "llm":  # vision: one modality; lm_head: uniform
-            return None  # all vision tokens: one modality, uniform weights
+        if comp != "llm":
+            return None  # vision / projector: one modality; lm_head: uniform weights
         ratios = mbq_factors(sal)
 
         def mbq(bi, _layer, si):
