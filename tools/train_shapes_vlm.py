@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of an auxiliary dense loss: a linear probe (dropped after training) on the connector's "
                         "image tokens predicts, per token's 32x32 cell, the colour and kind of the shape covering it")
+    p.add_argument("--aux-extended", action="store_true",
+                   help="the auxiliary probe also predicts, per cell, whether it holds a shape's centre and the shape's "
+                        "left/middle/right and top/middle/bottom band, and per image how many shapes of each kind")
     p.add_argument("--data-offset", type=int, default=0, help="first train-split index (continue on fresh scenes)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the vision tower + connector")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LM's attention (0: LM fully frozen)")
@@ -274,15 +277,17 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
 
 
 # ------------------------------------------------------------------------------------------ auxiliary labels
-from vlmq_export.data.shapes import COLORS as _COLORS, KINDS as _KINDS  # noqa: E402
+from vlmq_export.data.shapes import _SIDE_BAND, COLORS as _COLORS, KINDS as _KINDS  # noqa: E402
 
 COLOR_IDS = {c: i + 1 for i, c in enumerate(_COLORS)}
 KIND_IDS = {k: i + 1 for i, k in enumerate(_KINDS)}
 
 
 def cell_labels(seed: int, args):
-    """[cells, 2] int64: per image token's cell (row-major grid of side image/patch/scale), the colour id and kind
-    id of the shape covering most of it (at least 10 % of the cell), 0 for background."""
+    """[cells, 5] int64 per image token's cell (row-major grid of side image/patch/scale), about the shape covering
+    most of it (at least 10 % of the cell), 0 for background: colour id, kind id, 1 if the cell holds the shape's
+    centre, its horizontal band (1 left, 2 middle, 3 right) and vertical band (1 top, 2 middle, 3 bottom) as
+    ShapesVQA's position questions define them. Plus [len(KINDS)] int64: how many shapes of each kind."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -301,15 +306,18 @@ def cell_labels(seed: int, args):
     g = S // (args.patch_size * args.scale_factor)
     c = S // g
     cells = a[: g * c, : g * c].reshape(g, c, g, c).transpose(0, 2, 1, 3).reshape(g * g, c * c)
-    out = np.zeros((g * g, 2), np.int64)
+    band = lambda v: 1 if v < _SIDE_BAND * S else 3 if v > (1 - _SIDE_BAND) * S else 2  # noqa: E731
+    out = np.zeros((g * g, 5), np.int64)
     for j, px in enumerate(cells):
         counts = np.bincount(px, minlength=len(scene.shapes) + 1)
         counts[0] = 0
         k = int(counts.argmax())
         if k and counts[k] >= 0.1 * c * c:
             sh = scene.shapes[k - 1]
-            out[j] = (COLOR_IDS[sh.color], KIND_IDS[sh.kind])
-    return out
+            centre = (sh.cy // c) * g + (sh.cx // c) == j
+            out[j] = (COLOR_IDS[sh.color], KIND_IDS[sh.kind], int(centre), band(sh.cx), band(sh.cy))
+    kinds = np.array([sum(sh.kind == kd for sh in scene.shapes) for kd in _KINDS], np.int64)
+    return out, kinds
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -419,7 +427,8 @@ def main(argv=None) -> int:
     aux, captured = None, {}
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 2)
-        aux = torch.nn.Linear(family.hidden_size, len(COLOR_IDS) + len(KIND_IDS) + 2)
+        n_out = len(COLOR_IDS) + len(KIND_IDS) + 2 + (2 + 4 + 4 + len(KIND_IDS) * 5 if args.aux_extended else 0)
+        aux = torch.nn.Linear(family.hidden_size, n_out)
         groups.append({"params": list(aux.parameters()), "lr": args.lr, "weight_decay": 0.0})
         model.model.connector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("connector", out))
         named = named + [(f"aux.{n}", p) for n, p in aux.named_parameters()]
@@ -503,7 +512,9 @@ def main(argv=None) -> int:
         seeds = [SPLITS["train"][args.data_offset + step * args.batch + i] for i in range(args.batch)]
         b = packed_batch(family, seeds, args.questions, args.image_size, pad_id)
         if aux is not None:
-            b["cell_labels"] = torch.from_numpy(np.stack([cell_labels(sd_, args) for sd_ in seeds]))
+            labs = [cell_labels(sd_, args) for sd_ in seeds]
+            b["cell_labels"] = torch.from_numpy(np.stack([cl for cl, _ in labs]))
+            b["kind_counts"] = torch.from_numpy(np.stack([kc for _, kc in labs]))
         t_data = time.perf_counter() - t0
         f = lr_at(step, args)
         for g, pk in zip(opt.param_groups, peak):
@@ -514,10 +525,17 @@ def main(argv=None) -> int:
         aux_loss = None
         if aux is not None:
             tokens = captured["connector"]  # [B, L, hidden]
-            lab = b["cell_labels"]  # [B, L, 2]: colour id, kind id (0 = background)
-            out_c, out_k = aux(tokens).split([len(COLOR_IDS) + 1, len(KIND_IDS) + 1], dim=-1)
-            aux_loss = (torch.nn.functional.cross_entropy(out_c.flatten(0, 1), lab[..., 0].flatten())
-                        + torch.nn.functional.cross_entropy(out_k.flatten(0, 1), lab[..., 1].flatten()))
+            lab = b["cell_labels"]  # [B, L, 5]: colour id, kind id (0 = background), centre, x band, y band
+            ce = torch.nn.functional.cross_entropy
+            sizes = [len(COLOR_IDS) + 1, len(KIND_IDS) + 1] + ([2, 4, 4, len(KIND_IDS) * 5] if args.aux_extended else [])
+            outs = aux(tokens).split(sizes, dim=-1)
+            aux_loss = ce(outs[0].flatten(0, 1), lab[..., 0].flatten()) + ce(outs[1].flatten(0, 1), lab[..., 1].flatten())
+            if args.aux_extended:
+                for o, col in zip(outs[2:5], (2, 3, 4)):
+                    aux_loss = aux_loss + ce(o.flatten(0, 1), lab[..., col].flatten())
+                # how many of each kind, from the image tokens' mean (kept in the tokens, not in one cell)
+                counts = outs[5].mean(dim=1).view(-1, len(KIND_IDS), 5)
+                aux_loss = aux_loss + ce(counts.flatten(0, 1), b["kind_counts"].clamp_max(4).flatten())
             (loss + args.aux_weight * aux_loss).backward()
         else:
             loss.backward()
