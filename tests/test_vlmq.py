@@ -180,12 +180,13 @@ def test_vision_and_projector_quantized_with_saliency(tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("family_name,head", [("smolvlm", "w4"), ("qwen2_vl", "w8g64")])
-def test_lm_head_quantized_on_request(tiny_dirs, tmp_path, family_name, head):
+def test_lm_head_quantized_on_request(tiny_dirs, tmp_path, family_name, head, capsys):
     """--lm-head: the head is calibrated last (after the decoder), written as a blockwise DQ into llm.onnx, and
     validated; a tied head is untied first, so the embeddings (embed_tokens.onnx and torch) stay float."""
     out = tmp_path / "out"
     assert cli.main([str(tiny_dirs[family_name]), "--int4", "--lm-head", head, "-o", str(out), "--n-calib", "3",
                      "--n-val", "2", "--gen-tokens", "4", "--quiet"]) == 0
+    assert ("accuracy level 4" in capsys.readouterr().err) == head.startswith("w8")
     manifest = check_complete(out)
     heads = [r for r in manifest["layers"] if r["component"] == "lm_head"]
     assert len(heads) == 1 and heads[0]["name"] == "lm_head" and heads[0]["bits"] == int(head[1])

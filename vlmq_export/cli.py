@@ -111,6 +111,10 @@ def cmd_export(argv: list[str]) -> int:
     opts = Options(calib=args.calib, n_calib=args.n_calib, n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
                    eval_task=args.eval_task)
+    head = components.get("lm_head")
+    if head is not None and head.bits == 8:
+        print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "
+              "(`run --accuracy-level 4`); at level 0 it is slower than float.", file=sys.stderr)
     progress = _progress(args)
     out = export_model(args.model, args.output, recipe, opts, progress)
     manifest = json.loads((out / "manifest.json").read_text())
