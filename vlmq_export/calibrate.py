@@ -158,7 +158,7 @@ def component_blocks(family: Family, model, comp: str) -> list[tuple[str, torch.
     return [(f"{prefix}.{i}", blk) for i, blk in enumerate(stack)]
 
 
-def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks, family: Family, model):
+def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks, num_llm_layers: int):
     """Per-token weights for ``quantize_blocks``: saliency (vlmq), modality weights (mbq) or None."""
     if sal is None or recipe.method not in NEEDS_SALIENCY:
         return None
@@ -174,7 +174,7 @@ def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks, fam
 
     block_names = [name for name, _ in blocks]
 
-    last_llm = f"llm.{len(family.decoder_layers(model)) - 1}" if comp == "lm_head" else ""
+    last_llm = f"llm.{num_llm_layers - 1}"
 
     def vlmq(bi, layer, si):
         if comp == "projector":
@@ -260,7 +260,7 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
         blocks = component_blocks(family, model, comp)
         say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)")
         q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
-                               weight_function(recipe, sal, comp, blocks, family, model), say, component=comp, device=device,
+                               weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp, device=device,
                                checkpoint=ckpt / comp if ckpt else None)
         layers += q
         records += r
