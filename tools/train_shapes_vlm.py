@@ -64,6 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--aux-extended", action="store_true",
                    help="the auxiliary probe also predicts, per cell, whether it holds a shape's centre and the shape's "
                         "left/middle/right and top/middle/bottom band, and per image how many shapes of each kind")
+    p.add_argument("--aux-scene", action="store_true",
+                   help="(with --aux-extended) every cell of a shape also predicts how many shapes of its kind the scene "
+                        "holds and the colours of all shapes of its kind: the answers to count and presence questions, "
+                        "placed on the tokens a question about that kind retrieves")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="before the LM-in-the-loop training, train the vision tower + connector on the auxiliary probe "
+                        "alone for this many steps (no language-model forward: much cheaper per image)")
+    p.add_argument("--pretrain-batch", type=int, default=32)
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--data-offset", type=int, default=0, help="first train-split index (continue on fresh scenes)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the vision tower + connector")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LM's attention (0: LM fully frozen)")
@@ -284,10 +293,12 @@ KIND_IDS = {k: i + 1 for i, k in enumerate(_KINDS)}
 
 
 def cell_labels(seed: int, args):
-    """[cells, 5] int64 per image token's cell (row-major grid of side image/patch/scale), about the shape covering
+    """[cells, 14] int64 per image token's cell (row-major grid of side image/patch/scale), about the shape covering
     most of it (at least 10 % of the cell), 0 for background: colour id, kind id, 1 if the cell holds the shape's
     centre, its horizontal band (1 left, 2 middle, 3 right) and vertical band (1 top, 2 middle, 3 bottom) as
-    ShapesVQA's position questions define them. Plus [len(KINDS)] int64: how many shapes of each kind."""
+    ShapesVQA's position questions define them, how many shapes of that kind the scene holds (0 for background)
+    and 8 flags: which colours the shapes of that kind have. Plus [len(KINDS)] int64: how many shapes of each
+    kind."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -307,7 +318,10 @@ def cell_labels(seed: int, args):
     c = S // g
     cells = a[: g * c, : g * c].reshape(g, c, g, c).transpose(0, 2, 1, 3).reshape(g * g, c * c)
     band = lambda v: 1 if v < _SIDE_BAND * S else 3 if v > (1 - _SIDE_BAND) * S else 2  # noqa: E731
-    out = np.zeros((g * g, 5), np.int64)
+    out = np.zeros((g * g, 6 + len(COLOR_IDS)), np.int64)
+    kind_colors = {kd: [0] * len(COLOR_IDS) for kd in _KINDS}
+    for sh in scene.shapes:
+        kind_colors[sh.kind][COLOR_IDS[sh.color] - 1] = 1
     for j, px in enumerate(cells):
         counts = np.bincount(px, minlength=len(scene.shapes) + 1)
         counts[0] = 0
@@ -315,9 +329,82 @@ def cell_labels(seed: int, args):
         if k and counts[k] >= 0.1 * c * c:
             sh = scene.shapes[k - 1]
             centre = (sh.cy // c) * g + (sh.cx // c) == j
-            out[j] = (COLOR_IDS[sh.color], KIND_IDS[sh.kind], int(centre), band(sh.cx), band(sh.cy))
+            n_kind = sum(o.kind == sh.kind for o in scene.shapes)
+            out[j] = (COLOR_IDS[sh.color], KIND_IDS[sh.kind], int(centre), band(sh.cx), band(sh.cy), n_kind,
+                      *kind_colors[sh.kind])
     kinds = np.array([sum(sh.kind == kd for sh in scene.shapes) for kd in _KINDS], np.int64)
     return out, kinds
+
+
+def aux_sizes(args) -> list[int]:
+    sizes = [len(COLOR_IDS) + 1, len(KIND_IDS) + 1]
+    if args.aux_extended:
+        sizes += [2, 4, 4, len(KIND_IDS) * 5]
+    if args.aux_scene:
+        sizes += [5, len(COLOR_IDS)]
+    return sizes
+
+
+def aux_loss_of(aux, tokens, cell_lab, kind_counts, args):
+    """The auxiliary probe's loss on the connector's image tokens [B, L, hidden]."""
+    import torch
+
+    ce = torch.nn.functional.cross_entropy
+    outs = aux(tokens).split(aux_sizes(args), dim=-1)
+    loss = ce(outs[0].flatten(0, 1), cell_lab[..., 0].flatten()) + ce(outs[1].flatten(0, 1), cell_lab[..., 1].flatten())
+    if args.aux_extended:
+        for o, col in zip(outs[2:5], (2, 3, 4)):
+            loss = loss + ce(o.flatten(0, 1), cell_lab[..., col].flatten())
+        # how many of each kind, from the image tokens' mean (kept in the tokens, not in one cell)
+        counts = outs[5].mean(dim=1).view(-1, len(KIND_IDS), 5)
+        loss = loss + ce(counts.flatten(0, 1), kind_counts.clamp_max(4).flatten())
+    if args.aux_scene:
+        shape = cell_lab[..., 1] > 0  # cells on a shape only: background has no kind to answer about
+        loss = loss + ce(outs[6][shape], cell_lab[..., 5][shape].clamp_max(4))
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(outs[7][shape], cell_lab[..., 6:][shape].float())
+    return loss
+
+
+def aux_batch(seeds, args):
+    import numpy as np
+    import torch
+
+    labs = [cell_labels(s, args) for s in seeds]
+    return torch.from_numpy(np.stack([cl for cl, _ in labs])), torch.from_numpy(np.stack([kc for _, kc in labs]))
+
+
+def pretrain_vision(model, family, aux, captured, args, log) -> None:
+    """Stage 1: the vision tower + connector learn the auxiliary probe's targets from images alone."""
+    import numpy as np
+    import torch
+
+    from vlmq_export.data.shapes import SPLITS, make_scene, render
+
+    params = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n] + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=args.pretrain_lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    first = SPLITS["train"][len(SPLITS["train"]) // 2]  # its own half of the train split
+    t_all = time.perf_counter()
+    for ps in range(args.pretrain_steps):
+        t0 = time.perf_counter()
+        warm = max(1, args.pretrain_steps // 20)
+        f = (ps + 1) / warm if ps < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (ps - warm) / max(1, args.pretrain_steps - warm)))
+        for g in opt.param_groups:
+            g["lr"] = args.pretrain_lr * f
+        seeds = [first + args.data_offset + ps * args.pretrain_batch + i for i in range(args.pretrain_batch)]
+        pix = [family.prepare([render(make_scene(sd, args.image_size))], "?").pixel for sd in seeds]
+        pv = torch.from_numpy(np.concatenate([p["pixel_values"] for p in pix]))
+        pam = torch.from_numpy(np.concatenate([p["pixel_attention_mask"] for p in pix])).bool()
+        cell_lab, kind_counts = aux_batch(seeds, args)
+        opt.zero_grad(set_to_none=True)
+        model.model.get_image_features(pixel_values=pv, pixel_attention_mask=pam)
+        loss = aux_loss_of(aux, captured["connector"], cell_lab, kind_counts, args)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        if (ps + 1) % args.log_every == 0 or ps == 0:
+            print(f"pretrain {ps + 1}/{args.pretrain_steps} aux loss {float(loss.detach()):.4f} {time.perf_counter() - t0:.2f}s/step", flush=True)
+            log({"event": "pretrain", "step": ps + 1, "aux_loss": float(loss.detach()), "step_s": round(time.perf_counter() - t0, 2)})
+    log({"event": "pretrain_end", "steps": args.pretrain_steps, "wall_s": round(time.perf_counter() - t_all, 1)})
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -427,8 +514,9 @@ def main(argv=None) -> int:
     aux, captured = None, {}
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 2)
-        n_out = len(COLOR_IDS) + len(KIND_IDS) + 2 + (2 + 4 + 4 + len(KIND_IDS) * 5 if args.aux_extended else 0)
-        aux = torch.nn.Linear(family.hidden_size, n_out)
+        if args.aux_scene and not args.aux_extended:
+            raise SystemExit("--aux-scene needs --aux-extended")
+        aux = torch.nn.Linear(family.hidden_size, sum(aux_sizes(args)))
         groups.append({"params": list(aux.parameters()), "lr": args.lr, "weight_decay": 0.0})
         model.model.connector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("connector", out))
         named = named + [(f"aux.{n}", p) for n, p in aux.named_parameters()]
@@ -462,6 +550,10 @@ def main(argv=None) -> int:
 
     config = {k: v for k, v in vars(args).items() if k not in ("bench", "export_assets", "from_")}
     log({"event": "start", "step": step, "config": config, "trainable_params": n_train})
+    if args.pretrain_steps and step == 0 and not args.bench:
+        if aux is None:
+            raise SystemExit("--pretrain-steps needs the auxiliary probe (--aux-weight > 0)")
+        pretrain_vision(model, family, aux, captured, args, log)
 
     def save_last():
         tmp = out / "last.pt.tmp"
@@ -512,9 +604,7 @@ def main(argv=None) -> int:
         seeds = [SPLITS["train"][args.data_offset + step * args.batch + i] for i in range(args.batch)]
         b = packed_batch(family, seeds, args.questions, args.image_size, pad_id)
         if aux is not None:
-            labs = [cell_labels(sd_, args) for sd_ in seeds]
-            b["cell_labels"] = torch.from_numpy(np.stack([cl for cl, _ in labs]))
-            b["kind_counts"] = torch.from_numpy(np.stack([kc for _, kc in labs]))
+            b["cell_labels"], b["kind_counts"] = aux_batch(seeds, args)
         t_data = time.perf_counter() - t0
         f = lr_at(step, args)
         for g, pk in zip(opt.param_groups, peak):
@@ -524,18 +614,7 @@ def main(argv=None) -> int:
         loss = torch.nn.functional.cross_entropy(logits, b["targets"])
         aux_loss = None
         if aux is not None:
-            tokens = captured["connector"]  # [B, L, hidden]
-            lab = b["cell_labels"]  # [B, L, 5]: colour id, kind id (0 = background), centre, x band, y band
-            ce = torch.nn.functional.cross_entropy
-            sizes = [len(COLOR_IDS) + 1, len(KIND_IDS) + 1] + ([2, 4, 4, len(KIND_IDS) * 5] if args.aux_extended else [])
-            outs = aux(tokens).split(sizes, dim=-1)
-            aux_loss = ce(outs[0].flatten(0, 1), lab[..., 0].flatten()) + ce(outs[1].flatten(0, 1), lab[..., 1].flatten())
-            if args.aux_extended:
-                for o, col in zip(outs[2:5], (2, 3, 4)):
-                    aux_loss = aux_loss + ce(o.flatten(0, 1), lab[..., col].flatten())
-                # how many of each kind, from the image tokens' mean (kept in the tokens, not in one cell)
-                counts = outs[5].mean(dim=1).view(-1, len(KIND_IDS), 5)
-                aux_loss = aux_loss + ce(counts.flatten(0, 1), b["kind_counts"].clamp_max(4).flatten())
+            aux_loss = aux_loss_of(aux, captured["connector"], b["cell_labels"], b["kind_counts"], args)
             (loss + args.aux_weight * aux_loss).backward()
         else:
             loss.backward()
