@@ -66,3 +66,24 @@ def test_aux_loss_sizes_and_gradient(tool):
     # --aux-scene adds two heads: the count of the cell's kind (5 classes) and its kind's colours (one flag each)
     assert tool.aux_sizes(_args(aux_scene=True))[-2:] == [5, len(tool.COLOR_IDS)]
     assert len(tool.aux_sizes(_args(aux_scene=True))) == len(tool.aux_sizes(_args(aux_scene=False))) + 2
+
+
+def test_embed_loss_is_zero_on_the_bag_of_words_and_ignores_background(tool):
+    torch.manual_seed(0)
+    d = 8
+    words = {"color": torch.randn(len(tool.COLOR_IDS), d), "kind": torch.randn(len(tool.KIND_IDS), d),
+             "count": torch.randn(5, d), "x": torch.randn(4, d), "y": torch.randn(4, d)}
+    words["x"][0] = words["x"][2] = 0  # background / middle band: no side word
+    words["y"][0] = words["y"][2] = 0
+    lab = torch.from_numpy(tool.cell_labels(7, _args())[0])[None]
+    shape = lab[0, :, 1] > 0
+    tokens = torch.randn(1, lab.shape[1], d)
+    assert float(tool.embed_loss(tokens, lab, words)) > 0.1
+    for j in torch.nonzero(shape).flatten().tolist():  # each shape cell set to its own scaled bag of words
+        c = lab[0, j]
+        t = (words["color"][c[0] - 1] + words["kind"][c[1] - 1] + words["count"][min(int(c[5]), 4)]
+             + words["x"][c[3]] + words["y"][c[4]])
+        tokens[0, j] = t / (3 + int(c[3] != 2) + int(c[4] != 2)) ** 0.5
+    assert float(tool.embed_loss(tokens, lab, words)) < 1e-10
+    tokens[0, ~shape] = 1e3  # background cells are free
+    assert float(tool.embed_loss(tokens, lab, words)) < 1e-10

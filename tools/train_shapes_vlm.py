@@ -68,6 +68,10 @@ def parse_args(argv=None):
                    help="(with --aux-extended) every cell of a shape also predicts how many shapes of its kind the scene "
                         "holds and the colours of all shapes of its kind: the answers to count and presence questions, "
                         "placed on the tokens a question about that kind retrieves")
+    p.add_argument("--aux-embed", type=float, default=0.0,
+                   help="weight of a loss that pulls every shape cell's image token (the connector's output) towards "
+                        "the LM's own input embeddings of the words that describe the shape: its colour, kind, how many "
+                        "of its kind, left/right and top/bottom (a bag of words per cell; needs --aux-weight > 0)")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="before the LM-in-the-loop training, train the vision tower + connector on the auxiliary probe "
                         "alone for this many steps (no language-model forward: much cheaper per image)")
@@ -365,6 +369,35 @@ def aux_loss_of(aux, tokens, cell_lab, kind_counts, args):
     return loss
 
 
+def word_targets(model, family) -> dict:
+    """The LM's input embedding of each describing word (mean over its tokens, with the leading space
+    the words have inside an answer): colours and kinds by id, counts 0-4, and the side words by band."""
+    import torch
+
+    E = model.model.text_model.embed_tokens.weight.detach()
+    tok = family.tokenizer
+
+    def word(w):
+        return E[tok(" " + w, add_special_tokens=False)["input_ids"]].mean(0)
+    zero = torch.zeros(E.shape[1])
+    return {"color": torch.stack([word(c) for c in COLOR_IDS]), "kind": torch.stack([word(k) for k in KIND_IDS]),
+            "count": torch.stack([word(str(i)) for i in range(5)]),
+            "x": torch.stack([zero, word("left"), zero, word("right")]),
+            "y": torch.stack([zero, word("top"), zero, word("bottom")])}
+
+
+def embed_loss(tokens, cell_lab, words):
+    """Relative squared distance between each shape cell's token and its bag of word embeddings (scaled by
+    1/sqrt(words) to keep an embedding's norm); background cells are left free."""
+    shape = cell_lab[..., 1] > 0
+    lab = cell_lab[shape]
+    t = (words["color"][lab[:, 0] - 1] + words["kind"][lab[:, 1] - 1] + words["count"][lab[:, 5].clamp_max(4)]
+         + words["x"][lab[:, 3]] + words["y"][lab[:, 4]])
+    n = 3 + (lab[:, 3] != 2).float() + (lab[:, 4] != 2).float()
+    t = t / n.sqrt().unsqueeze(1)
+    return ((tokens[shape] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+
+
 def aux_batch(seeds, args):
     import numpy as np
     import torch
@@ -373,7 +406,7 @@ def aux_batch(seeds, args):
     return torch.from_numpy(np.stack([cl for cl, _ in labs])), torch.from_numpy(np.stack([kc for _, kc in labs]))
 
 
-def pretrain_vision(model, family, aux, captured, args, log) -> None:
+def pretrain_vision(model, family, aux, captured, args, log, words=None) -> None:
     """Stage 1: the vision tower + connector learn the auxiliary probe's targets from images alone."""
     import numpy as np
     import torch
@@ -398,11 +431,16 @@ def pretrain_vision(model, family, aux, captured, args, log) -> None:
         opt.zero_grad(set_to_none=True)
         model.model.get_image_features(pixel_values=pv, pixel_attention_mask=pam)
         loss = aux_loss_of(aux, captured["connector"], cell_lab, kind_counts, args)
+        emb = embed_loss(captured["connector"], cell_lab, words) if words is not None else None
+        if emb is not None:
+            loss = loss + args.aux_embed * emb
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         if (ps + 1) % args.log_every == 0 or ps == 0:
-            print(f"pretrain {ps + 1}/{args.pretrain_steps} aux loss {float(loss.detach()):.4f} {time.perf_counter() - t0:.2f}s/step", flush=True)
+            print(f"pretrain {ps + 1}/{args.pretrain_steps} aux loss {float(loss.detach()):.4f}"
+                  + (f" (word-embedding part {float(emb.detach()):.4f})" if emb is not None else "")
+                  + f" {time.perf_counter() - t0:.2f}s/step", flush=True)
             log({"event": "pretrain", "step": ps + 1, "aux_loss": float(loss.detach()), "step_s": round(time.perf_counter() - t0, 2)})
     log({"event": "pretrain_end", "steps": args.pretrain_steps, "wall_s": round(time.perf_counter() - t_all, 1)})
 
@@ -511,12 +549,13 @@ def main(argv=None) -> int:
     groups = [{"params": vis, "lr": args.lr, "weight_decay": args.weight_decay}]
     if lora:
         groups.append({"params": lora, "lr": args.lora_lr, "weight_decay": 0.0})
-    aux, captured = None, {}
+    aux, captured, words = None, {}, None
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 2)
         if args.aux_scene and not args.aux_extended:
             raise SystemExit("--aux-scene needs --aux-extended")
         aux = torch.nn.Linear(family.hidden_size, sum(aux_sizes(args)))
+        words = word_targets(model, family) if args.aux_embed > 0 else None
         groups.append({"params": list(aux.parameters()), "lr": args.lr, "weight_decay": 0.0})
         model.model.connector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("connector", out))
         named = named + [(f"aux.{n}", p) for n, p in aux.named_parameters()]
@@ -553,7 +592,7 @@ def main(argv=None) -> int:
     if args.pretrain_steps and step == 0 and not args.bench:
         if aux is None:
             raise SystemExit("--pretrain-steps needs the auxiliary probe (--aux-weight > 0)")
-        pretrain_vision(model, family, aux, captured, args, log)
+        pretrain_vision(model, family, aux, captured, args, log, words)
 
     def save_last():
         tmp = out / "last.pt.tmp"
@@ -615,7 +654,10 @@ def main(argv=None) -> int:
         aux_loss = None
         if aux is not None:
             aux_loss = aux_loss_of(aux, captured["connector"], b["cell_labels"], b["kind_counts"], args)
-            (loss + args.aux_weight * aux_loss).backward()
+            total = loss + args.aux_weight * aux_loss
+            if words is not None:
+                total = total + args.aux_embed * embed_loss(captured["connector"], b["cell_labels"], words)
+            total.backward()
         else:
             loss.backward()
         gn = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
