@@ -18,6 +18,7 @@ Writes ``OUT.json`` and ``OUT.md`` stamped with the commit measured.
 
     python tools/quality_sweep.py [--model builtin:shapes-smolvlm] [--methods rtn,gptq,vlmq]
                                   [--bits 4,3,2] [--scopes llm,all] [--n-eval 200] [--n-calib 32]
+                                  [--calib-text 0]
                                   [--out benchmarks/quality]
 """
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--n-eval", type=int, default=200, help="ShapesVQA test samples per configuration")
     ap.add_argument("--n-calib", type=int, default=32)
+    ap.add_argument("--calib-text", type=int, default=0,
+                    help="add this many text-only sequences sampled from the full-precision model (as --calib-text)")
+    ap.add_argument("--calib-text-tokens", type=int, default=400)
     ap.add_argument("--n-val", type=int, default=4, help="validation prompts for the cosine metrics")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/quality")
@@ -89,6 +93,11 @@ def main() -> int:
     base = family.load_model(path)
     ids = text_ids(family.tokenizer)
     calib = load_samples("builtin:shapes", limit=args.n_calib)
+    if args.calib_text:
+        from vlmq_export.data.generated import generated_text_samples
+
+        calib = calib + generated_text_samples(family, base, args.calib_text, args.calib_text_tokens,
+                                               prompt_tokens=min(64, args.calib_text_tokens // 4))
     val = prepare_all(family, validation_samples(args.n_val), with_answer=False)
     ref = torch_outputs(family, base, val)
 
@@ -112,7 +121,8 @@ def main() -> int:
                 del model
 
     result = {"model": args.model, "commit": commit, "dirty": dirty, "group_size": args.group,
-              "n_calib": args.n_calib, "n_eval": args.n_eval, "threads": args.threads,
+              "n_calib": args.n_calib, "calib_text": args.calib_text, "calib_text_tokens": args.calib_text_tokens,
+              "n_eval": args.n_eval, "threads": args.threads,
               "seconds": time.time() - t_start, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +132,9 @@ def main() -> int:
              f"Commit {commit}{' (with uncommitted changes)' if dirty else ''}. ShapesVQA exact match on "
              f"{args.n_eval} test samples (torch, fake-quantized weights), perplexity on the English text, cosines "
              f"against full precision on {args.n_val} validation prompts. Calibration: {args.n_calib} built-in "
-             f"ShapesVQA samples, group {args.group}, symmetric weight-only. Scope `llm`: decoder only; `llm+head`: "
+             f"ShapesVQA samples"
+             + (f" + {args.calib_text} text sequences of {args.calib_text_tokens} tokens sampled from the model"
+                if args.calib_text else "") + f", group {args.group}, symmetric weight-only. Scope `llm`: decoder only; `llm+head`: "
              "decoder and lm_head; `all`: vision encoder + projector + decoder.", "",
              "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "
              "| top-1 | calibration s |",
