@@ -23,6 +23,12 @@ answer and stops"; it needs one batched forward pass instead of a generation loo
 are always equal: the answer loss cannot go below ln 2 per answer on that token, and greedy decoding
 stops on ``<|im_end|>``, which is also a stop token.)
 
+Measured so far (CPU, batch 8, 4 questions per scene, rank-8 attention LoRA; teacher-forced validation accuracy
+on 120-160 samples): the committed parts reached 0.54 at step 450 (``--aux-weight 0.5``); ``--aux-extended``
+0.56 at step 513. ``--pretrain-steps 200 --aux-scene`` gave 0.39 / 0.39 / 0.43 at steps 100 / 200 / 300, and
+adding ``--aux-embed 1`` (word-embedding part of the loss down to ~0.4 after pretraining) 0.41 / 0.39 at steps
+100 / 200: colour is learned, count, position and presence stay near chance at these step counts.
+
 ``--export-assets DIR`` writes the committed parts from ``best.safetensors`` (or ``--from``):
 ``vision_connector.safetensors``, ``lora.safetensors`` (when LoRA was trained) and ``meta.json``.
 
