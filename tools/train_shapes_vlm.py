@@ -85,22 +85,36 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--data-offset", type=int, default=0, help="first train-split index (continue on fresh scenes)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the vision tower + connector")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LM's attention (0: LM fully frozen)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LM's linears (0: LM fully frozen)")
     p.add_argument("--lora-lr", type=float, default=5e-4)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                   help="which of each decoder layer's linears get LoRA: q_proj,k_proj,v_proj,o_proj (attention) and "
+                        "gate_proj,up_proj,down_proj (MLP)")
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward (measure first)")
+    p.add_argument("--text-model", default="smollm2", choices=("smollm2", "tiny"),
+                   help="smollm2: the real SmolLM2-135M-Instruct (the testbed); tiny: a tiny random SmolVLM, to check "
+                        "the training loop end to end in seconds (tests, a new machine)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loader processes that render and tokenize the training batches ahead (0: in the loop)")
+    p.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="fit the run to this much training wall time: after timing the first 25 steps, --steps is "
+                        "lowered so the schedule ends inside the budget (the chosen count is logged; pass it as "
+                        "--steps to repeat the run exactly)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-val", type=int, default=160)
     p.add_argument("--ckpt-every", type=int, default=25)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-minutes", type=float, default=60.0, help="stop (final eval + save) after this much training time")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--init", default=None, help="start from these trainable weights (a .safetensors), new schedule")
+    p.add_argument("--init", default=None,
+                   help="start from these trainable weights, new schedule: a .safetensors, a last.pt or an assets folder "
+                        "(e.g. vlmq_export/assets/shapes_smolvlm); LoRA targets the weights lack start at zero")
     p.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
     p.add_argument("--export-assets", default=None, help="write the committed parts to this folder and exit")
     p.add_argument("--from", dest="from_", default=None, help="weights for --export-assets (default OUT/best.safetensors)")
@@ -137,34 +151,46 @@ def add_lora(model, rank: int, targets: list[str], seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     for layer in model.model.text_model.layers:
         for name in targets:
-            base = getattr(layer.self_attn, name)
-            setattr(layer.self_attn, name, LoRALinear(base, rank, float(rank), gen))  # alpha = rank: scale 1
+            owner = next((m for m in (layer.self_attn, layer.mlp) if isinstance(getattr(m, name, None), torch.nn.Linear)), None)
+            if owner is None:
+                raise SystemExit(f"--lora-targets: no linear {name!r} in a decoder layer's attention or MLP")
+            setattr(owner, name, LoRALinear(getattr(owner, name), rank, float(rank), gen))  # alpha = rank: scale 1
 
 
 def trainable_state(model) -> dict:
-    """Trainable tensors, keys as in the HF model (``model.vision_model.*``, ``model.connector.*``,
-    ``model.text_model.layers.{i}.self_attn.{proj}.lora_A/B``)."""
+    """Trainable tensors on the CPU, keys as in the HF model (``model.vision_model.*``, ``model.connector.*``,
+    ``model.text_model.layers.{i}.{self_attn|mlp}.{proj}.lora_A/B``)."""
     sd = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            sd[name] = p.detach().clone().contiguous()
+            sd[name] = p.detach().float().cpu().clone().contiguous()
     return sd
 
 
-def load_trainable(model, sd: dict) -> None:
+def load_trainable(model, sd: dict, new_lora_ok: bool = False) -> None:
+    """Copy ``sd`` into the trainable parameters. With ``new_lora_ok`` (starting a new run from older weights),
+    LoRA adapters the checkpoint lacks keep their initialisation (B = 0: no change to the LM yet)."""
     import torch
 
     params = dict(model.named_parameters())
     missing = [k for k, p in params.items() if p.requires_grad and k not in sd]
     unexpected = [k for k in sd if k not in params]
+    fresh = [k for k in missing if new_lora_ok and ".lora_" in k]
+    missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
         raise SystemExit(f"checkpoint does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if fresh:
+        print(f"{len(fresh)} LoRA tensors not in the checkpoint start fresh (B = 0)", flush=True)
     with torch.no_grad():
         for k, v in sd.items():
             params[k].copy_(v)
 
 
 # ------------------------------------------------------------------------------------------ data
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
 def make_batch(family, samples, pad_id: int):
     """Right-padded batch: input_ids, attention_mask, pixel_values, pixel_attention_mask, answer positions."""
     import numpy as np
@@ -260,7 +286,7 @@ def answer_logits(model, batch, bf16: bool = False):
     """Logits at the answer positions only (the LM head runs on those rows alone: cheaper)."""
     import torch
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           position_ids=batch.get("position_ids"), pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
                           use_cache=False, return_dict=True)
@@ -275,16 +301,17 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
     per: dict[str, list[int]] = {}
     losses = []
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            b = make_batch(family, chunk, pad_id)
+            b = to_device(make_batch(family, chunk, pad_id), device)
             logits = answer_logits(model, b, bf16)
             losses.append(float(torch.nn.functional.cross_entropy(logits, b["targets"])))
             pred = logits.argmax(-1)
             # SmolVLM's <end_of_utterance> row is a copy of <|im_end|>'s and the LM head is tied, so the two
             # always tie; greedy decoding stops on either, so either counts as the closing token.
-            stop = torch.tensor(family.stop_token_ids)
+            stop = torch.tensor(family.stop_token_ids, device=device)
             ok = (pred == b["targets"]) | (torch.isin(b["targets"], stop) & torch.isin(pred, stop))
             for j, s in enumerate(chunk):
                 good = bool(ok[b["rows"] == j].all())
@@ -360,7 +387,7 @@ def aux_loss_of(aux, tokens, cell_lab, kind_counts, args):
     import torch
 
     ce = torch.nn.functional.cross_entropy
-    outs = aux(tokens).split(aux_sizes(args), dim=-1)
+    outs = aux(tokens.float()).split(aux_sizes(args), dim=-1)  # float32 also when the forward ran under bf16 autocast
     loss = ce(outs[0].flatten(0, 1), cell_lab[..., 0].flatten()) + ce(outs[1].flatten(0, 1), cell_lab[..., 1].flatten())
     if args.aux_extended:
         for o, col in zip(outs[2:5], (2, 3, 4)):
@@ -385,7 +412,7 @@ def word_targets(model, family) -> dict:
 
     def word(w):
         return E[tok(" " + w, add_special_tokens=False)["input_ids"]].mean(0)
-    zero = torch.zeros(E.shape[1])
+    zero = torch.zeros(E.shape[1], device=E.device)
     return {"color": torch.stack([word(c) for c in COLOR_IDS]), "kind": torch.stack([word(k) for k in KIND_IDS]),
             "count": torch.stack([word(str(i)) for i in range(5)]),
             "x": torch.stack([zero, word("left"), zero, word("right")]),
@@ -397,6 +424,7 @@ def embed_loss(tokens, cell_lab, words):
     1/sqrt(words) to keep an embedding's norm); background cells are left free."""
     shape = cell_lab[..., 1] > 0
     lab = cell_lab[shape]
+    tokens = tokens.float()
     t = (words["color"][lab[:, 0] - 1] + words["kind"][lab[:, 1] - 1] + words["count"][lab[:, 5].clamp_max(4)]
          + words["x"][lab[:, 3]] + words["y"][lab[:, 4]])
     n = 3 + (lab[:, 3] != 2).float() + (lab[:, 4] != 2).float()
@@ -430,9 +458,10 @@ def pretrain_vision(model, family, aux, captured, args, log, words=None) -> None
             g["lr"] = args.pretrain_lr * lr_at(ps, schedule)
         seeds = [first + args.data_offset + ps * args.pretrain_batch + i for i in range(args.pretrain_batch)]
         pix = [family.prepare([render(make_scene(sd, args.image_size))], "?").pixel for sd in seeds]
-        pv = torch.from_numpy(np.concatenate([p["pixel_values"] for p in pix]))
-        pam = torch.from_numpy(np.concatenate([p["pixel_attention_mask"] for p in pix])).bool()
-        cell_lab, kind_counts = aux_batch(seeds, args)
+        dev = next(aux.parameters()).device
+        pv = torch.from_numpy(np.concatenate([p["pixel_values"] for p in pix])).to(dev)
+        pam = torch.from_numpy(np.concatenate([p["pixel_attention_mask"] for p in pix])).bool().to(dev)
+        cell_lab, kind_counts = (t.to(dev) for t in aux_batch(seeds, args))
         opt.zero_grad(set_to_none=True)
         model.model.get_image_features(pixel_values=pv, pixel_attention_mask=pam)
         loss = aux_loss_of(aux, captured["connector"], cell_lab, kind_counts, args)
@@ -450,17 +479,42 @@ def pretrain_vision(model, family, aux, captured, args, log, words=None) -> None
     log({"event": "pretrain_end", "steps": args.pretrain_steps, "wall_s": round(time.perf_counter() - t_all, 1)})
 
 
+class TrainBatches:
+    """Training step ``s``'s batch (map-style, so a DataLoader's workers can build batches ahead in order):
+    train-split seeds ``data_offset + s*batch ..``, packed questions, auxiliary labels when asked."""
+
+    def __init__(self, family, args, pad_id: int, with_aux: bool):
+        self.family, self.args, self.pad_id, self.with_aux = family, args, pad_id, with_aux
+
+    def __getitem__(self, step: int) -> dict:
+        from vlmq_export.data.shapes import SPLITS
+
+        a = self.args
+        seeds = [SPLITS["train"][a.data_offset + step * a.batch + i] for i in range(a.batch)]
+        b = packed_batch(self.family, seeds, a.questions, a.image_size, self.pad_id)
+        if self.with_aux:
+            b["cell_labels"], b["kind_counts"] = aux_batch(seeds, a)
+        return b
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_model(args, base_dir: Path):
     import torch
 
     from vlmq_export.models import load_family
     from vlmq_export.testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+    from vlmq_export.testing.tiny_smolvlm import make_tiny_smolvlm
 
     geometry = {k: getattr(args, k) for k in GEOMETRY_KEYS}
+    if args.text_model == "tiny":  # the tiny model's own (small) vision tower; the geometry keys that fit it
+        geometry = {"text_model": "tiny", **{k: geometry[k] for k in ("image_size", "patch_size", "scale_factor")}}
     stamp = base_dir / "geometry.json"
     if not (base_dir / "config.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != geometry:
-        make_smolvlm_with_smollm2(base_dir, seed=args.seed, **geometry)
+        if args.text_model == "tiny":
+            make_tiny_smolvlm(base_dir, seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
+                              scale_factor=args.scale_factor)
+        else:
+            make_smolvlm_with_smollm2(base_dir, seed=args.seed, **geometry)
         stamp.write_text(json.dumps(geometry))
     family = load_family(base_dir)
     model = family.load_model(base_dir)
@@ -507,7 +561,10 @@ def export_assets(args) -> None:
     dest = Path(args.export_assets)
     dest.mkdir(parents=True, exist_ok=True)
     vision = {k: v.to(torch.float32).contiguous() for k, v in sd.items() if ".lora_" not in k}
-    lora = {k: v.to(torch.float32).contiguous() for k, v in sd.items() if ".lora_" in k}
+    # LoRA factors in float16 (merged in float32 at assembly): attention + MLP adapters in float32 would take the
+    # committed parts past their 25 MB allowance; the factors' values (|A| ~ 1/sqrt(576), small B) lose nothing
+    # float16 cannot hold but the last few mantissa bits.
+    lora = {k: v.to(torch.float16).contiguous() for k, v in sd.items() if ".lora_" in k}
     save_file(vision, str(dest / "vision_connector.safetensors"))
     if lora:
         save_file(lora, str(dest / "lora.safetensors"))
@@ -543,9 +600,15 @@ def main(argv=None) -> int:
     from vlmq_export.data.shapes import SPLITS, make_split
 
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     family, model = build_model(args, out / "base")
+    model.to(device)
     pad_id = int(family.tokenizer.pad_token_id if family.tokenizer.pad_token_id is not None else 0)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -561,7 +624,7 @@ def main(argv=None) -> int:
         raise SystemExit("--aux-embed and --pretrain-steps need the auxiliary probe (--aux-weight > 0)")
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 2)
-        aux = torch.nn.Linear(family.hidden_size, sum(aux_sizes(args)))
+        aux = torch.nn.Linear(family.hidden_size, sum(aux_sizes(args))).to(device)
         words = word_targets(model, family) if args.aux_embed > 0 else None
         groups.append({"params": list(aux.parameters()), "lr": args.lr, "weight_decay": 0.0})
         model.model.connector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("connector", out))
@@ -573,7 +636,7 @@ def main(argv=None) -> int:
 
     step, best, train_s, last_eval = 0, -1.0, 0.0, -1
     if args.resume and (out / "last.pt").is_file():
-        ck = torch.load(out / "last.pt", weights_only=False)
+        ck = torch.load(out / "last.pt", weights_only=False, map_location=device)
         load_trainable(model, ck["weights"])
         if aux is not None and "aux" in ck:
             aux.load_state_dict(ck["aux"])
@@ -581,9 +644,14 @@ def main(argv=None) -> int:
         step, best, train_s = ck["step"], ck["best"], ck["train_s"]
         print(f"resumed at step {step} (best val {best:.3f}, {train_s / 60:.1f} min trained)", flush=True)
     elif args.init:
-        init = (torch.load(args.init, weights_only=False)["weights"] if args.init.endswith(".pt")
-                else load_file(args.init))
-        load_trainable(model, init)
+        src = Path(args.init)
+        if src.is_dir():  # an assets folder: vision_connector.safetensors (+ lora.safetensors)
+            init = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        elif src.suffix == ".pt":
+            init = torch.load(src, weights_only=False, map_location="cpu")["weights"]
+        else:
+            init = load_file(str(src))
+        load_trainable(model, init, new_lora_ok=True)
         print(f"initialised from {args.init}", flush=True)
 
     val = make_split("val", args.n_val, args.image_size)
@@ -629,7 +697,9 @@ def main(argv=None) -> int:
                     "train_samples_seen": step * args.batch, "train_split_seeds": [SPLITS["train"][0], SPLITS["train"][0] + step * args.batch],
                     "val": {"n": len(val), "split": "val", "metric": "teacher-forced exact match",
                             **{k: r[k] for k in ("acc", "loss", "per_qtype", "n_per_qtype")}},
-                    "train_minutes": round(train_s / 60, 1), "threads": args.threads,
+                    "train_minutes": round(train_s / 60, 1), "threads": args.threads, "device": str(device),
+                    **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+                    **({"init": args.init} if args.init else {}), "data_offset": args.data_offset,
                     "script": "tools/train_shapes_vlm.py", "script_commit": git_commit(),
                     "torch": torch.__version__}
             (out / "best.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -638,17 +708,29 @@ def main(argv=None) -> int:
     model.train()
     t_start = time.perf_counter()
     loss_ema = None
+    batches = iter(torch.utils.data.DataLoader(
+        TrainBatches(family, args, pad_id, with_aux=aux is not None), batch_size=None,
+        sampler=range(step, args.steps), num_workers=args.workers, pin_memory=device.type == "cuda",
+        **({"prefetch_factor": 4, "persistent_workers": False} if args.workers else {})))
+    budget_from = None
     while step < args.steps:
         if args.bench and step >= args.bench:
             break
         if train_s / 60 > args.max_minutes:
             print(f"time limit reached at step {step}", flush=True)
             break
+        if args.budget_minutes and step == 5:
+            budget_from = (time.perf_counter(), step)
+        if args.budget_minutes and step == 25 and budget_from is not None:
+            per_step = (time.perf_counter() - budget_from[0]) / (step - budget_from[1])
+            left = args.budget_minutes * 60 - (time.perf_counter() - t_start)
+            fit = step + max(0, int(0.95 * left / per_step))
+            if fit < args.steps:
+                print(f"budget {args.budget_minutes} min at {per_step:.3f} s/step: {fit} steps (was {args.steps})", flush=True)
+                args.steps = fit
+            log({"event": "budget", "step": step, "step_s": round(per_step, 4), "steps": args.steps})
         t0 = time.perf_counter()
-        seeds = [SPLITS["train"][args.data_offset + step * args.batch + i] for i in range(args.batch)]
-        b = packed_batch(family, seeds, args.questions, args.image_size, pad_id)
-        if aux is not None:
-            b["cell_labels"], b["kind_counts"] = aux_batch(seeds, args)
+        b = to_device(next(batches), device)
         t_data = time.perf_counter() - t0
         f = lr_at(step, args)
         for g, pk in zip(opt.param_groups, peak):
@@ -673,7 +755,7 @@ def main(argv=None) -> int:
         lv = float(loss.detach())
         loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
         if args.bench:
-            print(f"step {step}: {dt:.2f}s (data {t_data:.2f}s) loss {lv:.4f} seq {b['input_ids'].shape[1]}", flush=True)
+            print(f"step {step}: {dt:.2f}s (waiting for data {t_data:.2f}s) loss {lv:.4f} seq {b['input_ids'].shape[1]}", flush=True)
             continue
         if step % args.log_every == 0 or step == 1:
             print(f"step {step}/{args.steps} loss {lv:.4f} ema {loss_ema:.4f} gnorm {float(gn):.2f} "
