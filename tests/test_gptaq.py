@@ -1,4 +1,6 @@
-"""GPTAQ (asymmetric calibration): GPTQ on the target W* = W + W C H~^-1 with the quantized-input Hessian."""
+"""GPTAQ (asymmetric calibration): GPTQ on the target W* = W + alpha W C H~^-1 with the quantized-input Hessian.
+
+The objective tests use alpha = 1 (the exact least-squares target); the default alpha 0.25 has tests of its own."""
 from __future__ import annotations
 
 import math
@@ -96,7 +98,7 @@ def test_equal_inputs_are_bit_identical_to_gptq(W, X, group_size, act_order):
 def test_target_is_the_weighted_least_squares_solution(W, X, Xq):
     """Undamped, W* = argmin_V sum_i g_i ||W x_i - V x~_i||^2: checks C's orientation and weighting."""
     g = torch.rand(T, generator=torch.Generator().manual_seed(3)) + 0.5
-    cal = GPTAQCalibrator(W, QuantConfig(damp=0.0), "a")
+    cal = GPTAQCalibrator(W, QuantConfig(damp=0.0, asym_alpha=1.0), "a")
     cal.add_pair(Xq[:400], X[:400], g[:400])
     cal.add_pair(Xq[400:], X[400:], g[400:])  # running normalisation over batches of unequal size
     W_star = cal.target_weight()
@@ -108,9 +110,36 @@ def test_target_is_the_weighted_least_squares_solution(W, X, Xq):
     assert (W_star - W).abs().max() > 0.1  # the correction is not negligible on this data
 
 
+def test_alpha_scales_the_correction_and_zero_is_gptq(W, X, Xq):
+    """W* - W is linear in alpha; alpha 0 gives GPTQ's codes although the float inputs differ."""
+    def target(alpha):
+        cal = GPTAQCalibrator(W, QuantConfig(asym_alpha=alpha), "a")
+        cal.add_pair(Xq, X)
+        return cal.target_weight()
+    full, quarter = target(1.0) - W, target(0.25) - W
+    assert full.abs().max() > 0.1
+    assert torch.allclose(quarter, 0.25 * full, rtol=0, atol=1e-5 * full.abs().max())
+    assert torch.equal(target(0.0), W)
+    z, q = gptaq(W, Xq, X, asym_alpha=0.0), gptq(W, Xq)
+    assert torch.equal(z.codes, q.codes) and torch.equal(z.scales, q.scales)
+
+
+def test_default_alpha_is_between_gptq_and_the_exact_target(W, X, Xq):
+    """The default (0.25) moves part of the way: its asymmetric error lies between GPTQ's and alpha 1's."""
+    assert QuantConfig().asym_alpha == 0.25
+    errs = {a: asym_error(W, gptaq(W, Xq, X, bits=4, asym_alpha=a).dequantize(), X, Xq) for a in (0.0, 0.25, 1.0)}
+    assert errs[1.0] < errs[0.25] < errs[0.0], errs
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_outside_0_1_is_refused(alpha):
+    with pytest.raises(ValueError, match="asym_alpha"):
+        QuantConfig(asym_alpha=alpha)
+
+
 @pytest.mark.parametrize("bits,group_size", [(3, 128), (4, -1)])
 def test_each_method_wins_its_own_objective(W, X, Xq, bits, group_size):
-    a = gptaq(W, Xq, X, bits=bits, group_size=group_size).dequantize()
+    a = gptaq(W, Xq, X, bits=bits, group_size=group_size, asym_alpha=1.0).dequantize()
     q = gptq(W, Xq, bits=bits, group_size=group_size).dequantize()
     # GPTAQ's objective ||W X - W_hat X~||^2: measured GPTAQ/GPTQ 0.41 (3 bit g128), 0.22 (4 bit per-channel)
     ratio_asym = asym_error(W, a, X, Xq) / asym_error(W, q, X, Xq)
@@ -122,7 +151,7 @@ def test_each_method_wins_its_own_objective(W, X, Xq, bits, group_size):
 
 def test_error_is_the_asymmetric_objective(W, X, Xq):
     g = torch.rand(T, generator=torch.Generator().manual_seed(4)) * 5
-    cal = make_calibrator("gptaq", W, QuantConfig(bits=3, group_size=64), "a")
+    cal = make_calibrator("gptaq", W, QuantConfig(bits=3, group_size=64, asym_alpha=1.0), "a")
     cal.add_pair(Xq[:256].reshape(4, 64, K), X[:256].reshape(4, 64, K), g[:256].reshape(4, 64, 1))
     cal.add_batch(X[256:300], g[256:300])  # a batch without float inputs: x_float = x_quant
     cal.add_pair(Xq[300:], X[300:], g[300:])

@@ -57,6 +57,7 @@ class Recipe:
     components: dict[str, ComponentRecipe] = field(default_factory=lambda: {"llm": ComponentRecipe()})
     damp: float = 0.01
     act_order: bool = False
+    gptaq_alpha: float = 0.25  # GPTAQ's weight on the asymmetric correction (used by --method gptaq only)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
@@ -69,13 +70,17 @@ class Recipe:
                 raise VlmqError(f"unknown component '{comp}'; components: {', '.join(COMPONENTS)}")
         if not self.components:
             raise VlmqError("no component to quantize")
+        if not 0.0 <= self.gptaq_alpha <= 1.0:
+            raise VlmqError(f"--gptaq-alpha must be between 0 and 1, got {self.gptaq_alpha}")
 
     def quant_config(self, comp: str) -> QuantConfig:
         c = self.components[comp]
-        return QuantConfig(bits=c.bits, group_size=c.group_size, sym=True, damp=self.damp, act_order=self.act_order)
+        return QuantConfig(bits=c.bits, group_size=c.group_size, sym=True, damp=self.damp, act_order=self.act_order,
+                           asym_alpha=self.gptaq_alpha)
 
     def as_dict(self) -> dict:
         return {"method": self.method, "damp": self.damp, "act_order": self.act_order,
+                **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 "components": {k: {"bits": v.bits, "group_size": v.group_size} for k, v in self.components.items()},
                 "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}
 

@@ -43,6 +43,9 @@ def _export_parser() -> argparse.ArgumentParser:
                                "w8g<G> only at --accuracy-level 4)" if comp == "lm_head" else ""))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing diag(H)")
+    p.add_argument("--gptaq-alpha", type=float, default=0.25,
+                   help="--method gptaq: weight of the asymmetric correction (0 = GPTQ, 1 = the exact least-squares "
+                        "target, which over-fits on models with massive activations; default 0.25 as in GPTAQ's code)")
     s = p.add_argument_group("saliency (vlmq, mbq)")
     s.add_argument("--saliency-norm", default="l2", choices=("l2", "l1", "linf"), help="per-token gradient norm (default l2)")
     s.add_argument("--saliency-scope", default="sample", choices=("sample", "layer"),
@@ -112,6 +115,7 @@ def cmd_export(argv: list[str]) -> int:
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in order if c in comps}
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
+                    gptaq_alpha=args.gptaq_alpha,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))

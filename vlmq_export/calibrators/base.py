@@ -47,6 +47,7 @@ class QuantConfig:
     damp: float = 0.01  # GPTQ damping, fraction of mean(diag(H)); raised x10 if Cholesky fails
     block_size: int = 128  # GPTQ lazy-batch column block (rounded up to a multiple of group_size)
     act_order: bool = False  # GPTQ: columns by decreasing diag(H); groups stay static (see gptq.py)
+    asym_alpha: float = 0.25  # GPTAQ: weight of the asymmetric correction W C H^-1 (see gptaq.py); 0 = GPTQ
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -57,6 +58,8 @@ class QuantConfig:
             raise ValueError("only symmetric quantization (sym=True) is implemented")
         if not self.damp >= 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if not 0.0 <= self.asym_alpha <= 1.0:
+            raise ValueError(f"asym_alpha (GPTAQ) must be in [0, 1], got {self.asym_alpha}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
