@@ -302,6 +302,14 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
     losses = []
     model.eval()
     device = next(model.parameters()).device
+    # both turn-closing tokens, whatever the tokenizer calls its eos (transformers 5.17 reads SmolLM2's GGUF eos
+    # as <|endoftext|>, 5.24 as <|im_end|>): the tie between the two copies must count as a stop either way
+    stop_ids = set(family.stop_token_ids)
+    for t in ("<|im_end|>", "<end_of_utterance>"):
+        i = family.tokenizer.convert_tokens_to_ids(t)
+        if i is not None and i != family.tokenizer.unk_token_id:
+            stop_ids.add(int(i))
+    stop_ids = sorted(stop_ids)
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
@@ -311,7 +319,7 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
             pred = logits.argmax(-1)
             # SmolVLM's <end_of_utterance> row is a copy of <|im_end|>'s and the LM head is tied, so the two
             # always tie; greedy decoding stops on either, so either counts as the closing token.
-            stop = torch.tensor(family.stop_token_ids, device=device)
+            stop = torch.tensor(stop_ids, device=device)
             ok = (pred == b["targets"]) | (torch.isin(b["targets"], stop) & torch.isin(pred, stop))
             for j, s in enumerate(chunk):
                 good = bool(ok[b["rows"] == j].all())

@@ -54,6 +54,14 @@ def smollm2_dir() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    # the special tokens the GGUF's own metadata names (config ids): transformers 5.17's GGUF tokenizer reads
+    # eos as <|im_start|> (the GGUF says id 2, <|im_end|>) and sets no pad token
+    for role in ("bos", "eos", "pad", "unk"):
+        tid = getattr(config, f"{role}_token_id", None)
+        if isinstance(tid, int) and 0 <= tid < len(tok):
+            want = tok.convert_ids_to_tokens(tid)
+            if getattr(tok, f"{role}_token", None) != want:
+                setattr(tok, f"{role}_token", want)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
