@@ -124,3 +124,24 @@ def test_vision_state_dict_is_used(built, tmp_path):
     for k, v in vision.items():
         key = k if k.startswith("model.") else f"model.{k}"
         assert torch.equal(saved[key], v), key
+
+
+def test_smollm2_special_tokens_are_the_ggufs_own():
+    """The converted tokenizer names the tokens the GGUF's metadata gives by id (eos <|im_end|>, id 2):
+    transformers 5.17 read eos as <|im_start|> and set no pad, which broke stopping on that version."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from vlmq_export.testing.smollm2 import gguf_path, smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    fields = gguf.GGUFReader(str(gguf_path())).fields
+
+    def token_id(key: str) -> int:
+        f = fields[f"tokenizer.ggml.{key}_token_id"]
+        return int(f.parts[f.data[0]][0])
+
+    ids = {role: token_id(key) for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
+    assert tok.eos_token == "<|im_end|>"
+    for role, tid in ids.items():
+        assert getattr(tok, f"{role}_token_id") == tid, role

@@ -1,4 +1,5 @@
-"""tools/train_shapes_vlm.py: the auxiliary probe's labels and loss (no language model needed)."""
+"""tools/train_shapes_vlm.py: the auxiliary probe's labels and loss, and the training loop end to end on a tiny
+random model (no language model weights needed)."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,6 +19,14 @@ def tool():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """tool.main sets torch's thread count (--threads): give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _args(**kw):
@@ -87,3 +96,51 @@ def test_embed_loss_is_zero_on_the_bag_of_words_and_ignores_background(tool):
     assert float(tool.embed_loss(tokens, lab, words)) < 1e-10
     tokens[0, ~shape] = 1e3  # background cells are free
     assert float(tool.embed_loss(tokens, lab, words)) < 1e-10
+
+
+def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path):
+    """--text-model tiny: train a few steps (data-loader worker, aux probe, LoRA on attention and MLP),
+    evaluate, save the best weights, export the assets, and start a new run from them with more LoRA targets."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    common = ["--text-model", "tiny", "--batch", "2", "--questions", "2", "--n-val", "8", "--lora-rank", "2",
+              "--aux-weight", "0.5", "--aux-extended", "--threads", "1", "--log-every", "2"]
+    assert tool.main(common + ["--out", str(out), "--steps", "4", "--eval-every", "2", "--workers", "1",
+                               "--lora-targets", "q_proj,v_proj,down_proj"]) == 0
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in recs if r["event"] == "val"]
+    assert [r["step"] for r in vals] == [2, 4]
+    assert all(0.0 <= r["acc"] <= 1.0 and r["loss"] > 0 and r["n_per_qtype"] for r in vals)
+    assert [r["step"] for r in recs if r["event"] == "end"] == [4]
+    best = json.loads((out / "best.json").read_text())
+    assert best["device"] == "cpu" and best["lora_targets"] == ["q_proj", "v_proj", "down_proj"]
+
+    assets = tmp_path / "assets"
+    assert tool.main(["--out", str(out), "--export-assets", str(assets)]) == 0
+    lora = load_file(str(assets / "lora.safetensors"))
+    assert lora and all(v.dtype == torch.float16 for v in lora.values())
+    assert any(".mlp.down_proj.lora_B" in k for k in lora) and any(".self_attn.q_proj.lora_A" in k for k in lora)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if k.endswith("lora_B"))  # trained away from B = 0
+    vision = load_file(str(assets / "vision_connector.safetensors"))
+    assert vision and all(v.dtype == torch.float32 for v in vision.values())
+    assert json.loads((assets / "meta.json").read_text())["step"] == best["step"]
+
+    # a new run from the assets folder: the MLP up_proj adapters the assets lack start at B = 0
+    out2 = tmp_path / "run2"
+    assert tool.main(common + ["--out", str(out2), "--steps", "0", "--init", str(assets),
+                               "--lora-targets", "q_proj,v_proj,down_proj,up_proj"]) == 0
+    recs2 = [json.loads(line) for line in (out2 / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs2 if r["event"] == "val"] == [0]
+
+
+def test_init_that_does_not_fit_is_refused(tool, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"model.vision_model.nope": torch.zeros(1)}, str(bad))
+    with pytest.raises(SystemExit, match="does not fit"):
+        tool.main(["--text-model", "tiny", "--out", str(tmp_path / "r"), "--steps", "0", "--init", str(bad),
+                   "--threads", "1"])
