@@ -146,13 +146,18 @@ def test_component_recipe_parsing():
     assert COMPONENTS == ("vision", "projector", "llm", "lm_head")
 
 
-@pytest.mark.parametrize("method", ["gptaq", "mbq", "rtn"])
-def test_baselines_through_the_pipeline(tiny_dirs, tmp_path, method):
+@pytest.mark.parametrize("method,extra,recorded", [
+    ("gptaq", ["--gptaq-alpha", "0.5"], {"gptaq_alpha": 0.5, "clip_search": False}),
+    ("mbq", [], {"clip_search": False}),
+    ("rtn", ["--clip-search"], {"clip_search": True}),
+])
+def test_baselines_through_the_pipeline(tiny_dirs, tmp_path, method, extra, recorded):
     out = tmp_path / "out"
     assert cli.main([str(tiny_dirs["smolvlm"]), "--int3", "--method", method, "-o", str(out),
-                     "--n-calib", "3", "--no-validate", "--quiet"]) == 0
+                     "--n-calib", "3", "--no-validate", "--quiet", *extra]) == 0
     manifest = check_complete(out)
     assert manifest["recipe"]["method"] == method
+    assert {k: manifest["recipe"].get(k) for k in recorded} == recorded
     assert {r["method"] for r in manifest["layers"]} == {method}
     llm = onnx.load(str(out / "llm.onnx"))
     assert portable_int4_problems(llm) == [] and len(int4_dequantize_nodes(llm)) == len(manifest["layers"])
@@ -279,3 +284,12 @@ def test_calib_text_adds_generated_samples(tiny_dirs, tmp_path):
     assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "-o", str(tmp_path / "bad"), "--calib-text", "-1",
                      "--quiet"]) != 0
     assert not (tmp_path / "bad").exists()
+
+
+def test_gptaq_alpha_out_of_range_is_refused(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "gptaq", "--gptaq-alpha", "1.5", "-o", str(out),
+                     "--n-calib", "2", "--no-validate", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "--gptaq-alpha" in err[-1] and "Traceback" not in "".join(err)
+    assert not out.exists()

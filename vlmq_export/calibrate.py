@@ -58,6 +58,7 @@ class Recipe:
     damp: float = 0.01
     act_order: bool = False
     gptaq_alpha: float = 0.25  # GPTAQ's weight on the asymmetric correction (used by --method gptaq only)
+    clip_search: bool = False  # each group's scale by a search over clipped ranges (calibrators/base.py)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
@@ -76,10 +77,10 @@ class Recipe:
     def quant_config(self, comp: str) -> QuantConfig:
         c = self.components[comp]
         return QuantConfig(bits=c.bits, group_size=c.group_size, sym=True, damp=self.damp, act_order=self.act_order,
-                           asym_alpha=self.gptaq_alpha)
+                           asym_alpha=self.gptaq_alpha, clip_search=self.clip_search)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "damp": self.damp, "act_order": self.act_order,
+        return {"method": self.method, "damp": self.damp, "act_order": self.act_order, "clip_search": self.clip_search,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 "components": {k: {"bits": v.bits, "group_size": v.group_size} for k, v in self.components.items()},
                 "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}

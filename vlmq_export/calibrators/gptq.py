@@ -44,7 +44,7 @@ class GPTQCalibrator(WeightCalibrator):
 
         scales = torch.zeros(N, K // gs, device=self.device, dtype=torch.float32)
         if cfg.group_size == -1 or cfg.act_order:  # static scales, original column order
-            scales = static_scales(W, gs, cfg.qmax)
+            scales = static_scales(W, gs, cfg.qmax, cfg.clip_search)
         perm = list(range(K))  # perm[j] = original index of the j-th column processed
         if cfg.act_order:
             order = torch.argsort(torch.diag(H), descending=True)
@@ -64,7 +64,7 @@ class GPTQCalibrator(WeightCalibrator):
             for i in range(i2 - i1):
                 col = perm[i1 + i]  # original column index
                 if not (cfg.group_size == -1 or cfg.act_order) and col % gs == 0:
-                    scales[:, col // gs] = group_scales(W1[:, i : i + gs], cfg.qmax)
+                    scales[:, col // gs] = group_scales(W1[:, i : i + gs], cfg.qmax, cfg.clip_search)
                 scale = scales[:, col // gs]
 
                 w = W1[:, i]

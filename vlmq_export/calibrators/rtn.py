@@ -18,7 +18,7 @@ class RTNCalibrator(WeightCalibrator):
         cfg = self.config
         W = self._weight_float()
         N, K, g = self.rows, self.columns, self.group
-        scales = static_scales(W, g, cfg.qmax)  # [N, K // g]
+        scales = static_scales(W, g, cfg.qmax, cfg.clip_search)  # [N, K // g]
         codes = quantize_codes(W.reshape(N, K // g, g), scales.unsqueeze(2), cfg.qmin, cfg.qmax).reshape(N, K)
         result = QuantResult(
             codes=codes.to(torch.int8),
