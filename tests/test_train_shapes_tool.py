@@ -127,6 +127,10 @@ def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path):
     vision = load_file(str(assets / "vision_connector.safetensors"))
     assert vision and all(v.dtype == torch.float32 for v in vision.values())
     assert json.loads((assets / "meta.json").read_text())["step"] == best["step"]
+    last = tmp_path / "last_assets"  # the last step's weights instead of the best validation checkpoint's
+    assert tool.main(["--out", str(out), "--export-assets", str(last), "--from", str(out / "last.pt")]) == 0
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["from"] == "last.pt" and meta["val"]["acc"] == vals[-1]["acc"]
 
     # a new run from the assets folder: the MLP up_proj adapters the assets lack start at B = 0
     out2 = tmp_path / "run2"

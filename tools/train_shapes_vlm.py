@@ -125,7 +125,8 @@ def parse_args(argv=None):
                         "(e.g. vlmq_export/assets/shapes_smolvlm); LoRA targets the weights lack start at zero")
     p.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
     p.add_argument("--export-assets", default=None, help="write the committed parts to this folder and exit")
-    p.add_argument("--from", dest="from_", default=None, help="weights for --export-assets (default OUT/best.safetensors)")
+    p.add_argument("--from", dest="from_", default=None,
+                   help="weights for --export-assets: OUT/best.safetensors (default) or OUT/last.pt (the last step)")
     for k, v in (("image_size", 256), ("patch_size", 16), ("scale_factor", 2), ("vision_hidden_size", 256),
                  ("vision_intermediate_size", 1024), ("vision_layers", 4), ("vision_heads", 4)):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=v)
@@ -310,8 +311,8 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
     losses = []
     model.eval()
     device = next(model.parameters()).device
-    # both turn-closing tokens, whatever the tokenizer calls its eos (transformers 5.17 reads SmolLM2's GGUF eos
-    # as <|endoftext|>, 5.24 as <|im_end|>): the tie between the two copies must count as a stop either way
+    # both turn-closing tokens, whatever the tokenizer calls its eos (transformers 5.17 read SmolLM2's GGUF eos
+    # as <|im_start|>, 5.24 as <|im_end|>): the tie between the two copies must count as a stop either way
     stop_ids = set(family.stop_token_ids)
     for t in ("<|im_end|>", "<end_of_utterance>"):
         i = family.tokenizer.convert_tokens_to_ids(t)
@@ -572,8 +573,18 @@ def export_assets(args) -> None:
 
     out = Path(args.out)
     src = Path(args.from_ or out / "best.safetensors")
-    sd = load_file(str(src))
-    info = json.loads((src.with_suffix(".json")).read_text())
+    if src.suffix == ".pt":  # the last checkpoint (e.g. when the accuracy metric cannot be trusted)
+        ck = torch.load(src, weights_only=False, map_location="cpu")
+        sd = ck["weights"]
+        vals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line).get("event") == "val"] if (out / "log.jsonl").is_file() else []
+        last = next((v for v in reversed(vals) if v["step"] == ck["step"]), None)
+        info = {**{k: v for k, v in ck["config"].items() if k in ("seed", "batch", "lr", "lora_rank", "lora_lr")},
+                "step": ck["step"], "from": "last.pt",
+                "val": {k: last[k] for k in ("acc", "loss", "per_qtype", "n_per_qtype")} if last else None}
+    else:
+        sd = load_file(str(src))
+        info = json.loads((src.with_suffix(".json")).read_text())
     dest = Path(args.export_assets)
     dest.mkdir(parents=True, exist_ok=True)
     vision = {k: v.to(torch.float32).contiguous() for k, v in sd.items() if ".lora_" not in k}
@@ -601,7 +612,8 @@ def export_assets(args) -> None:
         if ends:
             meta["final_step"] = ends[-1]["step"]
     (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {dest}: {meta['files']} (step {info['step']}, val acc {info['val']['acc']:.3f})")
+    acc = f"val acc {info['val']['acc']:.3f}" if info.get("val") else "not evaluated"
+    print(f"wrote {dest}: {meta['files']} (step {info['step']}, {acc})")
 
 
 def main(argv=None) -> int:
