@@ -22,10 +22,9 @@ default, as in the authors' code (``fasterquant(..., alpha=0.25)``, "scale it by
 of dXXT and H"); alpha 1 is the exact least-squares target above, alpha 0 is GPTQ. The exact target
 over-fits the calibration tokens: on SmolLM2-135M W4 (64 sampled calibration sequences) alpha 1 gave
 perplexity 1354 against FP 22.2, GPTQ 30.8, alpha 0.5 30.4 and alpha 0.25 27.7 (the best of all methods
-there). The
-first token carries massive activations (~2400 in a few channels), its float-vs-quantized input
-differences are huge, and the least-squares correction chases them with large weight changes that ruin
-every other token. See benchmarks/lm_quality.md.
+there). The first token carries massive activations (~2400 in a few channels), its float-vs-quantized
+input differences are huge, and the least-squares correction chases them with large weight changes that
+ruin every other token. See benchmarks/lm_quality.md.
 
 Details:
 
