@@ -26,8 +26,8 @@ stops on ``<|im_end|>``, which is also a stop token.)
 On the GPU machine (one H100, 2026-11-27; its transformers 5.17, torch 2.11): ``--device cuda --workers 13 --batch 32``,
 float32 with TF32 matmuls, rank-8 LoRA on attention and MLP, from the committed parts: 0.21 s/step, 1470 steps (47k
 scenes) in 6 minutes; validation loss fell steadily, 0.70 / 0.67 / 0.65 / 0.64 / 0.63 / 0.62 at steps 250 / 500 / ... /
-1470. The accuracy there read 0 (that transformers' GGUF tokenizer named <|im_start|> as eos; fixed since in
-``testing/smollm2.py`` and in :func:`evaluate`), so only the first checkpoint (step 250) came back: 0.541 on 320
+1470. The accuracy there read 0 (that transformers' GGUF tokenizer named <|im_start|> as eos, so <|im_end|> was
+no stop token; fixed since in ``testing/smollm2.py``), so only the first checkpoint (step 250) came back: 0.541 on 320
 validation samples against 0.534 for the committed parts, not adopted. ``--bf16`` failed there in SmolVLM's
 ``inputs_merger`` (bf16 image features into float32 embeddings); the connector's output is now cast back to float32.
 
@@ -311,14 +311,6 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
     losses = []
     model.eval()
     device = next(model.parameters()).device
-    # both turn-closing tokens, whatever the tokenizer calls its eos (transformers 5.17 read SmolLM2's GGUF eos
-    # as <|im_start|>, 5.24 as <|im_end|>): the tie between the two copies must count as a stop either way
-    stop_ids = set(family.stop_token_ids)
-    for t in ("<|im_end|>", "<end_of_utterance>"):
-        i = family.tokenizer.convert_tokens_to_ids(t)
-        if i is not None and i != family.tokenizer.unk_token_id:
-            stop_ids.add(int(i))
-    stop_ids = sorted(stop_ids)
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
@@ -328,7 +320,7 @@ def evaluate(model, family, samples, pad_id: int, batch_size: int = 16, bf16: bo
             pred = logits.argmax(-1)
             # SmolVLM's <end_of_utterance> row is a copy of <|im_end|>'s and the LM head is tied, so the two
             # always tie; greedy decoding stops on either, so either counts as the closing token.
-            stop = torch.tensor(stop_ids, device=device)
+            stop = torch.tensor(family.stop_token_ids, device=device)
             ok = (pred == b["targets"]) | (torch.isin(b["targets"], stop) & torch.isin(pred, stop))
             for j, s in enumerate(chunk):
                 good = bool(ok[b["rows"] == j].all())
@@ -573,12 +565,12 @@ def export_assets(args) -> None:
 
     out = Path(args.out)
     src = Path(args.from_ or out / "best.safetensors")
+    log_path = out / "log.jsonl"
+    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     if src.suffix == ".pt":  # the last checkpoint (e.g. when the accuracy metric cannot be trusted)
         ck = torch.load(src, weights_only=False, map_location="cpu")
         sd = ck["weights"]
-        vals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
-                if line.strip() and json.loads(line).get("event") == "val"] if (out / "log.jsonl").is_file() else []
-        last = next((v for v in reversed(vals) if v["step"] == ck["step"]), None)
+        last = next((r for r in reversed(recs) if r.get("event") == "val" and r["step"] == ck["step"]), None)
         info = {**{k: v for k, v in ck["config"].items() if k in ("seed", "batch", "lr", "lora_rank", "lora_lr")},
                 "step": ck["step"], "from": "last.pt",
                 "val": {k: last[k] for k in ("acc", "loss", "per_qtype", "n_per_qtype")} if last else None}
@@ -601,9 +593,7 @@ def export_assets(args) -> None:
     if lora:
         meta.setdefault("lora_scale", 1.0)
     meta["files"] = sorted(p.name for p in dest.iterdir() if p.suffix == ".safetensors")
-    log_path = out / "log.jsonl"
-    if log_path.is_file():  # how the run went: every (re)start with its flags, the validation curve
-        recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if recs:  # how the run went: every (re)start with its flags, the validation curve
         meta["runs"] = [{"from_step": r["step"], "flags": {k: v for k, v in r["config"].items() if k != "out"}}
                         for r in recs if r.get("event") == "start"]
         meta["val_curve"] = [{"step": r["step"], "acc": round(r["acc"], 4), "loss": round(r["loss"], 4),
