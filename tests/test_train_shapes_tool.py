@@ -109,11 +109,16 @@ def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path):
     common = ["--text-model", "tiny", "--batch", "2", "--questions", "2", "--n-val", "8", "--lora-rank", "2",
               "--aux-weight", "0.5", "--aux-extended", "--threads", "1", "--log-every", "2"]
     assert tool.main(common + ["--out", str(out), "--steps", "4", "--eval-every", "2", "--workers", "1",
-                               "--lora-targets", "q_proj,v_proj,down_proj"]) == 0
+                               "--lora-targets", "q_proj,v_proj,down_proj", "--pretrain-steps", "2",
+                               "--pretrain-batch", "2"]) == 0
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     vals = [r for r in recs if r["event"] == "val"]
     assert [r["step"] for r in vals] == [2, 4]
     assert all(0.0 <= r["acc"] <= 1.0 and r["loss"] > 0 and r["n_per_qtype"] for r in vals)
+    # the auxiliary probe's accuracy per head, after the vision-only pretraining and at each validation
+    probes = [r["probe_val"] for r in recs if r["event"] == "pretrain_probe"] + [r["probe_val"] for r in vals]
+    assert len(probes) == 3 and all(set(p) == {"color", "kind", "x_band", "y_band", "centre", "kind_count"} for p in probes)
+    assert all(0.0 <= v <= 1.0 for p in probes for v in p.values())
     assert [r["step"] for r in recs if r["event"] == "end"] == [4]
     best = json.loads((out / "best.json").read_text())
     assert best["device"] == "cpu" and best["lora_targets"] == ["q_proj", "v_proj", "down_proj"]
@@ -148,3 +153,25 @@ def test_init_that_does_not_fit_is_refused(tool, tmp_path):
     with pytest.raises(SystemExit, match="does not fit"):
         tool.main(["--text-model", "tiny", "--out", str(tmp_path / "r"), "--steps", "0", "--init", str(bad),
                    "--threads", "1"])
+
+
+def test_probe_accuracy_is_one_for_the_labels_and_drops_when_a_head_is_wrong(tool):
+    args = _args(aux_scene=False)
+    labs = [tool.cell_labels(s, args) for s in (3, 4, 5)]
+    cell = torch.from_numpy(np.stack([c for c, _ in labs]))
+    counts = torch.from_numpy(np.stack([k for _, k in labs]))
+    sizes = tool.aux_sizes(args)
+    hot = lambda lab, n: torch.nn.functional.one_hot(lab, n).float()  # noqa: E731
+    B, L = cell.shape[:2]
+    count_logits = hot(counts.clamp_max(4), 5).flatten(1)[:, None, :].expand(B, L, -1)  # every cell: the image's counts
+    logits = torch.cat([hot(cell[..., 0], sizes[0]), hot(cell[..., 1], sizes[1]), hot(cell[..., 2], sizes[2]),
+                        hot(cell[..., 3], sizes[3]), hot(cell[..., 4], sizes[4]), count_logits], dim=-1)
+    identity = torch.nn.Identity()  # the "probe" returns the tokens: they are the logits
+    acc = tool.probe_accuracy(identity, logits, cell, counts, args)
+    assert set(acc) == {"color", "kind", "x_band", "y_band", "centre", "kind_count"}
+    assert all(v == 1.0 for v in acc.values())
+    wrong = logits.clone()
+    o = sizes[0]
+    wrong[..., o:o + sizes[1]] = hot(torch.zeros_like(cell[..., 1]), sizes[1])  # the kind head always says background
+    acc = tool.probe_accuracy(identity, wrong, cell, counts, args)
+    assert acc["kind"] == 0.0 and acc["color"] == 1.0 and acc["kind_count"] == 1.0
