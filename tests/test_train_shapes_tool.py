@@ -175,3 +175,18 @@ def test_probe_accuracy_is_one_for_the_labels_and_drops_when_a_head_is_wrong(too
     wrong[..., o:o + sizes[1]] = hot(torch.zeros_like(cell[..., 1]), sizes[1])  # the kind head always says background
     acc = tool.probe_accuracy(identity, wrong, cell, counts, args)
     assert acc["kind"] == 0.0 and acc["color"] == 1.0 and acc["kind_count"] == 1.0
+
+
+def test_budget_fits_the_steps_also_after_a_resume(tool, tmp_path):
+    """--budget-minutes times steps 6-25 of each invocation and cuts --steps to what fits (here: nothing more)."""
+    import json
+
+    out = tmp_path / "run"
+    common = ["--text-model", "tiny", "--batch", "1", "--questions", "1", "--n-val", "2", "--threads", "1",
+              "--out", str(out), "--steps", "60", "--budget-minutes", "0.0001", "--eval-every", "1000",
+              "--ckpt-every", "1000", "--log-every", "1000"]
+    assert tool.main(common) == 0
+    assert tool.main(common + ["--resume"]) == 0
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["steps"]) for r in recs if r["event"] == "budget"] == [(25, 25), (50, 50)]
+    assert [r["step"] for r in recs if r["event"] == "end"] == [25, 50]

@@ -126,9 +126,9 @@ def parse_args(argv=None):
                    help="data-loader processes that render and tokenize the training (and vision-only pretraining) batches "
                         "ahead (0: in the loop)")
     p.add_argument("--budget-minutes", type=float, default=0.0,
-                   help="fit the run to this much training wall time: after timing the first 25 steps, --steps is "
-                        "lowered so the schedule ends inside the budget (the chosen count is logged; pass it as "
-                        "--steps to repeat the run exactly)")
+                   help="fit the LM-in-the-loop training of this invocation (a --resume too) to this much wall time: "
+                        "after timing its steps 6-25, --steps is lowered so the schedule ends inside the budget (the "
+                        "chosen count is logged; pass it as --steps to repeat the run exactly)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-val", type=int, default=160)
     p.add_argument("--ckpt-every", type=int, default=25)
@@ -821,16 +821,16 @@ def main(argv=None) -> int:
         TrainBatches(family, args, pad_id, with_aux=aux is not None), batch_size=None,
         sampler=range(step, args.steps), num_workers=args.workers, pin_memory=device.type == "cuda",
         **({"prefetch_factor": 4, "persistent_workers": False} if args.workers else {})))
-    budget_from = None
+    budget_from, first_step = None, step  # the budget times this invocation's steps (also after --resume)
     while step < args.steps:
         if args.bench and step >= args.bench:
             break
         if train_s / 60 > args.max_minutes:
             print(f"time limit reached at step {step}", flush=True)
             break
-        if args.budget_minutes and step == 5:
+        if args.budget_minutes and step == first_step + 5:  # steps 1-5 warm up (allocations, data workers)
             budget_from = (time.perf_counter(), step)
-        if args.budget_minutes and step == 25 and budget_from is not None:
+        if args.budget_minutes and step == first_step + 25 and budget_from is not None:
             per_step = (time.perf_counter() - budget_from[0]) / (step - budget_from[1])
             left = args.budget_minutes * 60 - (time.perf_counter() - t_start)
             fit = step + max(0, int(0.95 * left / per_step))
@@ -838,6 +838,8 @@ def main(argv=None) -> int:
                 print(f"budget {args.budget_minutes} min at {per_step:.3f} s/step: {fit} steps (was {args.steps})", flush=True)
                 args.steps = fit
             log({"event": "budget", "step": step, "step_s": round(per_step, 4), "steps": args.steps})
+            if step >= args.steps:  # nothing more fits
+                break
         t0 = time.perf_counter()
         b = to_device(next(batches), device)
         t_data = time.perf_counter() - t0
