@@ -293,3 +293,46 @@ def test_gptaq_alpha_out_of_range_is_refused(tiny_dirs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "--gptaq-alpha" in err[-1] and "Traceback" not in "".join(err)
     assert not out.exists()
+
+
+def test_sink_weights_scale_the_first_token_of_each_sequence():
+    from vlmq_export.calibrators.sequential import sink_weights
+
+    x = torch.zeros(2, 5, 3)
+    assert sink_weights(x, None, 10.0).tolist() == [[10.0, 1, 1, 1, 1]] * 2
+    g = torch.tensor([0.5, 1, 2, 3, 4])  # per-token factors of the sample: multiplied, first token scaled on top
+    assert sink_weights(x, g, 10.0).tolist() == [[5.0, 1, 2, 3, 4]] * 2
+    assert sink_weights(x, g[None, :, None], 0.0).tolist() == [[0.0, 1, 2, 3, 4]] * 2  # the [..., 1] form
+    with pytest.raises(ValueError):
+        sink_weights(torch.zeros(4), None, 2.0)
+
+
+def test_sink_weight_is_gptq_with_those_token_weights(smol):
+    """--sink-weight W is exactly GPTQ fed token weights (W, 1, 1, ...) per sample, and W = 1 is plain GPTQ."""
+    family, path = smol
+    batches = [family.hf_inputs(p) for p in prepared(family, samples(2))]
+    lens = [int(b["input_ids"].shape[1]) for b in batches]
+    results = {}
+    for label, kw in (("plain", {}), ("w1", {"first_token_weight": 1.0}), ("w10", {"first_token_weight": 10.0}),
+                      ("explicit", {"weight_fn": lambda bi, name, si: torch.tensor([10.0] + [1.0] * (lens[si] - 1))})):
+        model = family.load_model(path)
+        layers, _ = quantize_blocks(model, component_blocks(family, model, "llm"), batches, "gptq", QuantConfig(bits=3), **kw)
+        results[label] = _codes(layers)
+    for a, b in (("plain", "w1"), ("w10", "explicit")):
+        assert results[a].keys() == results[b].keys() and results[a]
+        for k in results[a]:
+            assert np.array_equal(results[a][k][0], results[b][k][0]) and np.array_equal(results[a][k][1], results[b][k][1])
+    assert any(not np.array_equal(results["plain"][k][0], results["w10"][k][0]) for k in results["plain"])
+
+
+def test_sink_weight_through_the_cli(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "gptq", "--sink-weight", "10", "-o", str(out),
+                     "--n-calib", "2", "--no-validate", "--quiet"]) == 0
+    assert check_complete(out)["recipe"]["sink_weight"] == 10.0
+    bad = tmp_path / "bad"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--sink-weight", "-1", "-o", str(bad),
+                     "--n-calib", "2", "--no-validate", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "--sink-weight" in err[-1] and "Traceback" not in "".join(err)
+    assert not bad.exists()

