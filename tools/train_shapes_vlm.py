@@ -41,7 +41,7 @@ What limits it (CPU, 2026-11-27): the vision tower does not learn the shapes' ki
 (``--pretrain-steps``, batch 16, LR 1e-3, the ``--aux-extended`` probe; its accuracy per head is now logged as
 ``pretrain_probe`` / ``probe_val``): colour per shape cell 0.98 by step 200, the left/right and top/bottom bands
 0.90 / 0.89 by step 800-1000, but kind (circle, square, triangle, star, cross) stayed at chance, 0.24-0.28 against
-0.20, through step 1200 (19k images, 30 min). Trained on the centre cells' kind alone, 300 steps left its loss at 1.52
+0.20, through step 1200 (19k images, 13 min). Trained on the centre cells' kind alone, 300 steps left its loss at 1.52
 (ln 5 = 1.61). The information is in the pixels: a one-hidden-layer MLP on a centre cell's 32x32 raw pixels reaches
 0.63 on held-out scenes after 300 steps of batch 256 (7.5k cells). Almost every question names a kind, which is why
 colour (0.73) is the best type and count (0.30) the worst. The language-model side is slow too: with the connector's
