@@ -18,7 +18,7 @@ Writes ``OUT.json`` and ``OUT.md`` stamped with the commit measured.
 
     python tools/quality_sweep.py [--model builtin:shapes-smolvlm] [--methods rtn,gptq,vlmq]
                                   [--bits 4,3,2] [--scopes llm,all] [--n-eval 200] [--n-calib 32]
-                                  [--calib-text 0]
+                                  [--calib-text 0] [--sink-weight 1]
                                   [--out benchmarks/quality]
 """
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> int:
                     help="add this many text-only sequences sampled from the full-precision model (as --calib-text)")
     ap.add_argument("--calib-text-tokens", type=int, default=400)
     ap.add_argument("--n-val", type=int, default=4, help="validation prompts for the cosine metrics")
+    ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the LM's Hessians")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args()
@@ -108,7 +109,8 @@ def main() -> int:
         for bits in (int(b) for b in args.bits.split(",")):
             for method in args.methods.split(","):
                 model = copy.deepcopy(base)
-                recipe = Recipe(method=method, components={c: ComponentRecipe(bits, args.group) for c in SCOPES[scope]})
+                recipe = Recipe(method=method, components={c: ComponentRecipe(bits, args.group) for c in SCOPES[scope]},
+                                sink_weight=args.sink_weight)
                 t0 = time.perf_counter()
                 calibrate(family, model, calib, recipe, device="cpu")
                 calib_s = time.perf_counter() - t0
@@ -121,7 +123,7 @@ def main() -> int:
 
     result = {"model": args.model, "commit": commit, "dirty": dirty, "group_size": args.group,
               "n_calib": args.n_calib, "calib_text": args.calib_text, "calib_text_tokens": args.calib_text_tokens,
-              "n_eval": args.n_eval, "threads": args.threads,
+              "n_eval": args.n_eval, "threads": args.threads, "sink_weight": args.sink_weight,
               "seconds": time.time() - t_start, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,9 @@ def main() -> int:
              f"against full precision on {args.n_val} validation prompts. Calibration: {args.n_calib} built-in "
              f"ShapesVQA samples"
              + (f" + {args.calib_text} text sequences of {args.calib_text_tokens} tokens sampled from the model"
-                if args.calib_text else "") + f", group {args.group}, symmetric weight-only. Scope `llm`: decoder only; `llm+head`: "
+                if args.calib_text else "") + f", group {args.group}, symmetric weight-only"
+             + (f", first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
+             + ". Scope `llm`: decoder only; `llm+head`: "
              "decoder and lm_head; `all`: vision encoder + projector + decoder.", "",
              "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "
              "| top-1 | calibration s |",
