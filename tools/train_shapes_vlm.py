@@ -517,15 +517,15 @@ def probe_eval(model, aux, captured, check, args) -> dict:
     return probe_accuracy(aux, captured["connector"], cell_lab, kind_counts, args)
 
 
-def pretrain_vision(model, family, aux, captured, args, log, words=None) -> None:
-    """Stage 1: the vision tower + connector learn the auxiliary probe's targets from images alone."""
+def pretrain_vision(model, family, aux, captured, check, args, log, words=None) -> None:
+    """Stage 1: the vision tower + connector learn the auxiliary probe's targets from images alone (the probe
+    checked on ``check``, :func:`probe_batch`)."""
     import torch
 
     params = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n] + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=args.pretrain_lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     schedule = argparse.Namespace(warmup=max(1, args.pretrain_steps // 20), steps=args.pretrain_steps)
     dev = next(aux.parameters()).device
-    check = probe_batch(family, args, dev)
     batches = iter(torch.utils.data.DataLoader(
         PretrainBatches(family, args), batch_size=None, sampler=range(args.pretrain_steps), num_workers=args.workers,
         pin_memory=dev.type == "cuda", **({"prefetch_factor": 4} if args.workers else {})))
@@ -771,7 +771,7 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("bench", "export_assets", "from_")}
     log({"event": "start", "step": step, "config": config, "trainable_params": n_train})
     if args.pretrain_steps and step == 0 and not args.bench:
-        pretrain_vision(model, family, aux, captured, args, log, words)
+        pretrain_vision(model, family, aux, captured, probe_check, args, log, words)
 
     def save_last():
         tmp = out / "last.pt.tmp"
