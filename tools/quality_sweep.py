@@ -18,7 +18,7 @@ Writes ``OUT.json`` and ``OUT.md`` stamped with the commit measured.
 
     python tools/quality_sweep.py [--model builtin:shapes-smolvlm] [--methods rtn,gptq,vlmq]
                                   [--bits 4,3,2] [--scopes llm,all] [--n-eval 200] [--n-calib 32]
-                                  [--calib-text 0] [--sink-weight 1] [--act-order]
+                                  [--calib-text 0] [--sink-weight 1] [--no-act-order]
                                   [--out benchmarks/quality]
 """
 from __future__ import annotations
@@ -67,7 +67,8 @@ def main() -> int:
     ap.add_argument("--calib-text-tokens", type=int, default=400)
     ap.add_argument("--n-val", type=int, default=4, help="validation prompts for the cosine metrics")
     ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the LM's Hessians")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ-family columns by decreasing Hessian diagonal")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ-family columns by decreasing Hessian diagonal (default on, as the pipeline)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args()
@@ -139,7 +140,7 @@ def main() -> int:
              + (f" + {args.calib_text} text sequences of {args.calib_text_tokens} tokens sampled from the model"
                 if args.calib_text else "") + f", group {args.group}, symmetric weight-only"
              + (f", first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
-             + (", columns in activation order (`--act-order`)" if args.act_order else "")
+             + (", columns in activation order (`--act-order`, the default)" if args.act_order else ", original column order (`--no-act-order`)")
              + ". Scope `llm`: decoder only; `llm+head`: "
              "decoder and lm_head; `all`: vision encoder + projector + decoder.", "",
              "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "

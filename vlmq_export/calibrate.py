@@ -57,7 +57,7 @@ class Recipe:
     method: str = "vlmq"
     components: dict[str, ComponentRecipe] = field(default_factory=lambda: {"llm": ComponentRecipe()})
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True  # GPTQ-family columns by decreasing diag(H), static groups (see calibrators/gptq.py)
     gptaq_alpha: float = 0.25  # GPTAQ's weight on the asymmetric correction (used by --method gptaq only)
     clip_search: bool = False  # each group's scale by a search over clipped ranges (calibrators/base.py)
     sink_weight: float = 1.0  # weight of each sequence's first token (the attention sink) in the LM's Hessians

@@ -42,7 +42,10 @@ def _export_parser() -> argparse.ArgumentParser:
                             + ("; float unless asked (ONNX Runtime runs w4 fast at any accuracy level, "
                                "w8g<G> only at --accuracy-level 4)" if comp == "lm_head" else ""))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing diag(H)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ-family column order by decreasing diag(H), group scales static from the original weight "
+                        "(default on; SmolLM2-135M W4 perplexity GPTQ 30.8 -> 26.5, VLMQ 32.4 -> 27.4, FP 22.2; "
+                        "--no-act-order: the original column order)")
     p.add_argument("--clip-search", action="store_true",
                    help="choose each group's scale by a search over clipped ranges (min sum |w - w_hat|^2.4) instead "
                         "of max|w|: helps most at 3 and 2 bits")

@@ -64,14 +64,14 @@ def evaluation_text_samples(parts: int = 2) -> list[Sample]:
 
 def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 64,
                   progress=print, samples: list[Sample] | None = None, data: str = "generated",
-                  clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = False) -> dict:
+                  clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True) -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
 
     Calibration: ``samples`` if given, else ``n_calib`` samples of ``data``: ``"generated"`` (sampled
     from the model itself, :func:`generated_text_samples`) or ``"pydoc"`` (:func:`text_samples`).
     ``clip_search``: every method's group scales by the clipped-range search (``--clip-search``).
     ``sink_weight``: the first token's weight in the Hessians (``--sink-weight``).
-    ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``)."""
+    ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``, the pipeline's default)."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
