@@ -329,10 +329,18 @@ def test_sink_weight_through_the_cli(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "gptq", "--sink-weight", "10", "-o", str(out),
                      "--n-calib", "2", "--no-validate", "--quiet"]) == 0
-    assert check_complete(out)["recipe"]["sink_weight"] == 10.0
+    recipe = check_complete(out)["recipe"]
+    assert recipe["sink_weight"] == 10.0 and recipe["act_order"] is True  # act-order is on by default
     bad = tmp_path / "bad"
     assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--sink-weight", "-1", "-o", str(bad),
                      "--n-calib", "2", "--no-validate", "--quiet"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "--sink-weight" in err[-1] and "Traceback" not in "".join(err)
     assert not bad.exists()
+
+
+def test_act_order_is_the_default_and_can_be_turned_off():
+    parse = cli._export_parser().parse_args
+    assert parse(["m", "--int4"]).act_order is True
+    assert parse(["m", "--int4", "--no-act-order"]).act_order is False
+    assert parse(["m", "--int4", "--act-order"]).act_order is True
