@@ -72,7 +72,6 @@ def scenes(seeds, image_size: int):
 
 
 def make_tower(args):
-    import torch
     from torch import nn
 
     if args.arch == "cnn":
