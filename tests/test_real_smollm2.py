@@ -61,7 +61,7 @@ def test_perplexity_fp_rtn_gptq_vlmq(model_dir):
     in the Hessians matters both ways: left out, GPTQ W4 is 42.2; weighted 10x (``--sink-weight 10``), 28.0.
     What is asserted: fewer bits cost more for every method, nothing collapses, GPTQ calibrated on the
     model's own samples is no worse than RTN out of domain, GPTAQ beats RTN, the 10x sink weight helps GPTQ,
-    act-order (the pipeline's default since; the table here is the original column order) helps GPTQ,
+    act-order (now the pipeline's default; the table here uses the original column order) helps GPTQ,
     and GPTQ's error compensation
     pays off through the whole sequential pipeline when the data matches (in-sample).
     """
