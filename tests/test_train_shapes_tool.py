@@ -2,31 +2,19 @@
 random model (no language model weights needed)."""
 from __future__ import annotations
 
-import importlib.util
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # tool.main sets torch's threads
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("train_shapes_vlm", ROOT / "tools" / "train_shapes_vlm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """tool.main sets torch's thread count (--threads): give the rest of the session its own back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+    return load_tool("train_shapes_vlm")
 
 
 def _args(**kw):

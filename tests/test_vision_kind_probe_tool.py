@@ -1,30 +1,19 @@
 """tools/vision_kind_probe.py: the kind-learning probe runs for both towers, is seeded, and refuses bad geometry."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
+from conftest import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # tool.main sets torch's threads
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("vision_kind_probe", ROOT / "tools" / "vision_kind_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("vision_kind_probe")
 
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 SMALL = ["--image-size", "64", "--patch-size", "8", "--steps", "3", "--batch", "4", "--train-scenes", "8",

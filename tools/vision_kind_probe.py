@@ -35,6 +35,7 @@ curve does not come near the ~0.95 that 90 % task accuracy needs.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 GRID = 8  # cells per side: the testbed's 8x8 image tokens
 
 
+@functools.lru_cache(maxsize=None)
 def _train_tool():
     spec = importlib.util.spec_from_file_location("train_shapes_vlm", ROOT / "tools" / "train_shapes_vlm.py")
     mod = importlib.util.module_from_spec(spec)
