@@ -1,4 +1,5 @@
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -33,3 +34,30 @@ def keep_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+# One Linear layer's calibration problem, shared by the calibrator tests (test_calibrators, test_gptaq)
+N, K, T = 64, 256, 768  # out features, in features, calibration tokens
+
+
+def correlated(tokens: int, seed: int, k: int = K, scale: float = 1.0):
+    """x = z @ A: inputs with a non-diagonal covariance (GPTQ has something to exploit)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(k, k, generator=gen) / math.sqrt(k)
+    return scale * torch.randn(tokens, k, generator=gen) @ A
+
+
+@pytest.fixture(scope="module")
+def W():
+    """The layer's weight, N x K."""
+    import torch
+
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def X():
+    """The full-precision model's inputs to the layer, T x K."""
+    return correlated(T, seed=1)

@@ -19,25 +19,7 @@ from vlmq_export.calibrators import (
 from vlmq_export.calibrators import gptq as gptq_mod
 from vlmq_export.errors import CalibrationDataError, NumericalError
 
-N, K, T = 64, 256, 768  # out features, in features, calibration tokens
-
-
-def correlated(tokens: int, seed: int, k: int = K, scale: float = 1.0) -> torch.Tensor:
-    """x = z @ A: inputs with a non-diagonal covariance."""
-    gen = torch.Generator().manual_seed(seed)
-    A = torch.randn(k, k, generator=gen) / math.sqrt(k)
-    return scale * torch.randn(tokens, k, generator=gen) @ A
-
-
-@pytest.fixture(scope="module")
-def W() -> torch.Tensor:
-    return torch.randn(N, K, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def X() -> torch.Tensor:
-    """Full-precision-model inputs."""
-    return correlated(T, seed=1)
+from conftest import K, N, T, correlated
 
 
 @pytest.fixture(scope="module")
