@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
     from vlmq_export.testing.lm_quality import layer_errors, quality_table, smollm2_testbed_dir
+    from vlmq_export.testing.machine import machine_stamp
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +51,8 @@ def main() -> int:
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
         errors = {} if args.no_layer_errors else layer_errors(model_dir, names, bits=4, n_calib=16)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {**table, "layer_errors_w4": errors, "commit": commit, "seconds": time.time() - t0}
+    result = {**table, "layer_errors_w4": errors, "commit": commit, "machine": machine_stamp(),
+              "seconds": time.time() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

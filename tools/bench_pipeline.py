@@ -69,21 +69,15 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from vlmq_export.testing.machine import cpu_model
+
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model(),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
         "transformers": transformers.__version__, "ort_providers": ort.get_available_providers(),

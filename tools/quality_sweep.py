@@ -80,6 +80,7 @@ def main() -> int:
     from vlmq_export.models import load_family
     from vlmq_export.pipeline import prepare_all, validation_samples
     from vlmq_export.sources import resolve_model
+    from vlmq_export.testing.machine import machine_stamp
     from vlmq_export.testbed import format_accuracy
     from vlmq_export.validate.compare import torch_outputs
     from vlmq_export.validate.perplexity import text_ids
@@ -126,7 +127,7 @@ def main() -> int:
     result = {"model": args.model, "commit": commit, "dirty": dirty, "group_size": args.group,
               "n_calib": args.n_calib, "calib_text": args.calib_text, "calib_text_tokens": args.calib_text_tokens,
               "n_eval": args.n_eval, "threads": args.threads, "sink_weight": args.sink_weight,
-              "act_order": args.act_order,
+              "act_order": args.act_order, "machine": machine_stamp(),
               "seconds": time.time() - t_start, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
