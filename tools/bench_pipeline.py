@@ -66,10 +66,9 @@ def _git(*args: str) -> str | None:
 def machine_info() -> dict:
     import onnx
     import onnxruntime as ort
-    import torch
     import transformers
 
-    from vlmq_export.testing.machine import cpu_model
+    from vlmq_export.testing.machine import machine_stamp
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -77,12 +76,11 @@ def machine_info() -> dict:
         usable = os.cpu_count()
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model(),
-        "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+        **machine_stamp(), "cpus_usable": usable, "platform": platform.platform(),
+        "onnxruntime": ort.__version__, "onnx": onnx.__version__,
         "transformers": transformers.__version__, "ort_providers": ort.get_available_providers(),
         "ort_threads": int(os.environ.get("VLMQ_ORT_THREADS", "0")) or "default",
-        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_at_start": loadavg(),
         "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
     }
