@@ -19,6 +19,7 @@ from vlmq_export.models import load_family
 from vlmq_export.outdir import check_complete
 from vlmq_export.pipeline import load_quantized_weights, validation_samples
 from vlmq_export.runtime.generate import GRAPHS, OnnxVLM
+from vlmq_export.runtime.session import DEFAULT_ACCURACY_LEVEL, make_session
 from vlmq_export.validate.compare import torch_generate
 from vlmq_export.validate.graphs import int4_dequantize_nodes, ort_fusion, portable_int4_problems
 
@@ -69,6 +70,22 @@ def test_graphs_written_checked_and_int4(exported, fam):
     assert os.path.getsize(out / "llm.onnx") < 0.6 * manifest["components"]["llm"]["float_bytes"]
 
 
+def test_accuracy_level_reaches_the_fused_kernel(exported, tmp_path):
+    """The session's level is the MatMulNBits attribute ONNX Runtime writes; the default is 4."""
+    llm = exported["smolvlm"] / "llm.onnx"
+
+    def levels(**kw):
+        opt = tmp_path / f"opt{len(list(tmp_path.iterdir()))}.onnx"
+        make_session(llm, providers=["CPUExecutionProvider"], optimized_model_path=opt, **kw)
+        nodes = [n for n in onnx.load(str(opt)).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes
+        return {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
+
+    assert levels() == {DEFAULT_ACCURACY_LEVEL} == {4}
+    assert levels(accuracy_level=0) == {0}
+    assert OnnxVLM(exported["smolvlm"]).accuracy_level == 4
+
+
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_qdq_onnx_matches_torch_fakequant(tiny_dirs, exported, fam):
     out = exported[fam]
@@ -88,14 +105,19 @@ def test_qdq_onnx_matches_torch_fakequant(tiny_dirs, exported, fam):
                 assert np.abs(vlm.image_features(p) - ref_img).max() <= 1e-4
 
 
+# Level 0 computes the fused INT4 MatMuls in float: equal to torch fake-quant by construction. The
+# default (4, int8 activations) moves logits by ~1 %; on these models it still picks the same 16 tokens,
+# so a broken fast path (wrong kernel, wrong level plumbing) shows here too.
+@pytest.mark.parametrize("level", [None, 0], ids=["default-level", "level0"])
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_run_cli_matches_torch_greedy(tiny_dirs, exported, fam, tmp_path, capsys):
+def test_run_cli_matches_torch_greedy(tiny_dirs, exported, fam, level, tmp_path, capsys):
     out = exported[fam]
     sample = make_split("test", 1)[0]
     img = tmp_path / "scene.png"
     sample.images[0].save(img)
     rc = cli.main(["run", str(out), "--image", str(img), "--prompt", sample.prompt,
-                   "--max-new-tokens", "16", "--no-stop", "--json"])
+                   "--max-new-tokens", "16", "--no-stop", "--json"]
+                  + ([] if level is None else ["--accuracy-level", str(level)]))
     assert rc == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
     family, model = fake_quant_model(tiny_dirs[fam], out)
@@ -109,7 +131,9 @@ def test_report_and_validate_verb(exported, capsys):
     stages = report["stages"]
     assert stages["float_onnx_vs_torch"]["logits_max_abs_diff"] <= 1e-4
     assert stages["qdq_onnx_vs_torch_fakequant"]["logits_max_abs_diff"] <= 1e-4
+    assert stages["qdq_onnx_vs_torch_fakequant"]["accuracy_level"] == 0  # parity: float compute
     q = stages["quantized_vs_full_precision"]
+    assert q["accuracy_level"] == DEFAULT_ACCURACY_LEVEL == 4  # measured as `run` serves it
     assert 0.9 < q["logits_cosine"] < 1.0  # INT4 changes the model, but not beyond recognition
     assert (out / "report" / "report.md").read_text().startswith("# vlmq-export report")
     rc = cli.main(["validate", str(out), "--n-val", "2", "--gen-tokens", "4", "--quiet"])

@@ -15,8 +15,9 @@ Models:
 Each model goes through ``export_model(..., Recipe(method="gptq"), Options(keep_float=True, ...))``
 (GPTQ W4, block 128 where in_features allow it); export / calibration times come from the manifest
 (``timings_s``), sizes from ``manifest["components"]``. Decode speed: the float graphs (``OUT/float``)
-and the INT4 graphs at ``MatMulNBits`` accuracy level 0 (float compute, the default) and 4 (int8
-activations) generate ``--new-tokens`` greedy tokens (no stop) from the same text prompt, batch 1;
+and the INT4 graphs at ``MatMulNBits`` accuracy level 4 (int8 activations: ONNX Runtime's default and
+the project's, :data:`vlmq_export.runtime.session.DEFAULT_ACCURACY_LEVEL`) and 0 (float compute, exact
+against torch fake-quant) generate ``--new-tokens`` greedy tokens (no stop) from the same text prompt, batch 1;
 the variants run interleaved (the order rotates every repeat) after one warm-up each, and the report
 keeps medians. The machine is shared, so the JSON also records the load average around the runs.
 
@@ -24,8 +25,8 @@ The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set, or ``--omp-active``): o
 torch's spinning OpenMP threads make GPTQ's per-column loop ~100x slower (see ``main``). ONNX Runtime
 runs with the project's defaults (``make_session``).
 
-Targets (real-size decoder, 2 cores): INT4 decode >= 2x float tokens/s; INT4 ``llm.onnx`` <= 35 % of
-the float file.
+Targets (real-size decoder, 2 cores): INT4 decode >= 2x float tokens/s at the default accuracy level
+(level 0 is reported against the same bar for reference); INT4 ``llm.onnx`` <= 35 % of the float file.
 """
 from __future__ import annotations
 
@@ -323,15 +324,19 @@ def profile_decode_step(out: Path, past: int, steps: int = 8) -> dict:
 
 
 def targets(entry: dict) -> dict:
+    """The issue's targets; the decode one at the runtime's default accuracy level (what `run` uses)."""
+    from vlmq_export.runtime.session import DEFAULT_ACCURACY_LEVEL
+
     sp = entry["decode"]["speedup_vs_float"]
     ratio = entry["sizes"]["llm_ratio"]
-    return {
-        "int4_llm_size_ratio_le_0.35": {"value": ratio, "met": ratio <= TARGET_SIZE_RATIO},
-        "int4_level0_decode_speedup_ge_2": {"value": sp["int4_level0"]["decode_tokens_per_s"],
-                                            "met": sp["int4_level0"]["decode_tokens_per_s"] >= TARGET_SPEEDUP},
-        "int4_level4_decode_speedup_ge_2": {"value": sp["int4_level4"]["decode_tokens_per_s"],
-                                            "met": sp["int4_level4"]["decode_tokens_per_s"] >= TARGET_SPEEDUP},
-    }
+    res = {"int4_llm_size_ratio_le_0.35": {"value": ratio, "met": ratio <= TARGET_SIZE_RATIO}}
+    default = sp[f"int4_level{DEFAULT_ACCURACY_LEVEL}"]["decode_tokens_per_s"]
+    res["int4_decode_speedup_ge_2"] = {"value": default, "met": default >= TARGET_SPEEDUP,
+                                       "accuracy_level": DEFAULT_ACCURACY_LEVEL}
+    for level in (0, 4):
+        v = sp[f"int4_level{level}"]["decode_tokens_per_s"]
+        res[f"int4_level{level}_decode_speedup_ge_2"] = {"value": v, "met": v >= TARGET_SPEEDUP}
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- driver

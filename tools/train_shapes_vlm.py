@@ -698,7 +698,6 @@ def main(argv=None) -> int:
     if args.export_assets:
         export_assets(args)
         return 0
-    import numpy as np
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -40,7 +40,7 @@ def _export_parser() -> argparse.ArgumentParser:
                        help=f"{comp} precision, e.g. w4, w4g64, w8pc (implies --components {comp}; "
                             f"default {default or 'from --intN'})"
                             + ("; float unless asked (ONNX Runtime runs w4 fast at any accuracy level, "
-                               "w8g<G> only at --accuracy-level 4)" if comp == "lm_head" else ""))
+                               "w8g<G> only at the default --accuracy-level 4)" if comp == "lm_head" else ""))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ-family column order by decreasing diag(H), group scales static from the original weight "
@@ -137,7 +137,7 @@ def cmd_export(argv: list[str]) -> int:
     head = components.get("lm_head")
     if head is not None and head.bits == 8:
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "
-              "(`run --accuracy-level 4`); at level 0 it is slower than float.", file=sys.stderr)
+              "(the default of `run`); at level 0 (`run --accuracy-level 0`) it is slower than float.", file=sys.stderr)
     progress = _progress(args)
     out = export_model(args.model, args.output, recipe, opts, progress)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -158,6 +158,14 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def _accuracy_level_flag(p: argparse.ArgumentParser) -> None:
+    from .runtime.session import DEFAULT_ACCURACY_LEVEL
+
+    p.add_argument("--accuracy-level", type=int, default=DEFAULT_ACCURACY_LEVEL, choices=(0, 1, 2, 3, 4),
+                   help=f"INT4 MatMulNBits compute on CPU: 4 int8 activations (ONNX Runtime's default and ours: "
+                        f"fast), 0 float (slower; matches torch fake-quant exactly). Default {DEFAULT_ACCURACY_LEVEL}")
+
+
 def cmd_run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vlmq-export run", description="Generate text from image(s) + a prompt with ONNX Runtime.")
     p.add_argument("out", help="a vlmq-export output directory")
@@ -170,8 +178,7 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stop", action="store_true", help="ignore stop tokens (always generate max-new-tokens)")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
-                   help="MatMulNBits compute: 0 float (exact, default), 4 int8 activations (faster)")
+    _accuracy_level_flag(p)
     p.add_argument("--tokens", action="store_true", help="print the generated token ids at the end")
     _output_flags(p)
     args = p.parse_args(argv)
@@ -226,7 +233,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=200, help="test samples (default 200)")
     p.add_argument("--torch", action="store_true", help="also evaluate the full-precision source model in torch")
     p.add_argument("--model", help="source model for --torch (default: the manifest's)")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4))
+    _accuracy_level_flag(p)
     _output_flags(p)
     args = p.parse_args(argv)
     from .models import load_family

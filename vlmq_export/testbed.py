@@ -11,7 +11,7 @@ offline.
 Evaluation (any family, any exported OUT, so it also runs on the tiny random models)::
 
     evaluate_torch(family, model, n=200, split="test", ...) -> dict
-    evaluate_onnx(out_dir, n=200, split="test", accuracy_level=0, ...) -> dict
+    evaluate_onnx(out_dir, n=200, split="test", accuracy_level=4, ...) -> dict
 
 Both generate greedily on ShapesVQA samples and score normalised exact match (strip, lowercase, strip
 trailing punctuation), overall and per question type. The result dict::
@@ -175,16 +175,22 @@ def evaluate_torch(family, model, n: int = 200, split: str = "test", *, max_new_
     return sc.result()
 
 
-def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accuracy_level: int | None = 0, *,
+def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accuracy_level: int | None = None, *,
                   max_new_tokens: int = 6, image_size: int = 256, samples: list | None = None,
                   progress: ProgressFn | None = None, vlm=None) -> dict:
     """Greedy exact-match accuracy of an exported OUT in ONNX Runtime on ShapesVQA ``split``.
 
-    ``vlm``: an already open :class:`~vlmq_export.runtime.generate.OnnxVLM` (reuses its sessions).
+    ``accuracy_level``: the ``MatMulNBits`` compute level (default: the runtime's,
+    :data:`~vlmq_export.runtime.session.DEFAULT_ACCURACY_LEVEL`). ``vlm``: an already open
+    :class:`~vlmq_export.runtime.generate.OnnxVLM` (reuses its sessions and its level).
     """
     from .runtime.generate import OnnxVLM
+    from .runtime.session import DEFAULT_ACCURACY_LEVEL
 
-    vlm = vlm or OnnxVLM(out_dir, accuracy_level=accuracy_level)
+    if vlm is None:
+        vlm = OnnxVLM(out_dir, accuracy_level=DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
+    elif accuracy_level is not None and accuracy_level != vlm.accuracy_level:
+        raise ValueError(f"accuracy_level {accuracy_level} differs from the open session's {vlm.accuracy_level}")
     samples = samples if samples is not None else eval_samples(n, split, image_size)
     sc = _Scorer(split, "onnxruntime")
     for i, s in enumerate(samples):
@@ -193,7 +199,7 @@ def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accura
         if progress is not None:
             progress(i + 1, len(samples), sc.result())
     out = sc.result()
-    out["accuracy_level"] = accuracy_level
+    out["accuracy_level"] = vlm.accuracy_level
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..models import Prepared, load_family
-from .session import make_session
+from .session import DEFAULT_ACCURACY_LEVEL, make_session
 
 GRAPHS = ("vision_encoder", "projector", "embed_tokens", "llm")
 
@@ -58,11 +58,12 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator | None, temperatur
 class OnnxVLM:
     """The exported model in ONNX Runtime: vision encoder -> projector -> embeddings -> LLM with KV cache."""
 
-    def __init__(self, out_dir: str | Path, *, accuracy_level: int | None = 0, providers=None,
+    def __init__(self, out_dir: str | Path, *, accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, providers=None,
                  graphs: dict[str, Path] | None = None):
         self.out_dir = Path(out_dir)
         self.family = load_family(self.out_dir / "processor")
         self.paths = graphs or {g: self.out_dir / f"{g}.onnx" for g in GRAPHS}
+        self.accuracy_level = accuracy_level
         self._opts = dict(accuracy_level=accuracy_level, providers=providers)
         self._sessions: dict = {}
 

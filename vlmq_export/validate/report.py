@@ -38,9 +38,11 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
     lines += ["", "## Fidelity (held-out prompts)", ""]
     names = {"float_onnx_vs_torch": "float ONNX vs torch (export correctness)",
              "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level 0) vs torch with the same quantized weights",
-             "quantized_vs_full_precision": "quantized ONNX vs full-precision torch (what quantization costs)"}
+             "quantized_vs_full_precision": "quantized ONNX (ORT, accuracy level {level}, as `run` serves it) vs "
+                                            "full-precision torch (what quantization costs)"}
     for key, stage in report.get("stages", {}).items():
-        lines += [f"### {names.get(key, key)}", "", "| metric | value |", "|---|---|"]
+        title = names.get(key, key).format(level=stage.get("accuracy_level", "?"))
+        lines += [f"### {title}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in stage.items()]
         lines.append("")
     task = report.get("task")
@@ -51,7 +53,10 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
         for key, res in task.items():
             if isinstance(res, dict):
                 per = ", ".join(f"{k} {_fmt(v)}" for k, v in res.get("per_qtype", {}).items())
-                lines.append(f"| {names.get(key, key)} | {_fmt(res.get('accuracy'))} | {per} |")
+                name = names.get(key, key)
+                if res.get("accuracy_level") is not None:
+                    name = name[:-1] + f", accuracy level {res['accuracy_level']})"
+                lines.append(f"| {name} | {_fmt(res.get('accuracy'))} | {per} |")
         lines.append("")
     comp = report.get("components")
     if comp:
