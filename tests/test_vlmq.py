@@ -344,3 +344,80 @@ def test_act_order_is_the_default_and_can_be_turned_off():
     assert parse(["m", "--int4"]).act_order is True
     assert parse(["m", "--int4", "--no-act-order"]).act_order is False
     assert parse(["m", "--int4", "--act-order"]).act_order is True
+
+
+# ----------------------------------------------------------------------------- true-sequential
+def _first_block_groups(family, model, comp, batches):
+    from vlmq_export.calibrators.sequential import block_linears, capture_block_inputs, input_groups
+
+    name, block = component_blocks(family, model, comp)[0]
+    inputs = capture_block_inputs(model, block, batches)
+    groups, once = input_groups(block, dict(block_linears(block, name)), inputs[0], "cpu")
+    assert once  # every Linear runs once per block forward
+    return [[n[len(name) + 1:] for n in g] for g in groups]
+
+
+@pytest.mark.parametrize("fam", ["smolvlm", "qwen2_vl"])
+def test_input_groups_follow_the_shared_inputs(tiny_dirs, fam):
+    family = load_family(tiny_dirs[fam])
+    model = family.load_model(tiny_dirs[fam])
+    batches = [family.hf_inputs(p) for p in prepared(family, samples(1, text_only=False))]
+    assert _first_block_groups(family, model, "llm", batches) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    vision = _first_block_groups(family, model, "vision", batches)
+    if fam == "smolvlm":  # SigLIP: separate q/k/v that read one tensor
+        assert vision == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
+                          ["mlp.fc1"], ["mlp.fc2"]]
+    else:  # Qwen2-VL's ViT: one fused qkv Linear
+        assert vision == [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_true_sequential_calibrates_groups_on_quantized_inputs(smol, method):
+    """The first group (q/k/v) of the first block sees the same inputs either way; the groups after it see
+    the block's quantized q/k/v, so their codes change."""
+    family, path = smol
+    batches = [family.hf_inputs(p) for p in prepared(family, samples(2))]
+    results = {}
+    for ts in (False, True):
+        model = family.load_model(path)
+        layers, records = quantize_blocks(model, component_blocks(family, model, "llm"), batches, method,
+                                          QuantConfig(bits=3), true_sequential=ts)
+        results[ts] = _codes(layers)
+        assert [r.name for r in records][:7] == [f"model.text_model.layers.0.{n}" for n in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # the manifest keeps the block's layer order
+    assert results[False].keys() == results[True].keys()
+    first = "model.text_model.layers.0."
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert np.array_equal(results[False][first + n][0], results[True][first + n][0])
+    for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert not np.array_equal(results[False][first + n][0], results[True][first + n][0]), n
+
+
+def test_true_sequential_through_the_cli(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "vlmq", "--true-sequential", "-o", str(out),
+                     "--n-calib", "2", "--no-validate", "--quiet"]) == 0
+    assert check_complete(out)["recipe"]["true_sequential"] is True
+
+
+def test_true_sequential_stopping_early_changes_nothing(smol, monkeypatch):
+    """A group's pass stops the block's forward after the group's last layer; without stopping, the same codes."""
+    from vlmq_export.calibrators import sequential
+
+    family, path = smol
+    batches = [family.hf_inputs(p) for p in prepared(family, samples(2))]
+    results = []
+    for stop in (True, False):
+        if not stop:
+            probe = sequential.input_groups
+            monkeypatch.setattr(sequential, "input_groups", lambda *a: (probe(*a)[0], False))
+        model = family.load_model(path)
+        layers, _ = quantize_blocks(model, component_blocks(family, model, "llm"), batches, "gptaq",
+                                    QuantConfig(bits=3), true_sequential=True)
+        results.append(_codes(layers))
+    assert results[0].keys() == results[1].keys() and results[0]
+    for k in results[0]:
+        assert np.array_equal(results[0][k][0], results[1][k][0]) and np.array_equal(results[0][k][1], results[1][k][1])

@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the Hessians")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ-family columns by decreasing Hessian diagonal (default on, as the pipeline)")
+    ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
+                    help="inside each block, calibrate q/k/v, o, gate/up, down one group after the other")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
@@ -46,12 +48,13 @@ def main() -> int:
         table = quality_table(model_dir, methods=tuple(args.methods.split(",")),
                               bits=tuple(int(b) for b in args.bits.split(",")), n_calib=args.n_calib,
                               progress=lambda m: print(m, file=sys.stderr, flush=True), data=args.data,
-                              clip_search=args.clip_search, sink_weight=args.sink_weight, act_order=args.act_order)
+                              clip_search=args.clip_search, sink_weight=args.sink_weight, act_order=args.act_order,
+                              true_sequential=args.true_sequential)
         names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
         errors = {} if args.no_layer_errors else layer_errors(model_dir, names, bits=4, n_calib=16)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {**table, "layer_errors_w4": errors, "commit": commit, "machine": machine_stamp(),
+    result = {**table, "true_sequential": args.true_sequential, "layer_errors_w4": errors, "commit": commit, "machine": machine_stamp(),
               "seconds": time.time() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +67,7 @@ def main() -> int:
              + (f"; first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
              + ("; columns in activation order (`--act-order`, the default)" if args.act_order
                 else "; original column order (`--no-act-order`)")
+             + ("; layer groups calibrated in turn inside each block (`--true-sequential`)" if args.true_sequential else "")
              + ".",
              "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:

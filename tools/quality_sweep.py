@@ -69,6 +69,8 @@ def main() -> int:
     ap.add_argument("--sink-weight", type=float, default=1.0, help="the first token's weight in the LM's Hessians")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ-family columns by decreasing Hessian diagonal (default on, as the pipeline)")
+    ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
+                    help="inside each block, calibrate the layer groups (q/k/v, o, gate/up, down) one after the other")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args()
@@ -113,7 +115,8 @@ def main() -> int:
             for method in args.methods.split(","):
                 model = copy.deepcopy(base)
                 recipe = Recipe(method=method, components={c: ComponentRecipe(bits, args.group) for c in SCOPES[scope]},
-                                sink_weight=args.sink_weight, act_order=args.act_order)
+                                sink_weight=args.sink_weight, act_order=args.act_order,
+                                true_sequential=args.true_sequential)
                 t0 = time.perf_counter()
                 calibrate(family, model, calib, recipe, device="cpu")
                 calib_s = time.perf_counter() - t0
@@ -127,7 +130,7 @@ def main() -> int:
     result = {"model": args.model, "commit": commit, "dirty": dirty, "group_size": args.group,
               "n_calib": args.n_calib, "calib_text": args.calib_text, "calib_text_tokens": args.calib_text_tokens,
               "n_eval": args.n_eval, "threads": args.threads, "sink_weight": args.sink_weight,
-              "act_order": args.act_order, "machine": machine_stamp(),
+              "act_order": args.act_order, "true_sequential": args.true_sequential, "machine": machine_stamp(),
               "seconds": time.time() - t_start, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,7 @@ def main() -> int:
                 if args.calib_text else "") + f", group {args.group}, symmetric weight-only"
              + (f", first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
              + (", columns in activation order (`--act-order`, the default)" if args.act_order else ", original column order (`--no-act-order`)")
+             + (", layer groups calibrated in turn inside each block (`--true-sequential`)" if args.true_sequential else "")
              + ". Scope `llm`: decoder only; `llm+head`: "
              "decoder and lm_head; `all`: vision encoder + projector + decoder.", "",
              "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "

@@ -61,6 +61,7 @@ class Recipe:
     gptaq_alpha: float = 0.25  # GPTAQ's weight on the asymmetric correction (used by --method gptaq only)
     clip_search: bool = False  # each group's scale by a search over clipped ranges (calibrators/base.py)
     sink_weight: float = 1.0  # weight of each sequence's first token (the attention sink) in the LM's Hessians
+    true_sequential: bool = False  # inside a block, later layer groups see earlier groups quantized (sequential.py)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
@@ -85,7 +86,7 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "damp": self.damp, "act_order": self.act_order, "clip_search": self.clip_search,
-                "sink_weight": self.sink_weight,
+                "sink_weight": self.sink_weight, "true_sequential": self.true_sequential,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 "components": {k: {"bits": v.bits, "group_size": v.group_size} for k, v in self.components.items()},
                 "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}
@@ -273,7 +274,8 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
         q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
                                weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp, device=device,
                                checkpoint=ckpt / comp if ckpt else None,
-                               first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0)
+                               first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
+                               true_sequential=recipe.true_sequential)
         layers += q
         records += r
         timings[comp] = time.perf_counter() - t0

@@ -46,6 +46,10 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="GPTQ-family column order by decreasing diag(H), group scales static from the original weight "
                         "(default on; SmolLM2-135M W4 perplexity GPTQ 30.8 -> 26.5, VLMQ 32.4 -> 27.4, FP 22.2; "
                         "--no-act-order: the original column order)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ-family: inside each block, calibrate the layers that read one tensor (q/k/v, o, "
+                        "gate/up, down) one group after the other, each on inputs through the already-quantized "
+                        "groups (default off: all layers of a block see the float block's inputs)")
     p.add_argument("--clip-search", action="store_true",
                    help="choose each group's scale by a search over clipped ranges (min sum |w - w_hat|^2.4) instead "
                         "of max|w|: helps most at 3 and 2 bits")
@@ -127,6 +131,7 @@ def cmd_export(argv: list[str]) -> int:
                   for c in order if c in comps}
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
+                    true_sequential=args.true_sequential,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))

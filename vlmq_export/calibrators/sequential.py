@@ -145,6 +145,38 @@ def _run_block(block, inputs: Captured, where: str, device) -> list[torch.Tensor
     return outs
 
 
+def input_groups(block: nn.Module, modules: dict[str, nn.Module], sample: tuple[int, tuple, dict],
+                 device) -> tuple[list[list[str]], bool]:
+    """``modules`` grouped by the tensor they read, groups in execution order (one forward of one sample),
+    and whether every module ran exactly once (then a pass for one group may stop after its last layer).
+
+    In a Llama-style decoder block: [q, k, v], [o], [gate, up], [down]. The probe keeps every input
+    alive until the end, so no later input can reuse a freed one's memory and look shared.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def keep(name):
+        def hook(_mod, args, _out):  # returns None: the module's output stays as it is
+            seen.setdefault(name, args[0])
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            _si, args, kwargs = sample
+            block(*to_device(args, device), **to_device(kwargs, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name, x in seen.items():  # insertion order = execution order
+        groups.setdefault((x.data_ptr(), tuple(x.shape), x.dtype), []).append(name)
+    once = all(calls.get(n) == 1 for n in modules)
+    return list(groups.values()) + [[n] for n in modules if n not in seen], once
+
+
 class Checkpoint:
     """Per-block results and the propagated inputs on disk, so an interrupted run resumes at the next block."""
 
@@ -213,6 +245,7 @@ def quantize_blocks(
     device: str | torch.device | None = None,
     checkpoint: Path | None = None,
     first_token_weight: float = 1.0,
+    true_sequential: bool = False,
 ) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
     """Calibrate every Linear of ``blocks`` (named, in execution order), writing the dequantized weights
     back into the model.
@@ -227,6 +260,11 @@ def quantize_blocks(
 
     ``first_token_weight`` multiplies the weight of each sample's first token (on top of ``weight_fn``'s):
     in a decoder that token is the attention sink every later token reads (see :func:`sink_weights`).
+
+    ``true_sequential`` (GPTQ's ``--true-sequential``): inside a block too, each group of layers that
+    read the same tensor (:func:`input_groups`) is calibrated on inputs that come through the block's
+    already-quantized earlier groups: one forward pass over the samples per group instead of one per
+    block. Off, every layer of a block sees the inputs of the block with all its weights still float.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
@@ -284,10 +322,12 @@ def quantize_blocks(
         if paired and float_inputs is None:
             float_inputs = list(inputs)  # block 0: both models see the same inputs
 
-        state = {"sample": 0, "stash": None, "fp": {}}
+        state = {"sample": 0, "stash": None, "fp": {}, "active": set(cals), "stop_after": None}
         hooks = []
         for name, (p, cal) in cals.items():
             def hook(mod, args, _out, cal=cal, name=name):
+                if name not in state["active"]:
+                    return
                 x = args[0].detach()
                 _check_finite(x, f"input of {name}")
                 si = state["sample"]
@@ -301,11 +341,14 @@ def quantize_blocks(
                     cal.add_pair(x, state["fp"].pop((name, si)), g)
                 else:
                     cal.add_batch(x, g)
+                if name == state["stop_after"]:  # the rest of the block's forward feeds no calibrator
+                    raise _Stop
             hooks.append(p.module.register_forward_hook(hook))
+        solved: dict[str, tuple] = {}
         try:
             with torch.no_grad():
                 next_float = None
-                if paired:
+                if paired:  # every layer's full-precision input, before any weight of the block changes
                     state["stash"] = state["fp"]
                     next_float = []
                     for si, args, kwargs in float_inputs:
@@ -313,26 +356,40 @@ def quantize_blocks(
                         next_float.append(_block_output(block(*to_device(args, device),
                                                               **to_device(kwargs, device))).cpu())
                     state["stash"] = None
-                for si, args, kwargs in inputs:
-                    state["sample"] = si
-                    block(*to_device(args, device), **to_device(kwargs, device))
+                groups, may_stop = [list(cals)], False
+                if true_sequential and len(cals) > 1:
+                    state["active"] = set()  # the probe feeds no calibrator
+                    groups, may_stop = input_groups(block, {n: p.module for n, (p, _c) in cals.items()},
+                                                    inputs[0], device)
+                for group in groups:
+                    state["active"] = set(group)
+                    state["stop_after"] = group[-1] if may_stop else None
+                    for si, args, kwargs in inputs:
+                        state["sample"] = si
+                        try:
+                            block(*to_device(args, device), **to_device(kwargs, device))
+                        except _Stop:
+                            pass
+                    for name in group:  # solve and write back: later groups see these weights quantized
+                        p, cal = cals[name]
+                        t0 = time.perf_counter()
+                        float_w = p.module.weight.data
+                        key = weight_key(float_w.detach().float().cpu().numpy())
+                        res = cal.solve()
+                        cal.free()
+                        p.module.weight.data = res.dequantize().to(float_w.dtype).to(float_w.device)
+                        solved[name] = (res, key, list(float_w.shape), time.perf_counter() - t0)
         finally:
             for h in hooks:
                 h.remove()
 
-        for name, (p, cal) in cals.items():
-            t0 = time.perf_counter()
-            float_w = p.module.weight.data
-            key = weight_key(float_w.detach().float().cpu().numpy())
-            res = cal.solve()
-            cal.free()
-            p.module.weight.data = res.dequantize().to(float_w.dtype).to(float_w.device)
+        for name, (p, _cal) in cals.items():  # records in the block's layer order
+            res, key, shape, seconds = solved[name]
             quantized.append(QuantizedLinear(
                 name=name, codes=res.codes.cpu().numpy(), scales=res.scales.float().cpu().numpy(),
                 bits=res.bits, group_size=res.group_size, key=key))
             records.append(LayerRecord(name, method, res.bits, res.group_size, float(res.error),
-                                       float(res.damp_used), time.perf_counter() - t0, p.note,
-                                       list(float_w.shape), component))
+                                       float(res.damp_used), seconds, p.note, shape, component))
 
         if bi + 1 < len(blocks):  # propagate through the now-quantized block
             outs = _run_block(block, inputs, bname, device)

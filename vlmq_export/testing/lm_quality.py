@@ -64,14 +64,16 @@ def evaluation_text_samples(parts: int = 2) -> list[Sample]:
 
 def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 64,
                   progress=print, samples: list[Sample] | None = None, data: str = "generated",
-                  clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True) -> dict:
+                  clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True,
+                  true_sequential: bool = False) -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
 
     Calibration: ``samples`` if given, else ``n_calib`` samples of ``data``: ``"generated"`` (sampled
     from the model itself, :func:`generated_text_samples`) or ``"pydoc"`` (:func:`text_samples`).
     ``clip_search``: every method's group scales by the clipped-range search (``--clip-search``).
     ``sink_weight``: the first token's weight in the Hessians (``--sink-weight``).
-    ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``, the pipeline's default)."""
+    ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``, the pipeline's default).
+    ``true_sequential``: layer groups inside a block calibrated one after the other (``--true-sequential``)."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
@@ -91,7 +93,8 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             t0 = time.perf_counter()
             calibrate(family, model, samples, Recipe(method=method, components={"llm": ComponentRecipe(b, 128)},
                                                      clip_search=clip_search, sink_weight=sink_weight,
-                                                     act_order=act_order), device="cpu")
+                                                     act_order=act_order, true_sequential=true_sequential),
+                      device="cpu")
             row = {"method": method, "bits": b, "calib_s": time.perf_counter() - t0,
                    "perplexity": perplexity_torch(model, ids)}
             rows.append(row)
