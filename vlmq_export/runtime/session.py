@@ -10,7 +10,7 @@ ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 # What ``run``, ``eval`` and the report's quantized-vs-full-precision numbers use: ONNX Runtime's own
 # default for the MatMulNBits it fuses from Q/DQ (int8 activations, blockwise). On 2 CPU cores it decodes
-# SmolLM2-135M INT4 about 2x float, against about 1.6x at level 0 (benchmarks/pipeline.json), for +0.5 %
+# SmolLM2-135M INT4 2.2x float, against 1.7x at level 0 (benchmarks/pipeline.json), for +0.5 %
 # perplexity and the same task accuracy on the testbed. Level 0 (float compute) is what the parity checks
 # use: it matches torch fake-quant to ~1e-7. The CUDA provider ignores the level.
 DEFAULT_ACCURACY_LEVEL = 4
