@@ -209,8 +209,9 @@ def cmd_run(argv: list[str]) -> int:
         if args.tokens:
             print("tokens:", " ".join(map(str, res.token_ids)))
         if not args.quiet:
+            rate = f" at {res.decode_tokens_per_s:.1f} tok/s" if len(res.token_ids) > 1 else ""
             print(f"[{res.prompt_tokens} prompt tokens, prefill {res.prefill_s * 1e3:.0f} ms, "
-                  f"{len(res.token_ids)} new tokens at {res.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+                  f"{len(res.token_ids)} new tokens{rate}, accuracy level {args.accuracy_level}]", file=sys.stderr)
     return 0
 
 
