@@ -26,7 +26,7 @@ from .export.qdq import apply_qdq
 from .models import Family, Prepared, load_family
 from .progress import Progress
 from .runtime.generate import GRAPHS, OnnxVLM
-from .runtime.session import DEFAULT_ACCURACY_LEVEL, PARITY_ACCURACY_LEVEL
+from .runtime.session import PARITY_ACCURACY_LEVEL
 from .sources import resolve_model
 from .validate.compare import compare, component_fidelity, onnx_outputs, torch_outputs
 from .validate.graphs import ort_fusion, portable_int4_problems
@@ -218,18 +218,20 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         problems += portable_int4_problems(onnx.load(str(work / f"{g}.onnx"), load_external_data=False))
     report["int4_form_problems"] = problems
     report["ort_fusion"] = ort_fusion(work / "llm.onnx")
+    served = OnnxVLM(work)  # as `run` serves the graphs; its sessions open on first use
     if opts.validate:
         say.start("validate", "Q/DQ ONNX vs torch fake-quant, and vs full precision")
         ref_fq = torch_outputs(family, model, val, opts.gen_tokens)
-        report["stages"].update(quantized_stages(work, ref_float, ref_fq, val, opts.gen_tokens))
+        report["stages"].update(quantized_stages(work, ref_float, ref_fq, val, opts.gen_tokens, served))
         float_vlm = OnnxVLM(work, graphs={g: float_dir / f"{g}.onnx" for g in GRAPHS}, accuracy_level=PARITY_ACCURACY_LEVEL)
-        report["components"] = component_fidelity(float_vlm, OnnxVLM(work), val, recipe.components)
+        report["components"] = component_fidelity(float_vlm, served, val, recipe.components)
         del float_vlm
     if n_task:
         from .testbed import evaluate_onnx
 
         say.start("evaluate", f"ShapesVQA accuracy of the exported ONNX in ONNX Runtime on {n_task} test samples")
-        report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task)
+        report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task, vlm=served)
+    del served
     report["layers"] = {}
     for comp in recipe.components:
         recs = [r for r in records if r.component == comp]
@@ -244,17 +246,20 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     return manifest
 
 
-def quantized_stages(out: Path, ref_float: list[dict], ref_fq: list[dict], val: list, gen_tokens: int) -> dict:
+def quantized_stages(out: Path, ref_float: list[dict], ref_fq: list[dict], val: list, gen_tokens: int,
+                     served: OnnxVLM | None = None) -> dict:
     """The quantized graphs' two validation stages.
 
     Parity (``qdq_onnx_vs_torch_fakequant``) runs ONNX Runtime at accuracy level 0, float compute, so
     that it checks the export alone. What quantization costs (``quantized_vs_full_precision``) is
-    measured as the graphs are served: at the runtime's default level (int8 activations on CPU).
+    measured as the graphs are served: at the runtime's default level (int8 activations on CPU), with
+    ``served``'s sessions when given.
     """
     parity = onnx_outputs(OnnxVLM(out, accuracy_level=PARITY_ACCURACY_LEVEL), val, gen_tokens)
     stages = {"qdq_onnx_vs_torch_fakequant": {"accuracy_level": PARITY_ACCURACY_LEVEL, **compare(ref_fq, parity)}}
-    served = parity if DEFAULT_ACCURACY_LEVEL == PARITY_ACCURACY_LEVEL else onnx_outputs(OnnxVLM(out), val, gen_tokens)
-    stages["quantized_vs_full_precision"] = {"accuracy_level": DEFAULT_ACCURACY_LEVEL, **compare(ref_float, served)}
+    served = served or OnnxVLM(out)
+    q = parity if served.accuracy_level == PARITY_ACCURACY_LEVEL else onnx_outputs(served, val, gen_tokens)
+    stages["quantized_vs_full_precision"] = {"accuracy_level": served.accuracy_level, **compare(ref_float, q)}
     return stages
 
 

@@ -37,7 +37,7 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
                      f"| {c['file']} | {c['bytes']:,} | | |")
     lines += ["", "## Fidelity (held-out prompts)", ""]
     names = {"float_onnx_vs_torch": "float ONNX vs torch (export correctness)",
-             "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level 0) vs torch with the same quantized weights",
+             "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level {level}) vs torch with the same quantized weights",
              "quantized_vs_full_precision": "quantized ONNX (ORT, accuracy level {level}, as `run` serves it) vs "
                                             "full-precision torch (what quantization costs)"}
     for key, stage in report.get("stages", {}).items():
@@ -49,13 +49,12 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
     if task:
         lines += [f"## Task accuracy (ShapesVQA test split, {task['samples']} samples, exact match)", "",
                   "| model | overall | per question type |", "|---|---|---|"]
-        names = {"torch_full_precision": "full precision (torch)", "onnx_quantized": "exported ONNX (ONNX Runtime)"}
+        names = {"torch_full_precision": "full precision (torch)",
+                 "onnx_quantized": "exported ONNX (ONNX Runtime, accuracy level {level})"}
         for key, res in task.items():
             if isinstance(res, dict):
                 per = ", ".join(f"{k} {_fmt(v)}" for k, v in res.get("per_qtype", {}).items())
-                name = names.get(key, key)
-                if res.get("accuracy_level") is not None:
-                    name = name[:-1] + f", accuracy level {res['accuracy_level']})"
+                name = names.get(key, key).format(level=res.get("accuracy_level", "?"))
                 lines.append(f"| {name} | {_fmt(res.get('accuracy'))} | {per} |")
         lines.append("")
     comp = report.get("components")
