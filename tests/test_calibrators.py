@@ -114,6 +114,67 @@ def test_clip_search_off_is_the_default_and_reaches_rtn_and_gptq(W, X):
         assert clipped.error < plain.error, (method, clipped.error, plain.error)
 
 
+# ----------------------------------------------------------------------------- asymmetric grid (--asym)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_asym_rtn_codes_zeros_and_dequantize(W, bits):
+    """Unsigned codes [0, 2^b - 1], an integer zero point per group; W_hat = (codes - zeros) * scales; each
+    group's min and max land on the grid's ends (the range always includes 0)."""
+    skewed = W + 0.6  # most weights positive: the symmetric grid wastes levels below -max|w|
+    r = calibrate("rtn", skewed, None, bits=bits, group_size=32, sym=False)
+    qmax = 2 ** bits - 1
+    assert r.codes.dtype == torch.int8 and r.zeros is not None and r.zeros.dtype == torch.int8
+    assert r.zeros.shape == r.scales.shape == (N, K // 32)
+    assert int(r.codes.min()) == 0 and int(r.codes.max()) == qmax
+    assert int(r.zeros.min()) >= 0 and int(r.zeros.max()) <= qmax
+    expected = (r.codes.float() - r.zeros.float().repeat_interleave(32, 1)) * r.scales.repeat_interleave(32, 1)
+    assert torch.equal(r.dequantize(), expected)
+    groups = skewed.view(N, -1, 32)
+    lo, hi = groups.amin(2).clamp(max=0), groups.amax(2).clamp(min=0)
+    assert torch.allclose(r.scales, (hi - lo) / qmax)
+    assert (r.dequantize() - skewed).abs().max() <= r.scales.max() * 0.5 + 1e-5  # nearest grid point
+    sym = calibrate("rtn", skewed, None, bits=bits, group_size=32)
+    assert ((r.dequantize() - skewed) ** 2).sum() < ((sym.dequantize() - skewed) ** 2).sum()
+    assert sym.zeros is None
+
+
+def test_asym_all_zero_group_and_8_bits_refused(W):
+    w = W.clone()
+    w[:, :32] = 0
+    r = calibrate("rtn", w, None, bits=4, group_size=32, sym=False)
+    assert (r.scales > 0).all() and (r.dequantize()[:, :32] == 0).all() and (r.zeros[:, 0] == 0).all()
+    with pytest.raises(ValueError, match="asymmetric"):
+        QuantConfig(bits=8, sym=False)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_asym_gptq_beats_asym_rtn_and_g1_vlmq_is_gptq(W, X, act_order):
+    cfg = dict(bits=3, group_size=32, sym=False, act_order=act_order)
+    rtn, gptq = calibrate("rtn", W, X, **cfg), calibrate("gptq", W, X, **cfg)
+    assert gptq.zeros is not None and int(gptq.codes.min()) >= 0 and int(gptq.codes.max()) <= 7
+    assert gptq.error < 0.8 * rtn.error
+    assert abs(gptq.error - out_error(W, gptq.dequantize(), X)) <= 1e-3 * gptq.error  # error is that of codes/zeros
+    if act_order:  # static groups: the grid is RTN's, from the original weight
+        assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
+    vlmq = calibrate("vlmq", W, X, torch.ones(len(X)), **cfg)
+    assert torch.equal(vlmq.codes, gptq.codes) and torch.equal(vlmq.zeros, gptq.zeros)
+    assert torch.equal(vlmq.scales, gptq.scales)
+
+
+def test_asym_clip_search_never_loses_per_group():
+    from vlmq_export.calibrators.base import CLIP_NORM, group_zero_scales, quantize_codes
+
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(256, 64, generator=gen) / ((torch.randn(256, 64, 2, generator=gen) ** 2).sum(-1) / 2).sqrt() + 0.3
+
+    def err(scale, zero):
+        s, z = scale.unsqueeze(1), zero.unsqueeze(1)
+        return ((quantize_codes(w, s, 0, 15, z) - z) * s - w).abs().pow(CLIP_NORM).sum(1)
+
+    (full, z0), (clipped, z1) = group_zero_scales(w, 15), group_zero_scales(w, 15, clip=True)
+    assert torch.equal(z0, z1) and (clipped <= full).all() and (clipped < full).float().mean() > 0.5
+    assert (err(clipped, z1) <= err(full, z0) * (1 + 1e-6)).all()
+
+
 # ----------------------------------------------------------------------------- GPTQ
 @pytest.mark.parametrize("group_size,act_order", [(128, False), (32, False), (-1, True)])
 def test_gptq_unit_token_weights_are_bit_identical_to_none(W, X, group_size, act_order):
@@ -197,7 +258,7 @@ def test_in_features_not_divisible_by_group_is_refused(method):
 
 
 def test_bad_config_is_refused():
-    for kwargs in ({"bits": 5}, {"group_size": 0}, {"sym": False}, {"damp": -1.0}):
+    for kwargs in ({"bits": 5}, {"group_size": 0}, {"sym": False, "bits": 8}, {"damp": -1.0}):
         with pytest.raises(ValueError):
             QuantConfig(**kwargs)
 

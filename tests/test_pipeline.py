@@ -256,3 +256,45 @@ def test_width_not_divisible_by_group_gets_smaller_block(tiny_dirs, tmp_path):
     blocks = {d["weight"]: d["block_size"] for d in int4_dequantize_nodes(onnx.load(str(out / "llm.onnx")))}
     assert {blocks[r["onnx_weight"]] for r in down} == {64}
     assert portable_int4_problems(onnx.load(str(out / "llm.onnx"))) == []
+
+
+def test_asym_export_is_onnx_runtime_only_and_exact(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """--asym: UINT4 codes with a UINT4 zero point per block, fused by ONNX Runtime, equal to torch fake-quant,
+    marked ONNX Runtime only in the manifest and the report (TensorRT's static check names the zero points)."""
+    src = tiny_dirs["smolvlm"]
+    monkeypatch.chdir(tmp_path)  # the default output name carries -asym
+    assert cli.main([str(src), "--int4", "--asym", "--method", "gptq", "--n-calib", "4", "--quiet"]) == 0
+    out = tmp_path / f"{src.name}-gptq-llmw4g128-asym"
+    manifest = check_complete(out)
+    assert manifest["recipe"]["symmetric"] is False and manifest["recipe"]["runtimes"] == ["onnxruntime"]
+    assert manifest["recipe"]["components"]["llm"]["sym"] is False
+    llm = onnx.load(str(out / "llm.onnx"))
+    dqs = int4_dequantize_nodes(llm)
+    assert dqs and all(d["dtype"] == "uint4" and d["zero_point"] and d["zero_point_constant"] for d in dqs)
+    assert all(r.get("onnx_zero_point") for r in manifest["layers"] if r["bits"])
+    assert portable_int4_problems(llm, tensorrt=False) == []
+    trt = portable_int4_problems(llm)
+    assert len(trt) == 2 * len(dqs) and any("zero point" in p for p in trt)
+    fusion = ort_fusion(out / "llm.onnx")
+    assert fusion["matmulnbits"] == len(dqs) and fusion["dequantize_left"] == 0
+    zeros = {i.name: onnx.numpy_helper.to_array(i) for i in llm.graph.initializer if i.name.endswith("_zero_point")}
+    assert len(zeros) == len(dqs) and any(len(np.unique(z)) > 1 for z in zeros.values())
+    report = json.loads((out / "report" / "validation.json").read_text())
+    assert report["int4_form_rules"] == "onnxruntime" and report["int4_form_problems"] == []
+    assert report["stages"]["qdq_onnx_vs_torch_fakequant"]["logits_max_abs_diff"] <= 1e-4
+    assert "ONNX Runtime only" in (out / "report" / "report.md").read_text()
+    family, model = fake_quant_model(src, out)  # reads codes, scales and zero points back from the graphs
+    vlm = OnnxVLM(out, accuracy_level=0)
+    p = family.prepare(make_split("test", 1, image_size=64)[0].images, "What color is it?")
+    with torch.no_grad():
+        ref = model(**family.hf_inputs(p)).logits[0].numpy()
+    assert np.abs(vlm.prompt_logits(p) - ref).max() <= 1e-4
+    rc = cli.main(["validate", str(out), "--n-val", "2", "--gen-tokens", "4", "--quiet"])
+    v = json.loads(capsys.readouterr().out)
+    assert rc == 0 and v["int4_form_ok"] and v["ort_fused_all"] and v["qdq_max_abs_diff"] <= 1e-4
+
+
+def test_asym_without_low_bit_component_refused(tiny_dirs, tmp_path, capsys):
+    err = run_error([str(tiny_dirs["smolvlm"]), "--int4", "--llm", "w8", "--asym", "-o", str(tmp_path / "out")], capsys)
+    assert "--asym" in err
+    assert_nothing_written(tmp_path)

@@ -62,6 +62,7 @@ class Recipe:
     clip_search: bool = False  # each group's scale by a search over clipped ranges (calibrators/base.py)
     sink_weight: float = 1.0  # weight of each sequence's first token (the attention sink) in the LM's Hessians
     true_sequential: bool = False  # inside a block, later layer groups see earlier groups quantized (sequential.py)
+    sym: bool = True  # False: 2- to 4-bit components on an unsigned grid with zero points (ONNX Runtime only)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
@@ -76,19 +77,27 @@ class Recipe:
             raise VlmqError("no component to quantize")
         if not 0.0 <= self.gptaq_alpha <= 1.0:
             raise VlmqError(f"--gptaq-alpha must be between 0 and 1, got {self.gptaq_alpha}")
+        if not self.sym and all(c.bits > 4 for c in self.components.values()):
+            raise VlmqError("--asym applies to 2- to 4-bit weights and no component has them (8-bit weights stay symmetric)")
         if not (self.sink_weight >= 0.0 and math.isfinite(self.sink_weight)):
             raise VlmqError(f"--sink-weight must be a finite number >= 0, got {self.sink_weight}")
 
     def quant_config(self, comp: str) -> QuantConfig:
         c = self.components[comp]
-        return QuantConfig(bits=c.bits, group_size=c.group_size, sym=True, damp=self.damp, act_order=self.act_order,
+        return QuantConfig(bits=c.bits, group_size=c.group_size, sym=self.sym_for(comp), damp=self.damp, act_order=self.act_order,
                            asym_alpha=self.gptaq_alpha, clip_search=self.clip_search)
+
+    def sym_for(self, comp: str) -> bool:
+        """Whether ``comp`` is quantized symmetrically: always at 8 bits (TensorRT's INT8 form), else as asked."""
+        return self.sym or self.components[comp].bits > 4
 
     def as_dict(self) -> dict:
         return {"method": self.method, "damp": self.damp, "act_order": self.act_order, "clip_search": self.clip_search,
+                "sym": self.sym,
                 "sink_weight": self.sink_weight, "true_sequential": self.true_sequential,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
-                "components": {k: {"bits": v.bits, "group_size": v.group_size} for k, v in self.components.items()},
+                "components": {k: {"bits": v.bits, "group_size": v.group_size, "sym": self.sym_for(k)}
+                               for k, v in self.components.items()},
                 "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}
 
 

@@ -53,6 +53,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-search", action="store_true",
                    help="choose each group's scale by a search over clipped ranges (min sum |w - w_hat|^2.4) instead "
                         "of max|w|: helps most at 3 and 2 bits")
+    p.add_argument("--asym", action="store_true",
+                   help="2- to 4-bit weights on an unsigned grid with a zero point per group (UINT4 + zero point in the "
+                        "ONNX): ONNX Runtime only, TensorRT takes symmetric INT4 only (default: symmetric; 8-bit weights "
+                        "stay symmetric)")
     p.add_argument("--sink-weight", type=float, default=1.0,
                    help="weight of each sequence's first token (the attention sink) in the language model's Hessians "
                         "(default 1: every token alike; 10 took SmolLM2-135M GPTQ W4 from perplexity 30.8 to 28.0 in the "
@@ -131,7 +135,7 @@ def cmd_export(argv: list[str]) -> int:
                   for c in order if c in comps}
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
-                    true_sequential=args.true_sequential,
+                    true_sequential=args.true_sequential, sym=not args.asym,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))

@@ -50,7 +50,7 @@ class Options:
 def default_out(model_spec: str, recipe: Recipe) -> Path:
     name = model_spec.rstrip("/").split(":")[-1].split("/")[-1] or "model"
     bits = "-".join(f"{c}{r.label()}" for c, r in recipe.components.items())
-    return Path(f"{name}-{recipe.method}-{bits}")
+    return Path(f"{name}-{recipe.method}-{bits}" + ("" if recipe.sym else "-asym"))
 
 
 def samples_hash(samples: list[Sample]) -> str:
@@ -140,7 +140,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         "source": {"model": model_spec, "path": str(Path(model_dir).resolve()), "family": family.name,
                    "model_type": family.config.model_type,
                    "config_sha256": outdir.sha256_file(Path(model_dir) / "config.json")},
-        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only", "symmetric": True,
+        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only", "symmetric": recipe.sym,
+                   "runtimes": ["onnxruntime", "tensorrt"] if recipe.sym else ["onnxruntime"],
                    "lm_head": recipe.components["lm_head"].label() if "lm_head" in recipe.components else "float",
                    "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
@@ -204,7 +205,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     by_name = {r.name: r for r in records}
     for q in layers:
         base = q.name.replace(".", "_")
-        by_name[q.name].__dict__.update({"onnx_weight": f"{base}_q", "onnx_scale": f"{base}_scale"})
+        by_name[q.name].__dict__.update({"onnx_weight": f"{base}_q", "onnx_scale": f"{base}_scale",
+                                         **({"onnx_zero_point": f"{base}_zero_point"} if q.zeros is not None else {})})
     manifest["layers"] = [r.as_dict() for r in records]
     for g in GRAPHS:
         f = work / f"{g}.onnx"
@@ -215,8 +217,10 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     # -- validation of the quantized graphs
     problems = []
     for g in GRAPHS:
-        problems += portable_int4_problems(onnx.load(str(work / f"{g}.onnx"), load_external_data=False))
+        problems += portable_int4_problems(onnx.load(str(work / f"{g}.onnx"), load_external_data=False),
+                                           tensorrt=recipe.sym)
     report["int4_form_problems"] = problems
+    report["int4_form_rules"] = "tensorrt" if recipe.sym else "onnxruntime"
     report["ort_fusion"] = ort_fusion(work / "llm.onnx")
     served = OnnxVLM(work)  # as `run` serves the graphs; its sessions open on first use
     if opts.validate:
@@ -295,21 +299,29 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
     from onnx import numpy_helper
 
     wanted = {r["onnx_weight"]: r for r in manifest["layers"] if r.get("onnx_weight")}
-    scales_wanted = {r["onnx_scale"] for r in wanted.values()}
+    parts_wanted = {r[k] for r in wanted.values() for k in ("onnx_scale", "onnx_zero_point") if r.get(k)}
     found: dict[str, np.ndarray] = {}
     for comp in manifest["components"].values():
         model = onnx.load(str(Path(out) / comp["file"]))
         for init in model.graph.initializer:
-            if init.name in wanted or init.name in scales_wanted:
+            if init.name in wanted or init.name in parts_wanted:
                 found[init.name] = numpy_helper.to_array(init)
     weights = {}
     for wname, rec in wanted.items():
-        if wname not in found or rec["onnx_scale"] not in found:
+        zname = rec.get("onnx_zero_point")
+        if wname not in found or rec["onnx_scale"] not in found or (zname and zname not in found):
             raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
+
+        def per_row(a: np.ndarray) -> np.ndarray:  # [K/g, N] -> [N, K/g] (per-channel [N] -> [N, 1])
+            a = a.astype(np.float32)
+            return a[:, None] if a.ndim == 1 else a.T
+
         codes = found[wname].astype(np.float32).T  # [N, K]
-        scales = found[rec["onnx_scale"]].astype(np.float32)
-        scales = scales[:, None] if scales.ndim == 1 else scales.T  # [N, K/g] (per-channel: [N, 1])
-        weights[rec["name"]] = torch.from_numpy(codes * np.repeat(scales, codes.shape[1] // scales.shape[1], axis=1))
+        scales = per_row(found[rec["onnx_scale"]])
+        rep = codes.shape[1] // scales.shape[1]
+        if zname:
+            codes = codes - np.repeat(per_row(found[zname]), rep, axis=1)
+        weights[rec["name"]] = torch.from_numpy(codes * np.repeat(scales, rep, axis=1))
     return weights
 
 
@@ -336,10 +348,12 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
         prev = json.loads(vfile.read_text()).get("stages", {})
     report = {"stages": {k: v for k, v in prev.items() if k == "float_onnx_vs_torch"}}
     report["stages"].update(quantized_stages(out, ref_float, ref_fq, val, gen_tokens))
+    sym = manifest["recipe"].get("symmetric", True)
     problems = []
     for comp in manifest["components"].values():
-        problems += portable_int4_problems(onnx.load(str(out / comp["file"]), load_external_data=False))
+        problems += portable_int4_problems(onnx.load(str(out / comp["file"]), load_external_data=False), tensorrt=sym)
     report["int4_form_problems"] = problems
+    report["int4_form_rules"] = "tensorrt" if sym else "onnxruntime"
     report["ort_fusion"] = ort_fusion(out / manifest["components"]["llm"]["file"])
     manifest["validation"] = summary(report)
     write_report(out, manifest, report)

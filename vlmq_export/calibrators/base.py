@@ -14,18 +14,29 @@ Weighting is done by scaling each token's input row by ``sqrt(g_i)`` before the 
 ``token_weight=None`` is turned into ones and goes through the very same code path, so g == 1
 reproduces unweighted GPTQ bit for bit.
 
-Quantization grid (symmetric, signed, no zero point), per group of ``group_size`` input columns
-of one output row (per-channel when ``group_size == -1``: one scale per output row)::
+Quantization grid, per group of ``group_size`` input columns of one output row (per-channel when
+``group_size == -1``: one scale per output row). Symmetric (the default; signed codes, no zero point,
+the form TensorRT accepts)::
 
     qmax  = 2**(bits-1) - 1          qmin = -2**(bits-1)
-    scale = max|w| / qmax            (1.0 where the group is all zeros: any positive scale
-                                      represents zeros exactly and stays finite in fp16)
+    scale = max|w| / (qmax + 1/2)    (8 bits: max|w| / 127; 1.0 where the group is all zeros: any
+                                      positive scale represents zeros exactly and stays finite in fp16)
     code  = clamp(round(w / scale), qmin, qmax)       (round half to even, like ONNX)
     w_hat = code * scale             (float32; exactly what ONNX DequantizeLinear computes)
 
-``qmin`` is one level beyond ``-qmax``: plain rounding never reaches it, GPTQ's error feedback
-can. The stored ``codes``/``scales`` are the truth: :meth:`QuantResult.dequantize` is the only
-definition of ``W_hat``, and the reported ``error`` is computed from it.
+Asymmetric (``sym=False``, bits <= 4; unsigned codes and an integer zero point per group, the
+reference GPTQ quantizer's ``sym=False``; ONNX Runtime only)::
+
+    qmin  = 0                        qmax = 2**bits - 1
+    lo, hi = min(min w, 0), max(max w, 0)
+    scale = (hi - lo) / qmax         zero = round(-lo / scale)       (in [0, qmax])
+    code  = clamp(round(w / scale) + zero, 0, qmax)
+    w_hat = (code - zero) * scale    (exactly what DequantizeLinear computes with a zero point)
+
+In the symmetric grid ``qmin`` is one level beyond ``-qmax``: plain rounding never reaches it,
+GPTQ's error feedback can. The stored ``codes``/``scales``/``zeros`` are the truth:
+:meth:`QuantResult.dequantize` is the only definition of ``W_hat``, and the reported ``error`` is
+computed from it.
 """
 from __future__ import annotations
 
@@ -43,7 +54,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 class QuantConfig:
     bits: int = 4  # 2, 3, 4, 8
     group_size: int = 128  # input columns per scale; -1 = per-channel (one scale per output row)
-    sym: bool = True  # symmetric, no zero point: the only form implemented
+    sym: bool = True  # symmetric, no zero point (TensorRT's form); False: unsigned codes + zero point, bits <= 4
     damp: float = 0.01  # GPTQ damping, fraction of mean(diag(H)); raised x10 if Cholesky fails
     block_size: int = 128  # GPTQ lazy-batch column block (rounded up to a multiple of group_size)
     act_order: bool = False  # GPTQ: columns by decreasing diag(H); groups stay static (see gptq.py)
@@ -55,8 +66,8 @@ class QuantConfig:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
-        if not self.sym:
-            raise ValueError("only symmetric quantization (sym=True) is implemented")
+        if not self.sym and self.bits > 4:
+            raise ValueError(f"asymmetric quantization (sym=False) is implemented for 2 to 4 bits, got {self.bits}")
         if not self.damp >= 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
         if not 0.0 <= self.asym_alpha <= 1.0:
@@ -66,11 +77,11 @@ class QuantConfig:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return -(2 ** (self.bits - 1)) if self.sym else 0
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return 2 ** (self.bits - 1) - 1 if self.sym else 2 ** self.bits - 1
 
     def group_for(self, in_features: int) -> int:
         """Columns per scale for a layer with ``in_features`` inputs (K for per-channel)."""
@@ -85,16 +96,26 @@ class QuantConfig:
 
 @dataclass
 class QuantResult:
-    codes: torch.Tensor  # int8 [N, K], signed values in [qmin, qmax]
+    codes: torch.Tensor  # int8 [N, K], values in [qmin, qmax] (signed; unsigned when asymmetric)
     scales: torch.Tensor  # float32 [N, K // group] (per-channel: [N, 1])
     bits: int
     group_size: int  # as configured: -1 = per-channel
     error: float  # sum_i g_i ||(W - W_hat) x_i||^2 / sum_i g_i on the calibration data; NaN if none
     damp_used: float  # fraction of mean(diag(H)) actually used (NaN for RTN, which does not damp)
+    zeros: torch.Tensor | None = None  # int8 [N, K // group] zero points (asymmetric only), in [0, qmax]
 
     def dequantize(self) -> torch.Tensor:
-        """``W_hat = codes * scales`` with each scale repeated over its group: float32 [N, K]."""
-        return self.codes.float() * expand_scales(self.scales, self.codes.shape[1])
+        """``W_hat = (codes - zeros) * scales`` with each scale (zero) repeated over its group: float32 [N, K]."""
+        return dequantize_codes(self.codes, self.scales, self.zeros)
+
+
+def dequantize_codes(codes, scales, zeros=None) -> torch.Tensor:
+    """``(codes - zeros) * scales`` [N, K] float32 from codes [N, K] and per-group scales/zeros [N, G]."""
+    k = codes.shape[1]
+    c = codes.float()
+    if zeros is not None:
+        c = c - expand_scales(zeros.float(), k)
+    return c * expand_scales(scales.float(), k)
 
 
 # ----------------------------------------------------------------------------- grid helpers
@@ -137,14 +158,54 @@ def group_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> torch.Tensor
     return best
 
 
+def group_zero_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale (> 0) and zero point (float, integer valued in [0, qmax]) of each row of ``w`` [N, g].
+
+    The reference GPTQ quantizer with ``sym=False``: the range [min(w, 0), max(w, 0)] split into qmax
+    steps, the zero point the code of 0. ``clip``: the range ``p·[lo, hi]`` for p in 1.00, 0.99, ... 0.21
+    with the smallest ``sum |w - w_hat|^2.4`` (as :func:`group_scales`; the zero point does not depend on p).
+    """
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    full = (hi - lo) / qmax
+    full = torch.where(full > 0, full, torch.ones_like(full))
+    zero = torch.round(-lo / full)  # (hi - lo) == 0 only when the row is all zeros: zero point 0
+    if not clip:
+        return full, zero
+    best, best_err = full, torch.full_like(full, float("inf"))
+    z = zero.unsqueeze(1)
+    for p in CLIP_RANGES:
+        s = (p * full).unsqueeze(1)
+        err = ((quantize_codes(w, s, 0, qmax, z) - z) * s - w).abs().pow(CLIP_NORM).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s.squeeze(1), best)
+    return best, zero
+
+
+def group_grid(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale, zero)`` of each row of ``w`` [N, g] on ``config``'s grid; zero is None when symmetric."""
+    if config.sym:
+        return group_scales(w, config.qmax, config.clip_search), None
+    return group_zero_scales(w, config.qmax, config.clip_search)
+
+
 def static_scales(W: torch.Tensor, group: int, qmax: int, clip: bool = False) -> torch.Tensor:
-    """Scales of every group of ``W`` [N, K] in column order: [N, K // group]."""
+    """Symmetric scales of every group of ``W`` [N, K] in column order: [N, K // group]."""
     return group_scales(W.reshape(-1, group), qmax, clip).reshape(W.shape[0], -1)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Codes (as float, integer valued) of ``w`` on the grid ``scale`` (broadcast against w)."""
-    return torch.clamp(torch.round(w / scale), qmin, qmax)
+def static_grid(W: torch.Tensor, group: int, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points (None when symmetric) of every group of ``W`` [N, K]: [N, K // group] each."""
+    scale, zero = group_grid(W.reshape(-1, group), config)
+    return scale.reshape(W.shape[0], -1), None if zero is None else zero.reshape(W.shape[0], -1)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                   zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (as float, integer valued) of ``w`` on the grid ``scale`` (+ ``zero``; broadcast against w)."""
+    q = torch.round(w / scale)
+    return torch.clamp(q if zero is None else q + zero, qmin, qmax)
 
 
 # ----------------------------------------------------------------------------- the interface

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NumericalError
-from .base import QuantResult, WeightCalibrator, group_scales, quantize_codes, static_scales
+from .base import QuantResult, WeightCalibrator, group_grid, quantize_codes, static_grid
 
 MAX_DAMP_STEPS = 6  # damp, 10*damp, ..., 10**6 * damp
 DAMP_WHEN_ZERO = 1e-4  # first step above a configured damp of 0
@@ -43,8 +43,9 @@ class GPTQCalibrator(WeightCalibrator):
         W[:, dead] = 0
 
         scales = torch.zeros(N, K // gs, device=self.device, dtype=torch.float32)
+        zeros = None if cfg.sym else torch.zeros_like(scales)
         if cfg.group_size == -1 or cfg.act_order:  # static scales, original column order
-            scales = static_scales(W, gs, cfg.qmax, cfg.clip_search)
+            scales, zeros = static_grid(W, gs, cfg)
         perm = list(range(K))  # perm[j] = original index of the j-th column processed
         if cfg.act_order:
             order = torch.argsort(torch.diag(H), descending=True)
@@ -64,13 +65,17 @@ class GPTQCalibrator(WeightCalibrator):
             for i in range(i2 - i1):
                 col = perm[i1 + i]  # original column index
                 if not (cfg.group_size == -1 or cfg.act_order) and col % gs == 0:
-                    scales[:, col // gs] = group_scales(W1[:, i : i + gs], cfg.qmax, cfg.clip_search)
+                    scale, zero = group_grid(W1[:, i : i + gs], cfg)
+                    scales[:, col // gs] = scale
+                    if zeros is not None:
+                        zeros[:, col // gs] = zero
                 scale = scales[:, col // gs]
+                zero = None if zeros is None else zeros[:, col // gs]
 
                 w = W1[:, i]
                 d = Hinv1[i, i]
-                c = quantize_codes(w, scale, cfg.qmin, cfg.qmax)
-                q = c * scale  # exactly what dequantize() gives
+                c = quantize_codes(w, scale, cfg.qmin, cfg.qmax, zero)
+                q = (c if zero is None else c - zero) * scale  # exactly what dequantize() gives
                 codes[:, col] = c
 
                 err1 = (w - q) / d
@@ -86,6 +91,7 @@ class GPTQCalibrator(WeightCalibrator):
             group_size=cfg.group_size,
             error=float("nan"),
             damp_used=damp_used,
+            zeros=None if zeros is None else zeros.to(torch.int8),
         )
         result.error = self._error(W0, result)
         return result

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .base import QuantResult, WeightCalibrator, quantize_codes, static_scales
+from .base import QuantResult, WeightCalibrator, quantize_codes, static_grid
 
 
 class RTNCalibrator(WeightCalibrator):
@@ -18,8 +18,9 @@ class RTNCalibrator(WeightCalibrator):
         cfg = self.config
         W = self._weight_float()
         N, K, g = self.rows, self.columns, self.group
-        scales = static_scales(W, g, cfg.qmax, cfg.clip_search)  # [N, K // g]
-        codes = quantize_codes(W.reshape(N, K // g, g), scales.unsqueeze(2), cfg.qmin, cfg.qmax).reshape(N, K)
+        scales, zeros = static_grid(W, g, cfg)  # [N, K // g]
+        codes = quantize_codes(W.reshape(N, K // g, g), scales.unsqueeze(2), cfg.qmin, cfg.qmax,
+                               None if zeros is None else zeros.unsqueeze(2)).reshape(N, K)
         result = QuantResult(
             codes=codes.to(torch.int8),
             scales=scales,
@@ -27,6 +28,7 @@ class RTNCalibrator(WeightCalibrator):
             group_size=cfg.group_size,
             error=math.nan,
             damp_used=math.nan,
+            zeros=None if zeros is None else zeros.to(torch.int8),
         )
         result.error = self._error(W, result)
         return result

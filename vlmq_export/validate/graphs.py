@@ -36,6 +36,7 @@ def int4_dequantize_nodes(model: onnx.ModelProto) -> list[dict]:
             "axis": attrs.get("axis", 1),
             "block_size": attrs.get("block_size", 0),
             "zero_point": len(node.input) > 2 and bool(node.input[2]),
+            "zero_point_constant": len(node.input) > 2 and node.input[2] in inits,
             "scale_constant": scale is not None,
             "feeds_matmul_b": len(users) == 1 and users[0][0].op_type == "MatMul" and users[0][1] == 1,
         })
@@ -43,16 +44,23 @@ def int4_dequantize_nodes(model: onnx.ModelProto) -> list[dict]:
 
 
 def portable_int4_problems(model: onnx.ModelProto, tensorrt: bool = True) -> list[str]:
-    """What in ``model`` breaks the portable INT4 form (empty list: none)."""
+    """What in ``model`` breaks the portable INT4 form (empty list: none).
+
+    ``tensorrt=False`` checks only what ONNX Runtime's fusion needs, the form of asymmetric exports:
+    UINT4 codes with a constant zero point are allowed, and any block size (whether ONNX Runtime fuses
+    the graph is measured by :func:`ort_fusion`)."""
     problems = []
     for dq in int4_dequantize_nodes(model):
         where = f"{dq['name']} ({dq['weight']})"
-        if dq["dtype"] != "int4":
+        if tensorrt and dq["dtype"] != "int4":
             problems.append(f"{where}: unsigned INT4 (TensorRT needs signed, symmetric)")
         if dq["axis"] != 0:
             problems.append(f"{where}: axis {dq['axis']} (needs 0)")
-        if dq["zero_point"]:
+        if tensorrt and dq["zero_point"]:
             problems.append(f"{where}: has a zero point")
+        if dq["zero_point"] and not dq["zero_point_constant"]:
+            problems.append(f"{where}: zero point is not a constant initializer")
+
         if not dq["scale_constant"]:
             problems.append(f"{where}: scale is not a constant initializer")
         if not dq["feeds_matmul_b"]:

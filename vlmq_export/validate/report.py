@@ -79,8 +79,13 @@ def write_report(out: Path, manifest: dict, report: dict) -> None:
                   f"{fusion['int4_dequantize']} INT4 DequantizeLinear -> {fusion['matmulnbits']} MatMulNBits "
                   f"({fusion['dequantize_left']} DequantizeLinear left after optimization)", ""]
     probs = report.get("int4_form_problems")
-    lines += ["## Portable INT4 form (TensorRT rules)", "",
-              "all INT4 weights conform" if not probs else "\n".join(f"- {p}" for p in probs), ""]
+    if report.get("int4_form_rules", "tensorrt") == "tensorrt":
+        lines += ["## Portable INT4 form (TensorRT rules)", ""]
+    else:
+        lines += ["## INT4 form (ONNX Runtime rules)", "",
+                  "Asymmetric weights (UINT4 codes with zero points, `--asym`): ONNX Runtime only, TensorRT takes "
+                  "signed INT4 without zero points.", ""]
+    lines += ["all INT4 weights conform" if not probs else "\n".join(f"- {p}" for p in probs), ""]
     layers = manifest.get("layers", [])
     if layers:
         lines += ["## Layers", "", "| layer | component | bits | group | error | note |", "|---|---|---|---|---|---|"]
