@@ -18,3 +18,9 @@ def test_targets_use_the_default_level():
     assert t["int4_llm_size_ratio_le_0.35"]["met"]
     t = bench.targets(_entry(2.5, 1.9, 0.36))
     assert not t["int4_decode_speedup_ge_2"]["met"] and not t["int4_llm_size_ratio_le_0.35"]["met"]
+
+
+def test_recipe_asym_flag():
+    bench = load_tool("bench_pipeline")
+    assert bench.bench_recipe(None).sym and not bench.bench_recipe(None, asym=True).sym
+    assert bench.bench_recipe("w4", asym=True).sym_for("lm_head") is False

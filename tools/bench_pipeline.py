@@ -95,18 +95,19 @@ def loadavg() -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------------------------- export
-def bench_recipe(lm_head: str | None):
-    """GPTQ W4 g128 on the decoder; with ``lm_head`` (e.g. "w4") the head too (float otherwise)."""
+def bench_recipe(lm_head: str | None, asym: bool = False):
+    """GPTQ W4 g128 on the decoder; with ``lm_head`` (e.g. "w4") the head too (float otherwise);
+    ``asym``: unsigned codes with zero points (``--asym``)."""
     from vlmq_export.calibrate import ComponentRecipe, Recipe, parse_component_recipe
 
     comps = {"llm": ComponentRecipe(4, 128)}
     if lm_head:
         comps["lm_head"] = parse_component_recipe(lm_head)
-    return Recipe(method="gptq", components=comps)
+    return Recipe(method="gptq", components=comps, sym=not asym)
 
 
 def run_export(spec: str, out: Path, n_calib: int | None, validate: bool, verbose: bool,
-               lm_head: str | None = None) -> tuple[dict, float]:
+               lm_head: str | None = None, asym: bool = False) -> tuple[dict, float]:
     from vlmq_export.pipeline import Options, export_model
     from vlmq_export.progress import Progress
 
@@ -114,7 +115,7 @@ def run_export(spec: str, out: Path, n_calib: int | None, validate: bool, verbos
     if n_calib:
         opts.n_calib = n_calib
     t0 = time.perf_counter()
-    export_model(spec, out, bench_recipe(lm_head), opts, progress=Progress("human" if verbose else "quiet"))
+    export_model(spec, out, bench_recipe(lm_head, asym), opts, progress=Progress("human" if verbose else "quiet"))
     wall = time.perf_counter() - t0
     return json.loads((out / "manifest.json").read_text()), wall
 
@@ -349,7 +350,7 @@ def bench_model(name: str, spec: str, kind: str, work: Path, args, build_s: floa
     validate = args.validate if kind == "real-size" else True
     head = f", lm_head {args.lm_head}" if args.lm_head else ""
     log(f"{name}: export_model (gptq W4{head}, keep_float, n_calib={n_calib or 'default'}, validate={validate})")
-    manifest, wall = run_export(spec, out, n_calib, validate, args.verbose, args.lm_head)
+    manifest, wall = run_export(spec, out, n_calib, validate, args.verbose, args.lm_head, args.asym)
     entry = {"kind": kind, "spec": spec if kind != "real-size" else "make_smolvlm_with_smollm2()"}
     if params:
         entry["model"] = params
@@ -424,6 +425,7 @@ def main(argv=None) -> int:
     ap.add_argument("--validate", action="store_true", help="also validate the real-size export (slower)")
     ap.add_argument("--lm-head", metavar="wB[gG]", help="also quantize the lm_head (e.g. w4; default: float, as the "
                                                       "exporter's default)")
+    ap.add_argument("--asym", action="store_true", help="export with --asym (UINT4 codes + zero points)")
     ap.add_argument("--workdir", help="where to build and export (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the exported directories")
     ap.add_argument("--verbose", action="store_true", help="show the pipeline's progress lines")
@@ -451,8 +453,8 @@ def main(argv=None) -> int:
               "machine": machine_info(),
               "settings": {"quick": args.quick, "repeats": args.repeats, "new_tokens": args.new_tokens,
                            "n_calib_real": args.n_calib, "validate_real": args.validate,
-                           "recipe": "gptq W4 g128 (smaller block where in_features require), lm_head "
-                                     + (args.lm_head or "float")},
+                           "recipe": "gptq W4 g128" + (" asym" if args.asym else "")
+                                     + " (smaller block where in_features require), lm_head " + (args.lm_head or "float")},
               "targets": {"int4_decode_speedup_min": TARGET_SPEEDUP, "int4_llm_size_ratio_max": TARGET_SIZE_RATIO,
                           "applies_to": REAL_NAME},
               "models": {}}
