@@ -22,7 +22,7 @@ from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
-from .export.qdq import apply_qdq
+from .export.qdq import QuantizedLinear, apply_qdq
 from .models import Family, Prepared, load_family
 from .progress import Progress
 from .runtime.generate import GRAPHS, OnnxVLM
@@ -215,12 +215,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                                      "sha256": outdir.sha256_file(f), **graph_io(f)}
 
     # -- validation of the quantized graphs
-    problems = []
-    for g in GRAPHS:
-        problems += portable_int4_problems(onnx.load(str(work / f"{g}.onnx"), load_external_data=False),
-                                           tensorrt=recipe.sym)
-    report["int4_form_problems"] = problems
-    report["int4_form_rules"] = "tensorrt" if recipe.sym else "onnxruntime"
+    report.update(int4_form([work / f"{g}.onnx" for g in GRAPHS], recipe.sym))
     report["ort_fusion"] = ort_fusion(work / "llm.onnx")
     served = OnnxVLM(work)  # as `run` serves the graphs; its sessions open on first use
     if opts.validate:
@@ -312,17 +307,23 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
         if wname not in found or rec["onnx_scale"] not in found or (zname and zname not in found):
             raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
 
-        def per_row(a: np.ndarray) -> np.ndarray:  # [K/g, N] -> [N, K/g] (per-channel [N] -> [N, 1])
-            a = a.astype(np.float32)
+        def per_row(a: np.ndarray) -> np.ndarray:  # ONNX [K/g, N] -> [N, K/g] (per-channel [N] -> [N, 1])
             return a[:, None] if a.ndim == 1 else a.T
 
-        codes = found[wname].astype(np.float32).T  # [N, K]
-        scales = per_row(found[rec["onnx_scale"]])
-        rep = codes.shape[1] // scales.shape[1]
-        if zname:
-            codes = codes - np.repeat(per_row(found[zname]), rep, axis=1)
-        weights[rec["name"]] = torch.from_numpy(codes * np.repeat(scales, rep, axis=1))
+        layer = QuantizedLinear(name=rec["name"], codes=found[wname].astype(np.int8).T,
+                                scales=per_row(found[rec["onnx_scale"]]), bits=rec["bits"],
+                                group_size=rec["group_size"], key="",
+                                zeros=per_row(found[zname]).astype(np.int8) if zname else None)
+        weights[rec["name"]] = torch.from_numpy(layer.dequantize())  # the pass's own (codes - zeros) * scales
     return weights
+
+
+def int4_form(paths, sym: bool) -> dict:
+    """The static check of the quantized graphs: TensorRT's rules when symmetric, ONNX Runtime's otherwise."""
+    problems = []
+    for path in paths:
+        problems += portable_int4_problems(onnx.load(str(path), load_external_data=False), tensorrt=sym)
+    return {"int4_form_problems": problems, "int4_form_rules": "tensorrt" if sym else "onnxruntime"}
 
 
 def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, gen_tokens: int = 16,
@@ -348,12 +349,8 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
         prev = json.loads(vfile.read_text()).get("stages", {})
     report = {"stages": {k: v for k, v in prev.items() if k == "float_onnx_vs_torch"}}
     report["stages"].update(quantized_stages(out, ref_float, ref_fq, val, gen_tokens))
-    sym = manifest["recipe"].get("symmetric", True)
-    problems = []
-    for comp in manifest["components"].values():
-        problems += portable_int4_problems(onnx.load(str(out / comp["file"]), load_external_data=False), tensorrt=sym)
-    report["int4_form_problems"] = problems
-    report["int4_form_rules"] = "tensorrt" if sym else "onnxruntime"
+    report.update(int4_form([out / c["file"] for c in manifest["components"].values()],
+                            manifest["recipe"].get("symmetric", True)))
     report["ort_fusion"] = ort_fusion(out / manifest["components"]["llm"]["file"])
     manifest["validation"] = summary(report)
     write_report(out, manifest, report)
