@@ -93,7 +93,7 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "damp": self.damp, "act_order": self.act_order, "clip_search": self.clip_search,
-                "sym": self.sym,
+                "symmetric": self.sym,
                 "sink_weight": self.sink_weight, "true_sequential": self.true_sequential,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 "components": {k: {"bits": v.bits, "group_size": v.group_size, "sym": self.sym_for(k)}

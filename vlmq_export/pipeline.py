@@ -140,7 +140,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         "source": {"model": model_spec, "path": str(Path(model_dir).resolve()), "family": family.name,
                    "model_type": family.config.model_type,
                    "config_sha256": outdir.sha256_file(Path(model_dir) / "config.json")},
-        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only", "symmetric": recipe.sym,
+        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only",
                    "runtimes": ["onnxruntime", "tensorrt"] if recipe.sym else ["onnxruntime"],
                    "lm_head": recipe.components["lm_head"].label() if "lm_head" in recipe.components else "float",
                    "embeddings": "float", "patch_embedding": "float"},
@@ -289,6 +289,11 @@ def summary(report: dict) -> dict:
     return s
 
 
+def _per_row(a: np.ndarray) -> np.ndarray:
+    """An ONNX scale / zero point [K/g, N] in the calibrators' layout [N, K/g] (per-channel [N] -> [N, 1])."""
+    return a[:, None] if a.ndim == 1 else a.T
+
+
 def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """The dequantized weight of every INT4 layer, read back from the graphs (codes * scales)."""
     from onnx import numpy_helper
@@ -307,13 +312,10 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
         if wname not in found or rec["onnx_scale"] not in found or (zname and zname not in found):
             raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
 
-        def per_row(a: np.ndarray) -> np.ndarray:  # ONNX [K/g, N] -> [N, K/g] (per-channel [N] -> [N, 1])
-            return a[:, None] if a.ndim == 1 else a.T
-
         layer = QuantizedLinear(name=rec["name"], codes=found[wname].astype(np.int8).T,
-                                scales=per_row(found[rec["onnx_scale"]]), bits=rec["bits"],
+                                scales=_per_row(found[rec["onnx_scale"]]), bits=rec["bits"],
                                 group_size=rec["group_size"], key="",
-                                zeros=per_row(found[zname]).astype(np.int8) if zname else None)
+                                zeros=_per_row(found[zname]).astype(np.int8) if zname else None)
         weights[rec["name"]] = torch.from_numpy(layer.dequantize())  # the pass's own (codes - zeros) * scales
     return weights
 

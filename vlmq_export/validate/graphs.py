@@ -60,7 +60,6 @@ def portable_int4_problems(model: onnx.ModelProto, tensorrt: bool = True) -> lis
             problems.append(f"{where}: has a zero point")
         if dq["zero_point"] and not dq["zero_point_constant"]:
             problems.append(f"{where}: zero point is not a constant initializer")
-
         if not dq["scale_constant"]:
             problems.append(f"{where}: scale is not a constant initializer")
         if not dq["feeds_matmul_b"]:
