@@ -53,7 +53,7 @@ import torch
 
 from ..errors import NumericalError
 from .base import QuantResult
-from .gptq import DAMP_WHEN_ZERO, MAX_DAMP_STEPS, GPTQCalibrator
+from .gptq import MAX_DAMP_STEPS, GPTQCalibrator, damped_cholesky, live_hessian
 
 
 class GPTAQCalibrator(GPTQCalibrator):
@@ -125,9 +125,7 @@ class GPTAQCalibrator(GPTQCalibrator):
         if self.C is None:  # float inputs never differed: W* = W, this is GPTQ
             result = super().solve()
         else:
-            Hfix = H.clone()  # GPTQ's treatment of dead inputs, so the damping matches
-            dead = torch.diag(Hfix) == 0
-            Hfix[dead, dead] = 1
+            Hfix = live_hessian(H)[0]  # GPTQ's treatment of dead inputs, so the damping matches
             W_star, damp = self._target(W, Hfix, self.config.damp, MAX_DAMP_STEPS)
             result = self._gptq_on(W_star)
             if result.damp_used != damp:  # GPTQ needed more damping: use the same for W*
@@ -141,9 +139,7 @@ class GPTAQCalibrator(GPTQCalibrator):
     def target_weight(self, damp: float | None = None) -> torch.Tensor:
         """``W* = W + alpha W C (H~ + damp * mean(diag H~) I)^-1`` [N, K] float32 (alpha = config.asym_alpha;
         config damp by default, escalated like GPTQ's if the Cholesky fails)."""
-        H = self._require_data().clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
+        H = live_hessian(self._require_data())[0]
         damp = self.config.damp if damp is None else damp
         return self._target(self._weight_float(), H, damp, MAX_DAMP_STEPS)[0]
 
@@ -152,22 +148,12 @@ class GPTAQCalibrator(GPTQCalibrator):
         if self.C is None or self.config.asym_alpha == 0.0:
             return W, damp
         WC_t = (W @ self.C).t() * self.config.asym_alpha  # [K, N]
-        mean_diag = torch.mean(torch.diag(H))
-        tried = []
-        for _ in range(steps + 1):
-            tried.append(damp)
-            Hd = H.clone()
-            Hd.diagonal().add_(damp * mean_diag)
-            L, info = torch.linalg.cholesky_ex(Hd)
-            if int(info) == 0:
-                shift = torch.cholesky_solve(WC_t, L).t()  # alpha W C Hd^-1 (Hd symmetric)
-                if torch.isfinite(shift).all():
-                    return W + shift, damp
-            damp = damp * 10 if damp > 0 else DAMP_WHEN_ZERO
-        raise NumericalError(
-            f"layer {self.name!r}: GPTAQ target: Cholesky of the damped Hessian failed for damp "
-            f"{', '.join(f'{d:g}' for d in tried)} x mean(diag H); the calibration inputs are degenerate"
-        )
+
+        def shifted(L: torch.Tensor) -> torch.Tensor | None:
+            shift = torch.cholesky_solve(WC_t, L).t()  # alpha W C Hd^-1 (Hd symmetric)
+            return W + shift if torch.isfinite(shift).all() else None
+
+        return damped_cholesky(H, damp, steps, shifted, f"layer {self.name!r}: GPTAQ target")
 
     def _gptq_on(self, W_star: torch.Tensor) -> QuantResult:
         """GPTQ's unchanged solver with ``W*`` in place of the layer weight."""

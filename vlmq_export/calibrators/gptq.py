@@ -35,12 +35,9 @@ class GPTQCalibrator(WeightCalibrator):
         cfg = self.config
         N, K, gs = self.rows, self.columns, self.group
         W0 = self._weight_float()
-        H = self._require_data().clone()
+        H, dead = live_hessian(self._require_data())
         W = W0.clone()
-
-        dead = torch.diag(H) == 0  # inputs that are always zero: weight irrelevant, set to 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        W[:, dead] = 0  # inputs that are always zero: weight irrelevant, set to 0
 
         scales = torch.zeros(N, K // gs, device=self.device, dtype=torch.float32)
         zeros = None if cfg.sym else torch.zeros_like(scales)
@@ -98,20 +95,43 @@ class GPTQCalibrator(WeightCalibrator):
 
     def _inverse_cholesky(self, H: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``cholesky(inverse(H + damp * mean(diag H) * I), upper=True)``, raising damp on failure."""
-        mean_diag = torch.mean(torch.diag(H))
-        damp = self.config.damp
-        tried = []
-        for _ in range(MAX_DAMP_STEPS + 1):
-            tried.append(damp)
-            Hd = H.clone()
-            Hd.diagonal().add_(damp * mean_diag)
-            L, info = torch.linalg.cholesky_ex(Hd)
-            if int(info) == 0:
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-                if int(info) == 0 and torch.isfinite(U).all():
-                    return U, damp
-            damp = damp * 10 if damp > 0 else DAMP_WHEN_ZERO
-        raise NumericalError(
-            f"layer {self.name!r}: Cholesky of the damped Hessian failed for damp "
-            f"{', '.join(f'{d:g}' for d in tried)} x mean(diag H); the calibration inputs are degenerate"
-        )
+
+        def upper_inverse_factor(L: torch.Tensor) -> torch.Tensor | None:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            return U if int(info) == 0 and torch.isfinite(U).all() else None
+
+        return damped_cholesky(H, self.config.damp, MAX_DAMP_STEPS, upper_inverse_factor, f"layer {self.name!r}")
+
+
+def live_hessian(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``H`` with a diagonal of 1 for dead inputs (always zero in the calibration data), and
+    the dead mask [K]: the reference GPTQ's treatment, which keeps H factorisable."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    return H, dead
+
+
+def damped_cholesky(H: torch.Tensor, damp: float, steps: int, then, what: str):
+    """``(then(L), damp used)`` with ``L`` the Cholesky factor of ``H + damp * mean(diag H) * I``.
+
+    GPTQ's damping rule, shared by every solver that factorises a Hessian: when the factorisation
+    fails or ``then`` returns None (its own step failed), damp is raised x10 (from ``DAMP_WHEN_ZERO``
+    when it is 0) at most ``steps`` times, then :class:`NumericalError` names ``what`` and every damp tried.
+    """
+    mean_diag = torch.mean(torch.diag(H))
+    tried = []
+    for _ in range(steps + 1):
+        tried.append(damp)
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            result = then(L)
+            if result is not None:
+                return result, damp
+        damp = damp * 10 if damp > 0 else DAMP_WHEN_ZERO
+    raise NumericalError(
+        f"{what}: Cholesky of the damped Hessian failed for damp "
+        f"{', '.join(f'{d:g}' for d in tried)} x mean(diag H); the calibration inputs are degenerate"
+    )
