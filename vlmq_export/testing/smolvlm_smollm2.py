@@ -31,16 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .smollm2 import smollm2_dir
-
-# SmolVLM's chat template (same text as tiny_smolvlm.CHAT_TEMPLATE / the family's default).
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'] is string %}{{': ' + message['content']}}"
-    "{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+from .tiny_smolvlm import CHAT_TEMPLATE, save_smolvlm_processor, smolvlm_config
 
 BASE_VOCAB = 49152  # SmolLM2's vocabulary
 VOCAB_SIZE = 49280  # SmolVLM-256M-Instruct's
@@ -128,7 +119,6 @@ def make_smolvlm_with_smollm2(
         what SmolVLM-256M-Instruct's config names).
     """
     import torch
-    import transformers as tf
     from safetensors.torch import load_file
 
     if model_type not in ("smolvlm", "idefics3"):
@@ -166,20 +156,9 @@ def make_smolvlm_with_smollm2(
         image_size=image_size,
         patch_size=patch_size,
     )
-    if model_type == "smolvlm":
-        config_cls, model_cls = tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration
-        ip_cls, proc_cls = tf.SmolVLMImageProcessorPil, "SmolVLMProcessor"
-    else:
-        config_cls, model_cls = tf.Idefics3Config, tf.Idefics3ForConditionalGeneration
-        ip_cls, proc_cls = tf.Idefics3ImageProcessorPil, "Idefics3Processor"
-    config = config_cls(
-        text_config=text_config,
-        vision_config=vision_config,
-        scale_factor=scale_factor,
-        image_token_id=tid("<image>"),
-        pad_token_id=tid("<|im_end|>"),
-        tie_word_embeddings=True,
-    )
+    config, model_cls = smolvlm_config(model_type, text_config, vision_config, scale_factor=scale_factor,
+                                       image_token_id=tid("<image>"), pad_token_id=tid("<|im_end|>"),
+                                       tie_word_embeddings=True)
 
     vision = _check_vision(model_cls, config, vision) if vision is not None else None  # fail before slow work
     torch.manual_seed(seed)
@@ -213,18 +192,8 @@ def make_smolvlm_with_smollm2(
     model.save_pretrained(path)
     config.save_pretrained(path)
 
-    tokenizer.save_pretrained(path)
-    image_processor = ip_cls(
-        do_image_splitting=image_splitting,
-        max_image_size={"longest_edge": image_size},
-        size={"longest_edge": 2 * image_size if image_splitting else image_size},
-    )
-    image_processor.save_pretrained(path)
-    image_seq_len = side * side // (scale_factor**2)
-    (path / "processor_config.json").write_text(
-        json.dumps({"processor_class": proc_cls, "image_seq_len": image_seq_len}, indent=2) + "\n"
-    )
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    save_smolvlm_processor(path, tokenizer, model_type, image_size=image_size, patch_size=patch_size,
+                           scale_factor=scale_factor, image_splitting=image_splitting)
     gen = {"bos_token_id": tid("<|im_start|>"), "eos_token_id": [tid("<|im_end|>"), tid("<end_of_utterance>")],
            "pad_token_id": tid("<|im_end|>")}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

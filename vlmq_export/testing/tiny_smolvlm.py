@@ -91,7 +91,6 @@ def make_tiny_smolvlm(
     image); with it on, images are resized to at most 2x2 tiles of ``image_size`` plus the global tile.
     """
     import torch
-    import transformers as tf
 
     if model_type not in ("smolvlm", "idefics3"):
         raise ValueError(f"model_type must be 'smolvlm' or 'idefics3', not {model_type!r}")
@@ -126,20 +125,9 @@ def make_tiny_smolvlm(
         image_size=image_size,
         patch_size=patch_size,
     )
-    if model_type == "smolvlm":
-        config_cls, model_cls = tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration
-        ip_cls, proc_cls = tf.SmolVLMImageProcessorPil, "SmolVLMProcessor"
-    else:
-        config_cls, model_cls = tf.Idefics3Config, tf.Idefics3ForConditionalGeneration
-        ip_cls, proc_cls = tf.Idefics3ImageProcessorPil, "Idefics3Processor"
-    config = config_cls(
-        text_config=text_config,
-        vision_config=vision_config,
-        scale_factor=scale_factor,
-        image_token_id=ids["<image>"],
-        pad_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=False,
-    )
+    config, model_cls = smolvlm_config(model_type, text_config, vision_config, scale_factor=scale_factor,
+                                       image_token_id=ids["<image>"], pad_token_id=ids["<|im_end|>"],
+                                       tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     # Random init leaves some weights tiny/zero (norms at 1, biases at 0); perturb every parameter a
@@ -151,17 +139,43 @@ def make_tiny_smolvlm(
     model.save_pretrained(path)
     config.save_pretrained(path)
 
+    save_smolvlm_processor(path, tokenizer, model_type, image_size=image_size, patch_size=patch_size,
+                           scale_factor=scale_factor, image_splitting=image_splitting)
+    return path
+
+
+def smolvlm_config(model_type: str, text_config: dict, vision_config: dict, *, scale_factor: int,
+                   image_token_id: int, pad_token_id: int, tie_word_embeddings: bool):
+    """``(config, model class)`` of a SmolVLM (``model_type="smolvlm"``) or Idefics3 model."""
+    import transformers as tf
+
+    if model_type == "smolvlm":
+        config_cls, model_cls = tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration
+    else:
+        config_cls, model_cls = tf.Idefics3Config, tf.Idefics3ForConditionalGeneration
+    config = config_cls(text_config=text_config, vision_config=vision_config, scale_factor=scale_factor,
+                        image_token_id=image_token_id, pad_token_id=pad_token_id,
+                        tie_word_embeddings=tie_word_embeddings)
+    return config, model_cls
+
+
+def save_smolvlm_processor(path: Path, tokenizer, model_type: str, *, image_size: int, patch_size: int,
+                           scale_factor: int, image_splitting: bool) -> None:
+    """Write the processor side of a SmolVLM / Idefics3 directory: the tokenizer, the image processor
+    (tiles of ``image_size``, up to 2x2 plus the global tile with ``image_splitting``),
+    ``processor_config.json`` with the image's token count, and the chat template."""
+    import transformers as tf
+
+    ip_cls, proc_cls = ((tf.SmolVLMImageProcessorPil, "SmolVLMProcessor") if model_type == "smolvlm"
+                        else (tf.Idefics3ImageProcessorPil, "Idefics3Processor"))
     tokenizer.save_pretrained(path)
-    image_processor = ip_cls(
+    ip_cls(
         do_image_splitting=image_splitting,
         max_image_size={"longest_edge": image_size},
         size={"longest_edge": 2 * image_size if image_splitting else image_size},
-    )
-    image_processor.save_pretrained(path)
-    patches = (image_size // patch_size) ** 2
-    image_seq_len = patches // (scale_factor**2)
+    ).save_pretrained(path)
+    image_seq_len = (image_size // patch_size) ** 2 // (scale_factor**2)
     (path / "processor_config.json").write_text(
         json.dumps({"processor_class": proc_cls, "image_seq_len": image_seq_len}, indent=2) + "\n"
     )
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return path
