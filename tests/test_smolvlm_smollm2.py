@@ -145,3 +145,17 @@ def test_smollm2_special_tokens_are_the_ggufs_own():
     assert tok.eos_token == "<|im_end|>"
     for role, tid in ids.items():
         assert getattr(tok, f"{role}_token_id") == tid, role
+
+
+def test_missing_gguf_package_is_a_one_line_error(tmp_path, monkeypatch):
+    """Without the gguf package the conversion stops before any work with an install hint (it used to
+    surface as transformers' ImportError, an "internal error" of the CLI), and leaves no cache behind."""
+    from vlmq_export.errors import VlmqError
+    from vlmq_export.testing import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setenv("VLMQ_CACHE", str(tmp_path))
+    with pytest.raises(VlmqError, match=r"needs the gguf package: pip install 'vlmq-export\[gguf\]'"):
+        smollm2.smollm2_dir()
+    assert list(tmp_path.iterdir()) == []

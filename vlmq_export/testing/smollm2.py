@@ -36,10 +36,13 @@ def smollm2_dir() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    src = gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise VlmqError("reading SmolLM2-135M's GGUF file needs the gguf package: "
+                        "pip install 'vlmq-export[gguf]' (scripts/quickstart.sh installs it)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     from transformers.utils import logging as hf_logging
 
