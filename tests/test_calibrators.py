@@ -105,6 +105,47 @@ def test_clip_search_never_loses_per_group_and_wins_on_heavy_tails(bits):
     assert (err(clipped, 2) / err(full, 2)).median() < 0.95
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_with_column_weights_minimises_the_weighted_error(sym):
+    """With ``col_weight`` the search scores sum_j c_j (w_j - w_hat_j)^2: its choice is never worse on that
+    score than the unweighted choice, and when the heavy columns hold each row's outlier it keeps wider
+    ranges than the unweighted search, which clips them."""
+    from vlmq_export.calibrators.base import clip_error, group_scales, group_zero_scales, quantize_codes
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(256, 64, generator=gen) / ((torch.randn(256, 64, 2, generator=gen) ** 2).sum(-1) / 2).sqrt()
+    heavy = (w.abs() == w.abs().amax(1, keepdim=True)).float() * 1e3 + 1.0  # per element, broadcast against w
+
+    def w_hat(scale, zero):
+        s = scale.unsqueeze(1)
+        if zero is None:
+            return quantize_codes(w, s, -8, 7) * s
+        z = zero.unsqueeze(1)
+        return (quantize_codes(w, s, 0, 15, z) - z) * s
+
+    if sym:
+        (plain, z0), (weighted, z1) = (group_scales(w, 7, clip=True), None), (group_scales(w, 7, True, heavy), None)
+    else:
+        (plain, z0), (weighted, z1) = group_zero_scales(w, 15, clip=True), group_zero_scales(w, 15, True, heavy)
+    score_w, score_p = clip_error(w, w_hat(weighted, z1), heavy), clip_error(w, w_hat(plain, z0), heavy)
+    assert (score_w <= score_p * (1 + 1e-6)).all()
+    assert (weighted > plain).float().mean() > 0.5 and (score_w < score_p).float().mean() > 0.5
+
+
+def test_gptq_clip_search_weights_columns_by_the_hessian_diagonal(W, X):
+    """GPTQ's static groups (act-order) come from the clip search weighted by diag(H), and rows that
+    differ from the unweighted search exist on correlated data."""
+    from vlmq_export.calibrators.base import static_grid
+
+    cfg = QuantConfig(bits=3, group_size=32, act_order=True, clip_search=True)
+    cal = GPTQCalibrator(W, cfg, "a")
+    cal.add_batch(X)
+    hdiag = torch.diag(gptq_mod.live_hessian(cal.H)[0])
+    r = cal.solve()
+    assert torch.equal(r.scales, static_grid(W.float(), 32, cfg, hdiag)[0])
+    assert not torch.equal(r.scales, static_grid(W.float(), 32, cfg)[0])
+
+
 def test_clip_search_off_is_the_default_and_reaches_rtn_and_gptq(W, X):
     assert QuantConfig().clip_search is False
     for method in ("rtn", "gptq"):

@@ -51,8 +51,9 @@ def _export_parser() -> argparse.ArgumentParser:
                         "gate/up, down) one group after the other, each on inputs through the already-quantized "
                         "groups (default off: all layers of a block see the float block's inputs)")
     p.add_argument("--clip-search", action="store_true",
-                   help="choose each group's scale by a search over clipped ranges (min sum |w - w_hat|^2.4) instead "
-                        "of max|w|: helps most at 3 and 2 bits")
+                   help="choose each group's scale by a search over clipped ranges instead of max|w|, scored by "
+                        "sum_j H_jj (w_j - w_hat_j)^2 for the GPTQ-family methods (the Hessian diagonal: columns the "
+                        "calibration data drives hardest count most), sum |w - w_hat|^2.4 for rtn")
     p.add_argument("--asym", action="store_true",
                    help="2- to 4-bit weights on an unsigned grid with a zero point per group (UINT4 + zero point in the "
                         "ONNX): ONNX Runtime only, TensorRT takes symmetric INT4 only (default: symmetric; 8-bit weights "

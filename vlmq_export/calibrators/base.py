@@ -59,7 +59,8 @@ class QuantConfig:
     block_size: int = 128  # GPTQ lazy-batch column block (rounded up to a multiple of group_size)
     act_order: bool = False  # GPTQ: columns by decreasing diag(H); groups stay static (see gptq.py)
     asym_alpha: float = 0.25  # GPTAQ: weight of the asymmetric correction W C H^-1 (see gptaq.py); 0 = GPTQ
-    clip_search: bool = False  # each group's scale by a grid search over clipped ranges (group_scales)
+    clip_search: bool = False  # each group's scale by a grid search over clipped ranges (group_scales; the
+    #   Hessian methods score it by the Hessian diagonal, see clip_error)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -128,7 +129,16 @@ CLIP_RANGES = tuple(1.0 - i / 100 for i in range(80))  # clip search: 1.00, 0.99
 CLIP_NORM = 2.4  # ... scored by sum |w - w_hat|^2.4 (the reference GPTQ quantizer's norm)
 
 
-def group_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> torch.Tensor:
+def clip_error(w: torch.Tensor, w_hat: torch.Tensor, col_weight: torch.Tensor | None) -> torch.Tensor:
+    """The clip search's score of each row: ``sum |w - w_hat|^2.4`` (the reference GPTQ quantizer's), or with
+    ``col_weight`` (the Hessian diagonal of each column, broadcast against ``w``) ``sum_j H_jj (w_j - w_hat_j)^2``:
+    the layer's output error on the calibration data without the cross terms between columns."""
+    if col_weight is None:
+        return (w_hat - w).abs().pow(CLIP_NORM).sum(dim=1)
+    return ((w_hat - w).square() * col_weight).sum(dim=1)
+
+
+def group_scales(w: torch.Tensor, qmax: int, clip: bool = False, col_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric scale of each row of ``w`` [N, g] (one group per row), > 0.
 
     Low bit widths (<= 4) use the reference GPTQ's symmetric grid: scale = 2·max|w| / (2^b - 1) over the
@@ -137,9 +147,10 @@ def group_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> torch.Tensor
     symmetric INT8 convention).
 
     ``clip``: instead of the full range, the range ``p·max|w|`` for p in 1.00, 0.99, ... 0.21 that gives
-    the row the smallest ``sum |w - w_hat|^2.4`` (the reference GPTQ quantizer's ``mse`` option: clipping a
-    few outliers buys a finer grid for the rest). p = 1 is among the candidates, so the row's error never
-    exceeds the unclipped one's; ties keep the larger range.
+    the row the smallest :func:`clip_error` (the reference GPTQ quantizer's ``mse`` option: clipping a
+    few outliers buys a finer grid for the rest; with ``col_weight`` the columns the data drives hardest
+    count most). p = 1 is among the candidates, so the row's score never exceeds the unclipped one's;
+    ties keep the larger range.
     """
     levels = qmax if qmax >= 127 else (2 * qmax + 1) / 2
     amax = w.abs().amax(dim=1)
@@ -151,19 +162,20 @@ def group_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> torch.Tensor
     best, best_err = scale, torch.full_like(scale, float("inf"))
     for p in CLIP_RANGES:
         s = p * scale
-        err = (quantize_codes(w, s.unsqueeze(1), qmin, qmax) * s.unsqueeze(1) - w).abs().pow(CLIP_NORM).sum(dim=1)
+        err = clip_error(w, quantize_codes(w, s.unsqueeze(1), qmin, qmax) * s.unsqueeze(1), col_weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
     return best
 
 
-def group_zero_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def group_zero_scales(w: torch.Tensor, qmax: int, clip: bool = False,
+                      col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric scale (> 0) and zero point (float, integer valued in [0, qmax]) of each row of ``w`` [N, g].
 
     The reference GPTQ quantizer with ``sym=False``: the range [min(w, 0), max(w, 0)] split into qmax
     steps, the zero point the code of 0. ``clip``: the range ``p·[lo, hi]`` for p in 1.00, 0.99, ... 0.21
-    with the smallest ``sum |w - w_hat|^2.4`` (as :func:`group_scales`; the zero point does not depend on p).
+    with the smallest :func:`clip_error` (as :func:`group_scales`; the zero point does not depend on p).
     """
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
@@ -176,18 +188,20 @@ def group_zero_scales(w: torch.Tensor, qmax: int, clip: bool = False) -> tuple[t
     z = zero.unsqueeze(1)
     for p in CLIP_RANGES:
         s = (p * full).unsqueeze(1)
-        err = ((quantize_codes(w, s, 0, qmax, z) - z) * s - w).abs().pow(CLIP_NORM).sum(dim=1)
+        err = clip_error(w, (quantize_codes(w, s, 0, qmax, z) - z) * s, col_weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s.squeeze(1), best)
     return best, zero
 
 
-def group_grid(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(scale, zero)`` of each row of ``w`` [N, g] on ``config``'s grid; zero is None when symmetric."""
+def group_grid(w: torch.Tensor, config: QuantConfig,
+               col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale, zero)`` of each row of ``w`` [N, g] on ``config``'s grid; zero is None when symmetric.
+    ``col_weight``: the clip search's column weights (see :func:`clip_error`), broadcast against ``w``."""
     if config.sym:
-        return group_scales(w, config.qmax, config.clip_search), None
-    return group_zero_scales(w, config.qmax, config.clip_search)
+        return group_scales(w, config.qmax, config.clip_search, col_weight), None
+    return group_zero_scales(w, config.qmax, config.clip_search, col_weight)
 
 
 def static_scales(W: torch.Tensor, group: int, qmax: int, clip: bool = False) -> torch.Tensor:
@@ -195,10 +209,15 @@ def static_scales(W: torch.Tensor, group: int, qmax: int, clip: bool = False) ->
     return group_scales(W.reshape(-1, group), qmax, clip).reshape(W.shape[0], -1)
 
 
-def static_grid(W: torch.Tensor, group: int, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points (None when symmetric) of every group of ``W`` [N, K]: [N, K // group] each."""
-    scale, zero = group_grid(W.reshape(-1, group), config)
-    return scale.reshape(W.shape[0], -1), None if zero is None else zero.reshape(W.shape[0], -1)
+def static_grid(W: torch.Tensor, group: int, config: QuantConfig,
+                col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points (None when symmetric) of every group of ``W`` [N, K]: [N, K // group] each.
+    ``col_weight`` [K]: the clip search's weight of each input column (see :func:`clip_error`)."""
+    N, K = W.shape
+    if col_weight is not None:
+        col_weight = col_weight.reshape(1, K // group, group).expand(N, -1, -1).reshape(-1, group)
+    scale, zero = group_grid(W.reshape(-1, group), config, col_weight)
+    return scale.reshape(N, -1), None if zero is None else zero.reshape(N, -1)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
