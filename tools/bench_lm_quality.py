@@ -64,7 +64,7 @@ def main() -> int:
     lines = [f"# Language-model quality: {table['model']}", "",
              f"Commit {commit}. Perplexity on vlmq_export/assets/english.txt ({table['tokens']} tokens); calibration "
              f"{table['calibration_samples']} {args.data} text samples, decoder Linears only, group 128 (block 64 where the width "
-             "is 576)" + ("; group scales by the clipped-range search (`--clip-search`)" if args.clip_search else "")
+             "is 576)" + ("; group scales by the clipped-range search (`--clip-search`; the GPTQ family scores it by the Hessian diagonal since 33d20e7)" if args.clip_search else "")
              + (f"; first token weighted {args.sink_weight:g} in the Hessians (`--sink-weight`)" if args.sink_weight != 1.0 else "")
              + ("; columns in activation order (`--act-order`, the default)" if args.act_order
                 else "; original column order (`--no-act-order`)")
