@@ -3,6 +3,7 @@
     vlmq-export MODEL --int4 [-o OUT] [--method gptq|rtn] [--calib DATA] ...
     vlmq-export run OUT --image IMG --prompt "..."
     vlmq-export validate OUT [--model DIR]
+    vlmq-export serve OUT [--host 127.0.0.1] [--port 8000]
     vlmq-export inspect OUT
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-VERBS = ("run", "validate", "eval", "inspect")
+VERBS = ("run", "serve", "validate", "eval", "inspect")
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -220,6 +221,30 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlmq-export serve", description=(
+        "Serve an output directory over HTTP with ONNX Runtime: POST /v1/chat/completions (the OpenAI chat API: "
+        "one user message with text and base64 data: URL images, max_tokens, temperature, top_p, seed, stream), "
+        "GET /v1/models, GET /health."))
+    p.add_argument("out", help="a vlmq-export output directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="largest max_tokens a request may ask for (default 1024)")
+    _accuracy_level_flag(p)
+    p.add_argument("--quiet", action="store_true", help="no start-up line and no request log")
+    args = p.parse_args(argv)
+    from .runtime.server import serve
+
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be in 0..65535, got {args.port}")
+    if args.max_tokens_limit < 1:
+        p.error("--max-tokens-limit must be at least 1")
+    serve(args.out, args.host, args.port, accuracy_level=args.accuracy_level, max_tokens_limit=args.max_tokens_limit,
+          quiet=args.quiet)
+    return 0
+
+
 def cmd_validate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vlmq-export validate",
                                 description="Check a complete output directory against its full-precision source model.")
@@ -293,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .errors import VlmqError
 
-    handlers = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "inspect": cmd_inspect}
+    handlers = {"run": cmd_run, "serve": cmd_serve, "validate": cmd_validate, "eval": cmd_eval, "inspect": cmd_inspect}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])
