@@ -169,3 +169,21 @@ def test_cli_reports_a_busy_port_in_one_line(exported):
         port = taken.getsockname()[1]
         res = _cli("serve", str(exported["smolvlm"]), "--port", str(port), "--quiet")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in res.stderr
+
+
+def test_bench_serve_tool_writes_its_comparison(exported, tmp_path, monkeypatch):
+    from conftest import load_tool
+
+    out = tmp_path / "serve.json"
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", str(exported["smolvlm"]), "--repeats", "1",
+                                      "--max-tokens", "4", "--out", str(out)])
+    assert load_tool("bench_serve").main() == 0  # exits non-zero when the variants' answers differ
+    res = json.loads(out.read_text())
+    assert set(res["median_s"]) == {"direct", "http", "http_stream"} and res["ratio_to_direct"]["direct"] == 1.0
+    assert 1 <= res["answer_tokens"] <= 4
+    from vlmq_export.data.shapes import make_split
+    from vlmq_export.models import load_family
+
+    test = make_split("test", 1)[0]  # the tool's default request: this scene and its question
+    family = load_family(exported["smolvlm"] / "processor")
+    assert res["prompt_tokens"] == family.prepare(test.images, test.prompt).seq_len
