@@ -130,6 +130,8 @@ def test_seeded_sampling_is_reproducible(server):
     (_chat("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "What?"), 400, "not a readable image"),
     (_chat(None, "Hi", max_tokens=33), 400, "max_tokens must be in [1, 32]"),
     (_chat(None, "Hi", temperature="hot"), 400, "temperature must be a number"),
+    (_chat(None, "Hi", top_p=0, temperature=1), 400, "top_p must be in"),
+    (_chat(None, "Hi", top_k=-1), 400, "top_k must be >= 0"),
     (_chat(None, "Hi", n=2), 400, "n > 1"),
     (_chat(None, "Hi", tools=[{"type": "function"}]), 400, "tools is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "text or image_url part"),

@@ -99,7 +99,8 @@ def _number(body: dict, key: str, kind, default, lo=None, hi=None):
         raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}", param=key)
     value = kind(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestError(f"{key} must be in [{lo}, {hi}], got {value}", param=key)
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise RequestError(f"{key} must be {bounds}, got {value}", param=key)
     return value
 
 
@@ -148,7 +149,7 @@ def parse_chat_request(body, max_tokens_limit: int) -> ChatRequest:
         prompt=prompt, images=images, stream=stream,
         max_tokens=_number(body, key, int, min(DEFAULT_MAX_TOKENS, max_tokens_limit), 1, max_tokens_limit),
         temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", float, 1.0, 0.0, 1.0),
+        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),  # 0 would leave no token to sample
         top_k=_number(body, "top_k", int, 0, 0, None),
         seed=_number(body, "seed", int, None),
     )
