@@ -182,6 +182,8 @@ def test_vision_and_projector_quantized_with_saliency(tiny_dirs, tmp_path):
     assert report["components"]["vision"]["features_cosine"] > 0.9
     assert report["stages"]["qdq_onnx_vs_torch_fakequant"]["image_features_max_abs_diff"] <= 1e-4
     assert (out / "saliency.safetensors").is_file() and "llm.0" in report["saliency"]
+    # readable like the graphs beside it (safetensors alone writes it owner-only)
+    assert (out / "saliency.safetensors").stat().st_mode & 0o777 == (out / "manifest.json").stat().st_mode & 0o777
 
 
 @pytest.mark.parametrize("family_name,head", [("smolvlm", "w4"), ("qwen2_vl", "w8g64")])

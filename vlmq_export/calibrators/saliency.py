@@ -11,6 +11,7 @@ Sites are named ``llm.<i>``, ``vision.<i>``, ``projector`` (block outputs) and, 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,10 @@ class Saliency:
         tensors = {f"sample{i}/{site}": g.contiguous().float() for i, r in enumerate(self.raw) for site, g in r.items()}
         meta = {k: str(v) for k, v in self.config.__dict__.items()}
         save_file(tensors, str(path), metadata=meta)
+        # safetensors creates the file owner-only (0600); give it the mode every other output file has
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
 
     def summary(self) -> dict:
         """Mean raw norm and mean factor per modality, per LLM block; the vision share of total weight."""
