@@ -4,6 +4,7 @@
     vlmq-export run OUT --image IMG --prompt "..."
     vlmq-export validate OUT [--model DIR]
     vlmq-export serve OUT [--host 127.0.0.1] [--port 8000]
+    vlmq-export lint OUT [--target tensorrt|onnxruntime]
     vlmq-export inspect OUT
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-VERBS = ("run", "serve", "validate", "eval", "inspect")
+VERBS = ("run", "serve", "validate", "lint", "eval", "inspect")
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -261,6 +262,22 @@ def cmd_validate(argv: list[str]) -> int:
     return 0 if v.get("int4_form_ok") and v.get("ort_fused_all") else 1
 
 
+def cmd_lint(argv: list[str]) -> int:
+    from .validate.lint import TARGETS, format_lint, lint_output
+
+    p = argparse.ArgumentParser(prog="vlmq-export lint", description=(
+        "Check an output directory's graphs against a deployment target's rules, statically and without the "
+        "source model. Exit 0 when no target has a problem."))
+    p.add_argument("out")
+    p.add_argument("--target", action="append", choices=TARGETS,
+                   help="tensorrt or onnxruntime (repeat for both; default: the runtimes the recipe names)")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
+    args = p.parse_args(argv)
+    res = lint_output(args.out, args.target)
+    print(json.dumps(res, indent=2) if args.json else format_lint(res))
+    return 0 if res["ok"] else 1
+
+
 def cmd_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vlmq-export eval", description=(
         "ShapesVQA exact-match accuracy (held-out test split, per question type) and language-model perplexity "
@@ -318,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .errors import VlmqError
 
-    handlers = {"run": cmd_run, "serve": cmd_serve, "validate": cmd_validate, "eval": cmd_eval, "inspect": cmd_inspect}
+    handlers = {"run": cmd_run, "serve": cmd_serve, "validate": cmd_validate, "lint": cmd_lint, "eval": cmd_eval, "inspect": cmd_inspect}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])

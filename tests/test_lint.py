@@ -1,0 +1,77 @@
+"""`vlmq-export lint`: static target checks of an output directory, without the source model."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from vlmq_export import cli
+from vlmq_export.validate.lint import lint_graph, lint_output
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lint")
+    flags = {"sym": [], "asym": ["--asym"], "g32": ["--group-size", "32"]}
+    outs = {}
+    for name, extra in flags.items():
+        outs[name] = root / name
+        assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "rtn", "--no-validate", "-o",
+                         str(outs[name]), "--n-calib", "2", "--quiet", *extra]) == 0
+    return outs
+
+
+def test_symmetric_export_passes_both_targets(exports, capsys):
+    assert cli.main(["lint", str(exports["sym"]), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["targets"]) == {"tensorrt", "onnxruntime"} == set(res["runtimes_in_recipe"])
+    ort = res["targets"]["onnxruntime"]["graphs"]
+    n = sum(g["int4_dequantize"] for g in ort)
+    assert n > 0 and sum(g["matmulnbits"] for g in ort if "matmulnbits" in g) == n
+
+
+def test_asymmetric_export_fails_tensorrt_only(exports, capsys):
+    assert cli.main(["lint", str(exports["asym"])]) == 0  # the recipe names ONNX Runtime alone
+    assert capsys.readouterr().out.startswith("onnxruntime: ok")
+    assert cli.main(["lint", str(exports["asym"]), "--target", "tensorrt", "--target", "onnxruntime"]) == 1
+    text = capsys.readouterr().out
+    assert "tensorrt: PROBLEMS" in text and "onnxruntime: ok" in text
+    assert "unsigned INT4" in text and "has a zero point" in text
+
+
+def test_block_32_is_onnxruntime_only(exports):
+    res = lint_output(exports["g32"], ["tensorrt", "onnxruntime"])
+    assert res["targets"]["onnxruntime"]["ok"] and not res["targets"]["tensorrt"]["ok"]
+    problems = [p for g in res["targets"]["tensorrt"]["graphs"] for p in g["problems"]]
+    assert problems and all("block 32 (TensorRT takes (64, 128))" in p for p in problems)
+
+
+def test_a_dequantize_that_does_not_feed_matmul_directly_is_a_problem_for_both(exports, tmp_path):
+    src = exports["sym"] / "llm.onnx"
+    model = onnx.load(str(src))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    user = next(n for n in model.graph.node if dq.output[0] in n.input)
+    user.input[list(user.input).index(dq.output[0])] = "dq_copy"
+    model.graph.node.insert(list(model.graph.node).index(user),
+                            onnx.helper.make_node("Identity", [dq.output[0]], ["dq_copy"], name="in_between"))
+    path = tmp_path / "llm.onnx"
+    onnx.save(model, str(path))
+    for target in ("tensorrt", "onnxruntime"):
+        res = lint_graph(path, target)
+        assert any("does not feed a MatMul's input B directly" in p for p in res["problems"])
+    assert lint_graph(src, "onnxruntime")["problems"] == []
+
+
+def test_bad_input_is_one_line(exports, tmp_path, capsys):
+    assert cli.main(["lint", str(tmp_path / "missing")]) == 2
+    assert "no such output directory" in capsys.readouterr().err
+    copy = tmp_path / "edited"
+    shutil.copytree(exports["sym"], copy)
+    with open(copy / "projector.onnx", "ab") as fh:
+        fh.write(b"\0")  # a graph that is no longer the one the manifest recorded
+    assert cli.main(["lint", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "projector.onnx" in err
