@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--image", help="image file (default: a ShapesVQA scene)")
     ap.add_argument("--prompt", help="question (default: a ShapesVQA test question, or a generic one with --image)")
+    ap.add_argument("--text-only", action="store_true", help="send no image (a decode-heavy request with a long answer)")
     ap.add_argument("--out", default="benchmarks/serve.json")
     args = ap.parse_args()
     from PIL import Image
@@ -78,12 +79,16 @@ def main() -> int:
             from vlmq_export.data.shapes import make_split
             test = make_split("test", 1)[0]
             image, prompt = test.images[0], args.prompt or test.prompt
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                         {"type": "text", "text": prompt}]}],
-                "max_tokens": args.max_tokens}
+        images = [] if args.text_only else [image]
+        if args.text_only:
+            prompt = args.prompt or "Tell me a story about a robot who paints."
+        content = [{"type": "text", "text": prompt}]
+        for img in images:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            content.insert(0, {"type": "image_url",
+                               "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens}
 
         srv = make_server(out_dir, port=0, max_tokens_limit=max(args.max_tokens, 1))
         thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -94,7 +99,7 @@ def main() -> int:
 
         def direct():
             t0 = time.perf_counter()
-            res = vlm.generate_prepared(vlm.family.prepare([image], prompt), max_new_tokens=args.max_tokens)
+            res = vlm.generate_prepared(vlm.family.prepare(images, prompt), max_new_tokens=args.max_tokens)
             new_tokens.append(len(res.token_ids))
             return res.text, time.perf_counter() - t0
 
@@ -110,12 +115,13 @@ def main() -> int:
                 times[name].append(variants[name]()[1])
         srv.shutdown()
         srv.server_close()
-        prompt_tokens = vlm.family.prepare([image], prompt).seq_len
+        prompt_tokens = vlm.family.prepare(images, prompt).seq_len
     med = {name: statistics.median(t) for name, t in times.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     result = {
         "commit": commit, "machine": machine_stamp(), "output_dir": args.output_dir or "builtin:tiny-smolvlm (rtn)",
+        "images": len(images), "prompt": prompt,
         "accuracy_level": vlm.accuracy_level, "repeats": args.repeats, "max_tokens": args.max_tokens,
         "prompt_tokens": prompt_tokens, "answer": texts["direct"], "answer_tokens": new_tokens[0],
         "median_s": med, "ratio_to_direct": {name: med[name] / med["direct"] for name in med},
