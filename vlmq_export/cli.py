@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .errors import VlmqError
 
-    handlers = {"run": cmd_run, "serve": cmd_serve, "validate": cmd_validate, "lint": cmd_lint, "eval": cmd_eval, "inspect": cmd_inspect}
+    handlers = {"run": cmd_run, "serve": cmd_serve, "validate": cmd_validate, "lint": cmd_lint, "eval": cmd_eval,
+                "inspect": cmd_inspect}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])
