@@ -159,6 +159,10 @@ class _ClientGone(Exception):
     pass
 
 
+def _finish_reason(res) -> str:
+    return "stop" if res.stopped else "length"
+
+
 class VLMServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer over one :class:`OnnxVLM`; generations take turns through ``lock``."""
 
@@ -273,10 +277,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, message)
             else:  # the stream is open: end it with an error event
                 try:
-                    self.wfile.write(b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}})
-                                     .encode() + b"\n\n")
-                    self.wfile.flush()
-                except OSError:
+                    self._sse(json.dumps({"error": {"message": message, "type": "server_error"}}))
+                except _ClientGone:
                     pass
 
     # ------------------------------------------------------------------ helpers
@@ -331,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, {
             **self._envelope("chat.completion", cid, created),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                         "finish_reason": "stop" if res.stopped else "length"}],
+                         "finish_reason": _finish_reason(res)}],
             "usage": self._usage(res),
             "timings": {"prefill_s": res.prefill_s, "decode_s": res.decode_s,
                         "decode_tokens_per_s": res.decode_tokens_per_s if len(res.token_ids) > 1 else None},
@@ -347,19 +349,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
         def event(choice_delta: dict, finish: str | None = None, **extra) -> None:
-            chunk = {**self._envelope("chat.completion.chunk", cid, created),
-                     "choices": [{"index": 0, "delta": choice_delta, "finish_reason": finish}], **extra}
-            try:
-                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                self.wfile.flush()
-            except OSError:
-                raise _ClientGone from None
+            self._sse(json.dumps({**self._envelope("chat.completion.chunk", cid, created),
+                                  "choices": [{"index": 0, "delta": choice_delta, "finish_reason": finish}], **extra}))
 
         event({"role": "assistant", "content": ""})
         res = self._generate(req, prepared, on_text=lambda piece: event({"content": piece}))
-        event({}, "stop" if res.stopped else "length", usage=self._usage(res))
+        event({}, _finish_reason(res), usage=self._usage(res))
+        self._sse("[DONE]")
+
+    def _sse(self, data: str) -> None:
+        """One server-sent event; a client that went away raises _ClientGone (generation stops there)."""
         try:
-            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.write(b"data: " + data.encode() + b"\n\n")
             self.wfile.flush()
         except OSError:
             raise _ClientGone from None
