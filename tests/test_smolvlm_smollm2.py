@@ -159,3 +159,15 @@ def test_missing_gguf_package_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(VlmqError, match=r"needs the gguf package: pip install 'vlmq-export\[gguf\]'"):
         smollm2.smollm2_dir()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_conversion_draws_no_progress_bar(tmp_path, monkeypatch, capfd):
+    """transformers' GGUF reader has its own tqdm bar, which hf_logging.disable_progress_bar() does not reach:
+    it leaked into `--json` output and the quickstart's log. The conversion must print nothing."""
+    from vlmq_export.testing import smollm2
+
+    monkeypatch.setenv("VLMQ_CACHE", str(tmp_path))
+    capfd.readouterr()
+    assert (smollm2.smollm2_dir() / "config.json").is_file()
+    out, err = capfd.readouterr()
+    assert "GGUF" not in err + out and "%|" not in err + out, (out + err)[:300]

@@ -10,6 +10,7 @@ SmolLM2-135M is exactly SmolVLM-256M's language model, so the same weights serve
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -47,7 +48,8 @@ def smollm2_dir() -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    with _no_gguf_progress_bar():
+        loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # a GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights into a plain one
     config = loaded.config
@@ -80,3 +82,21 @@ def load_smollm2(dtype=None):
     path = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach: it leaked
+    into --json output and the quickstart's log. Silence it for the duration of the load."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
