@@ -34,10 +34,13 @@ def resolve_model(spec: str) -> Path:
         if not (path / "config.json").is_file():
             tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
             makers[name](tmp)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                import shutil
+            import shutil
 
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if (path / "config.json").is_file():  # another process (a test worker) published it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                return path
+            if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
         return path
