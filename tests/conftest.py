@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("VLMQ_ORT_THREADS", "2")
+# Under pytest-xdist (scripts/test.sh runs 2 workers) each worker gets its share of the cores, so that two
+# workers do not each spin up a full set of torch and ONNX Runtime threads on a 2-core machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 2) // _WORKERS)
+os.environ.setdefault("VLMQ_ORT_THREADS", str(min(2, _THREADS)))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 @pytest.fixture(scope="session")
