@@ -311,20 +311,68 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-def cmd_inspect(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vlmq-export inspect", description="Summarise an output directory's manifest.")
-    p.add_argument("out")
-    args = p.parse_args(argv)
+HEADLINE = ("logits_cosine", "top1_agreement", "greedy_token_agreement", "image_features_cosine", "qdq_max_abs_diff",
+            "task_accuracy_torch_full_precision", "task_accuracy_onnx_quantized", "int4_form_ok", "ort_fused_all")
+GRAPH_OF = {"vision": "vision_encoder", "projector": "projector", "llm": "llm", "lm_head": "llm"}
+
+
+def inspect_summary(out: Path) -> dict:
+    """What an output directory holds, from its manifest: per quantized component the format, method and
+    layer counts; per graph the file, sizes and inputs; the validation headline."""
     from .outdir import read_manifest
 
-    m = read_manifest(Path(args.out))
-    print(f"{args.out}: {m['source']['model']} ({m['source']['family']}), status {m['status']}")
-    r = m["recipe"]
-    print(f"recipe: {r['method']} W{r['bits']} g{r['group_size']}; calibration {m['calibration']['samples']} samples")
-    for name, c in m.get("components", {}).items():
-        ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"][:4])
-        print(f"  {c['file']}: {c['bytes'] / 1e6:.2f} MB; inputs {ins}{' ...' if len(c['inputs']) > 4 else ''}")
-    print(json.dumps(m.get("validation", {}), indent=2))
+    m = read_manifest(out)
+    r, layers = m.get("recipe", {}), m.get("layers", [])
+    comps = {}
+    for name, c in r.get("components", {}).items():
+        recs = [x for x in layers if x.get("component") == name]
+        comps[name] = {"bits": c["bits"], "group_size": c["group_size"], "symmetric": c.get("sym", True),
+                       "method": r.get("method"), "graph": GRAPH_OF.get(name, name) + ".onnx",
+                       "layers_quantized": sum(1 for x in recs if x.get("bits")),
+                       "layers_float": sum(1 for x in recs if not x.get("bits"))}
+    graphs = {g: {k: c.get(k) for k in ("file", "bytes", "float_bytes", "inputs")}
+              for g, c in m.get("components", {}).items()}
+    return {"output": str(out), "status": m.get("status"), "source": m.get("source", {}),
+            "recipe": {k: r.get(k) for k in ("method", "symmetric", "runtimes", "act_order", "clip_search",
+                                             "true_sequential", "sink_weight", "lm_head")},
+            "calibration": {k: m.get("calibration", {}).get(k) for k in ("source", "samples")},
+            "components": comps, "graphs": graphs,
+            "validation": {k: v for k, v in m.get("validation", {}).items() if k in HEADLINE}}
+
+
+def _format_inspect(s: dict) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    r, src = s["recipe"], s["source"]
+    lines = [f"{s['output']}: {src.get('model')} ({src.get('family')}), status {s['status']}",
+             f"recipe: {r['method']}, {'symmetric' if r.get('symmetric', True) else 'asymmetric'}, runtimes "
+             f"{', '.join(r.get('runtimes') or [])}; calibration {s['calibration']['samples']} samples "
+             f"({s['calibration']['source']})", "components:"]
+    for name, c in s["components"].items():
+        group = "per channel" if c["group_size"] == -1 else f"g{c['group_size']}"
+        lines.append(f"  {name}: W{c['bits']} {group} {'sym' if c['symmetric'] else 'asym'}, {c['method']}; "
+                     f"{c['layers_quantized']} layers quantized, {c['layers_float']} float; in {c['graph']}")
+    lines.append("graphs:")
+    for g in s["graphs"].values():
+        ins = ", ".join(f"{i['name']}[{','.join(map(str, i['shape']))}]" for i in g["inputs"] or [])
+        size = f"{g['bytes'] / 1e6:.2f} MB" + (f" (float {g['float_bytes'] / 1e6:.2f} MB)"
+                                                 if g.get("float_bytes") not in (None, g["bytes"]) else "")
+        lines.append(f"  {g['file']}: {size}; inputs {ins}")
+    v = s["validation"]
+    lines.append("validation: " + (", ".join(f"{k} {fmt(v[k])}" for k in HEADLINE if k in v) or "none"))
+    return "\n".join(lines)
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlmq-export inspect", description=(
+        "Summarise an output directory from its manifest: per quantized component the format and method, the "
+        "graph files with sizes and inputs, the validation headline."))
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    args = p.parse_args(argv)
+    s = inspect_summary(Path(args.out))
+    print(json.dumps(s, indent=2) if args.json else _format_inspect(s))
     return 0
 
 
