@@ -286,3 +286,19 @@ def test_make_split_start_and_errors():
         sv.make_split("nope", 1)
     with pytest.raises(CalibrationDataError):
         sv.make_split("val", 2, start=len(sv.SPLITS["val"]) - 1)
+
+
+def test_save_split_writes_scenes_a_user_can_run_and_calibrate_on(tmp_path, capsys):
+    """`python -m vlmq_export.data.shapes DIR` (the README's way to get a question the testbed knows): PNGs and
+    a data.jsonl that the calibration loader reads back with the same prompts and answers."""
+    from vlmq_export.data.loader import load_samples
+    from vlmq_export.data.shapes import Scene, answer_scene, main, make_split
+
+    assert main([str(tmp_path), "--n", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(" -> " in l for l in lines)
+    want = make_split("test", 3)
+    got = load_samples(str(tmp_path), 3)
+    assert [(s.prompt, s.answer) for s in got] == [(s.prompt, s.answer) for s in want]
+    assert [answer_scene(Scene.from_dict(w.meta["scene"]), w.prompt) for w in want] == [s.answer for s in got]
+    assert main([str(tmp_path / "x"), "--n", "100000"]) == 2 and not (tmp_path / "x").exists()

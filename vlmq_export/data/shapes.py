@@ -20,9 +20,12 @@ Public API::
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -440,3 +443,46 @@ def iter_split(split: str, n: int, image_size: int = 256, start: int = 0):
     """Like make_split, but yields the samples one at a time."""
     for s in split_seeds(split, n, start):
         yield sample(s, image_size)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def save_split(out_dir: str | Path, split: str = "test", n: int = 4, start: int = 0) -> Path:
+    """Write ``n`` samples of a split as PNG files plus ``data.jsonl`` ({image, prompt, answer, qtype}): scenes
+    to try `vlmq-export run` on (the testbed only knows ShapesVQA questions), or a `--calib` folder."""
+    seeds = split_seeds(split, n, start)  # a bad range is refused before anything is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in map(sample, seeds):
+        name = s.source.replace(":", "-") + ".png"
+        s.images[0].save(out_dir / name)
+        lines.append(json.dumps({"image": name, "prompt": s.prompt, "answer": s.answer, "qtype": s.meta["qtype"]}))
+    (out_dir / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return out_dir / "data.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vlmq_export.data.shapes", description=(
+        "Write ShapesVQA scenes (PNG) and their questions and answers (data.jsonl) to a folder."))
+    p.add_argument("out_dir")
+    p.add_argument("--split", default="test", choices=sorted(SPLITS))
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--start", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        path = save_split(args.out_dir, args.split, args.n, args.start)
+    except CalibrationDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        print(f"{path.parent / rec['image']}: {rec['prompt']} -> {rec['answer']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
