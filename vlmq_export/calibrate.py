@@ -7,8 +7,6 @@ embeddings the quantized vision path will really produce.
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,31 +23,11 @@ from .data.samples import Sample
 from .errors import CalibrationDataError, VlmqError
 from .export.qdq import QuantizedLinear
 from .models import Family, Prepared
+from .recipe import COMPONENTS, METHODS, ComponentRecipe, check_recipe_values, parse_component_recipe  # noqa: F401
 
-METHODS = ("rtn", "gptq", "gptaq", "mbq", "vlmq")
-COMPONENTS = ("vision", "projector", "llm", "lm_head")  # execution order
 # which weight calibrator each method drives (mbq and vlmq: GPTQ fed per-token weights)
 CALIBRATOR = {"rtn": "rtn", "gptq": "gptq", "gptaq": "gptaq", "mbq": "gptq", "vlmq": "vlmq"}
 NEEDS_SALIENCY = ("mbq", "vlmq")
-
-
-@dataclass
-class ComponentRecipe:
-    bits: int = 4
-    group_size: int = 128  # -1: per output channel
-
-    def label(self) -> str:
-        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
-
-
-def parse_component_recipe(text: str, default_group: int = 128) -> ComponentRecipe:
-    """``w4``, ``w4g64``, ``w8pc`` (per-channel), ``w3g128`` ..."""
-    m = re.fullmatch(r"w([2348])(?:g(\d+)|(pc))?", text.strip().lower())
-    if not m:
-        raise VlmqError(f"bad component precision '{text}': use w<bits>[g<group>|pc], bits 2, 3, 4 or 8 (e.g. w4, w8pc, w4g64)")
-    bits = int(m.group(1))
-    group = -1 if m.group(3) else int(m.group(2)) if m.group(2) else (-1 if bits == 8 else default_group)
-    return ComponentRecipe(bits, group)
 
 
 @dataclass
@@ -66,21 +44,9 @@ class Recipe:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise VlmqError(f"unknown --method '{self.method}'; valid: {', '.join(METHODS)}")
+        check_recipe_values(self.method, self.components, self.sym, self.damp, self.gptaq_alpha, self.sink_weight)
         if CALIBRATOR[self.method] not in CALIBRATOR_METHODS:
             raise VlmqError(f"--method {self.method} is not available in this build")
-        for comp in self.components:
-            if comp not in COMPONENTS:
-                raise VlmqError(f"unknown component '{comp}'; components: {', '.join(COMPONENTS)}")
-        if not self.components:
-            raise VlmqError("no component to quantize")
-        if not 0.0 <= self.gptaq_alpha <= 1.0:
-            raise VlmqError(f"--gptaq-alpha must be between 0 and 1, got {self.gptaq_alpha}")
-        if not self.sym and all(c.bits > 4 for c in self.components.values()):
-            raise VlmqError("--asym applies to 2- to 4-bit weights and no component has them (8-bit weights stay symmetric)")
-        if not (self.sink_weight >= 0.0 and math.isfinite(self.sink_weight)):
-            raise VlmqError(f"--sink-weight must be a finite number >= 0, got {self.sink_weight}")
 
     def quant_config(self, comp: str) -> QuantConfig:
         c = self.components[comp]
@@ -214,6 +180,24 @@ def weight_function(recipe: Recipe, sal: Saliency | None, comp: str, blocks, num
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device_available(device: str | None) -> None:
+    """A one-line error for a calibration device this machine does not have (before the model loads)."""
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise VlmqError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); "
+                            "use --device cpu or leave --device out")
+        if index and int(index) >= n:
+            raise VlmqError(f"--device {device}: torch sees {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+    elif kind != "cpu":
+        backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+        if backend is None or not backend.is_available():
+            raise VlmqError(f"--device {device}: not available in this torch build; use --device cpu")
 
 
 def open_checkpoint(root: Path | None, key: dict, say) -> Path | None:

@@ -113,12 +113,14 @@ def _progress(args):
     return Progress("quiet" if args.quiet else "json" if args.json else "human")
 
 
-def cmd_export(argv: list[str]) -> int:
-    args = _export_parser().parse_args(argv)
-    from .calibrate import ComponentRecipe, Recipe, parse_component_recipe
-    from .calibrators.saliency import SaliencyConfig
+def _check_export_args(args) -> tuple[dict, Path]:
+    """Every check argv alone allows, before torch and transformers load (a second's work, not twenty):
+    the recipe's numbers and syntax, the device name, and that OUT can be written. Returns the components'
+    recipes and OUT."""
     from .errors import VlmqError
-    from .pipeline import Options, export_model
+    from .outdir import check_writable
+    from .recipe import (COMPONENTS, ComponentRecipe, check_device, check_group_size, check_recipe_values,
+                         check_saliency_values, default_out, parse_component_recipe)
 
     bits = args.bits or 4
     if bits in (8, "fp8"):
@@ -127,15 +129,34 @@ def cmd_export(argv: list[str]) -> int:
         raise VlmqError("--n-calib must be at least 1")
     if args.calib_text < 0 or args.calib_text_tokens < 8:
         raise VlmqError("--calib-text must be >= 0 and --calib-text-tokens >= 8")
-    order = ("vision", "projector", "llm", "lm_head")
-    comps = {c.strip() for c in args.components.split(",") if c.strip()} | {c for c in order if getattr(args, c)}
-    unknown = sorted(comps - set(order))
+    if args.n_val < 1 or args.gen_tokens < 1:
+        raise VlmqError("--n-val and --gen-tokens must be at least 1")
+    if args.eval_task is not None and args.eval_task < 0:
+        raise VlmqError("--eval-task must be >= 0")
+    check_group_size(args.group_size)
+    comps = {c.strip() for c in args.components.split(",") if c.strip()} | {c for c in COMPONENTS if getattr(args, c)}
+    unknown = sorted(comps - set(COMPONENTS))
     if unknown:
-        raise VlmqError(f"unknown component '{unknown[0]}'; components: {', '.join(order)}")
+        raise VlmqError(f"unknown component '{unknown[0]}'; components: {', '.join(COMPONENTS)}")
     llm_default = ComponentRecipe(bits, args.group_size)
     components = {c: parse_component_recipe(getattr(args, c), args.group_size) if getattr(args, c)
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
-                  for c in order if c in comps}
+                  for c in COMPONENTS if c in comps}
+    check_recipe_values(args.method, components, not args.asym, args.damp, args.gptaq_alpha, args.sink_weight)
+    check_saliency_values(args.saliency_floor, args.saliency_exponent)
+    check_device(args.device)
+    out = Path(args.output) if args.output else default_out(args.model, args.method, components, not args.asym)
+    check_writable(out)
+    return components, out
+
+
+def cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    components, out = _check_export_args(args)
+    from .calibrate import Recipe
+    from .calibrators.saliency import SaliencyConfig
+    from .pipeline import Options, export_model
+
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
                     true_sequential=args.true_sequential, sym=not args.asym,
@@ -151,7 +172,7 @@ def cmd_export(argv: list[str]) -> int:
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "
               "(the default of `run`); at level 0 (`run --accuracy-level 0`) it is slower than float.", file=sys.stderr)
     progress = _progress(args)
-    out = export_model(args.model, args.output, recipe, opts, progress)
+    out = export_model(args.model, out, recipe, opts, progress)
     manifest = json.loads((out / "manifest.json").read_text())
     v = manifest.get("validation", {})
     if args.json:

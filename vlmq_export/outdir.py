@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def check_target(out: Path) -> None:
             read_manifest(out)
         except OutputDirError:
             raise OutputDirError(f"{out} exists and is not a vlmq-export output directory; choose another -o") from None
+
+
+def check_writable(out: Path) -> None:
+    """``check_target``, and that OUT can be made: its nearest existing ancestor is a directory in which a
+    file can be created (tried with a temporary file, removed at once: nothing is left behind)."""
+    out = Path(out).absolute()
+    check_target(out)
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputDirError(f"cannot create {out}: {parent} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise OutputDirError(f"cannot create {out}: {parent} is not writable ({exc.strerror or exc})") from None
 
 
 class Staging:

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from . import outdir
-from .calibrate import Recipe, calibrate
+from .calibrate import Recipe, calibrate, check_device_available
 from .data.generated import generated_text_samples
 from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
@@ -25,6 +25,7 @@ from .export.onnx_export import OPSET, export_graph
 from .export.qdq import QuantizedLinear, apply_qdq
 from .models import Family, Prepared, load_family
 from .progress import Progress
+from .recipe import default_out
 from .runtime.generate import GRAPHS, OnnxVLM
 from .runtime.session import PARITY_ACCURACY_LEVEL
 from .sources import resolve_model
@@ -45,12 +46,6 @@ class Options:
     device: str | None = None  # calibration device (default: cuda when available)
     eval_task: int | None = None  # ShapesVQA test samples for task accuracy (None: 100 for builtin:shapes-*)
     extra: dict = field(default_factory=dict)
-
-
-def default_out(model_spec: str, recipe: Recipe) -> Path:
-    name = model_spec.rstrip("/").split(":")[-1].split("/")[-1] or "model"
-    bits = "-".join(f"{c}{r.label()}" for c, r in recipe.components.items())
-    return Path(f"{name}-{recipe.method}-{bits}" + ("" if recipe.sym else "-asym"))
 
 
 def samples_hash(samples: list[Sample]) -> str:
@@ -95,15 +90,16 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     opts = options or Options()
     say = progress or Progress("quiet")
     recipe.check()
-    out = Path(out) if out else default_out(model_spec, recipe)
-    outdir.check_target(out)  # before any slow work
+    check_device_available(opts.device)
+    out = Path(out) if out else default_out(model_spec, recipe.method, recipe.components, recipe.sym)
+    outdir.check_writable(out)  # before any slow work
 
     model_dir = resolve_model(model_spec)
     family = load_family(model_dir)
     calib = load_samples(opts.calib, limit=opts.n_calib)
     say.start("load", f"model {model_spec}")
     say(f"{family.name}: {len(calib)} calibration samples from {opts.calib or 'built-in set'}")
-    model = family.load_model(model_dir)
+    model = family.load_checked(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"loaded {n_params / 1e6:.1f}M parameters")
     if opts.calib_text:

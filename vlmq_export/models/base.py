@@ -23,11 +23,15 @@ Image embeddings replace the embeddings of the image placeholder tokens, in orde
 """
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from ..errors import VlmqError
 
 
 @dataclass
@@ -137,6 +141,17 @@ class Family:
         """Load the HF model (eval mode, float32 by default, an attention implementation that exports)."""
         raise NotImplementedError
 
+    def load_checked(self, path: str | Path, dtype=None):
+        """``load_model``, after :func:`check_weight_files`; a weight file that still fails to load is a
+        one-line VlmqError naming the directory, not a traceback."""
+        from safetensors import SafetensorError
+
+        check_weight_files(path)
+        try:
+            return self.load_model(path, dtype)
+        except (SafetensorError, OSError) as exc:
+            raise VlmqError(f"{path}: cannot load the model's weights ({type(exc).__name__}: {exc})") from None
+
     def hf_inputs(self, prepared: Prepared) -> dict:
         """torch tensors for ``model(**hf_inputs)`` (input_ids, attention_mask, pixel kwargs, extra ids)."""
         raise NotImplementedError
@@ -163,3 +178,22 @@ class Family:
     def export_specs(self, model) -> list[ExportSpec]:
         """One :class:`ExportSpec` per graph, in the order vision_encoder, projector, embed_tokens, llm."""
         raise NotImplementedError
+
+
+def check_weight_files(path: str | Path) -> None:
+    """A one-line VlmqError naming the first ``*.safetensors`` file in ``path`` that is empty, truncated or
+    has an unreadable header. Reads the headers only (the 8-byte length, the JSON, the last data offset
+    against the file size): no weights are loaded."""
+    for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8)) if size >= 8 else (None,)
+                if n is None or n > size - 8:
+                    raise ValueError(f"{size} bytes, shorter than its header")
+                header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"truncated: {size} bytes, its header describes {8 + n + end}")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
+            raise VlmqError(f"{f}: not a readable safetensors weight file ({exc})") from None

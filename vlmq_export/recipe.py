@@ -1,0 +1,87 @@
+"""The quantization recipe's plain parts: component precisions and the checks of every number in it.
+
+Nothing here imports torch, so that the command line refuses bad arguments in a fraction of a second,
+before the heavy imports and the model load (``calibrate.Recipe`` builds on these).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VlmqError
+
+METHODS = ("rtn", "gptq", "gptaq", "mbq", "vlmq")
+COMPONENTS = ("vision", "projector", "llm", "lm_head")  # execution order
+
+
+@dataclass
+class ComponentRecipe:
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+
+    def label(self) -> str:
+        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
+
+
+def check_group_size(group: int, what: str = "--group-size") -> int:
+    """-1 (per output channel) or a power of two >= 16: the blocks ONNX Runtime's MatMulNBits takes."""
+    if group != -1 and (group < 16 or group & (group - 1)):
+        raise VlmqError(f"{what} must be -1 (per output channel) or a power of two >= 16 (16, 32, 64, 128, ...), "
+                        f"got {group}")
+    return group
+
+
+def parse_component_recipe(text: str, default_group: int = 128) -> ComponentRecipe:
+    """``w4``, ``w4g64``, ``w8pc`` (per-channel), ``w3g128`` ..."""
+    m = re.fullmatch(r"w([2348])(?:g(\d+)|(pc))?", text.strip().lower())
+    if not m:
+        raise VlmqError(f"bad component precision '{text}': use w<bits>[g<group>|pc], bits 2, 3, 4 or 8 (e.g. w4, w8pc, w4g64)")
+    bits = int(m.group(1))
+    group = -1 if m.group(3) else int(m.group(2)) if m.group(2) else (-1 if bits == 8 else default_group)
+    return ComponentRecipe(bits, check_group_size(group, f"the block of '{text}'"))
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_recipe_values(method: str, components: dict, sym: bool, damp: float, gptaq_alpha: float,
+                        sink_weight: float) -> None:
+    """Every recipe value that can be wrong on its own, as a one-line VlmqError."""
+    if method not in METHODS:
+        raise VlmqError(f"unknown --method '{method}'; valid: {', '.join(METHODS)}")
+    if not components:
+        raise VlmqError("no component to quantize")
+    for comp, c in components.items():
+        if comp not in COMPONENTS:
+            raise VlmqError(f"unknown component '{comp}'; components: {', '.join(COMPONENTS)}")
+        check_group_size(c.group_size, f"the block of {comp}")
+    if not (_finite(damp) and damp > 0):
+        raise VlmqError(f"--damp must be a finite number > 0, got {damp}")
+    if not (_finite(gptaq_alpha) and 0.0 <= gptaq_alpha <= 1.0):
+        raise VlmqError(f"--gptaq-alpha must be between 0 and 1, got {gptaq_alpha}")
+    if not (_finite(sink_weight) and sink_weight >= 0.0):
+        raise VlmqError(f"--sink-weight must be a finite number >= 0, got {sink_weight}")
+    if not sym and all(c.bits > 4 for c in components.values()):
+        raise VlmqError("--asym applies to 2- to 4-bit weights and no component has them (8-bit weights stay symmetric)")
+
+
+def check_saliency_values(floor: float, exponent: float) -> None:
+    if not (_finite(floor) and floor >= 0):
+        raise VlmqError(f"--saliency-floor must be a finite number >= 0, got {floor}")
+    if not (_finite(exponent) and exponent > 0):
+        raise VlmqError(f"--saliency-exponent must be a finite number > 0, got {exponent}")
+
+
+def check_device(device: str | None) -> None:
+    """The syntax of a torch device name (whether it exists needs torch: ``calibrate.check_device_available``)."""
+    if device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", device):
+        raise VlmqError(f"bad --device '{device}': use cpu, cuda, cuda:N or mps")
+
+
+def default_out(model_spec: str, method: str, components: dict, sym: bool) -> Path:
+    name = model_spec.rstrip("/").split(":")[-1].split("/")[-1] or "model"
+    bits = "-".join(f"{c}{r.label()}" for c, r in components.items())
+    return Path(f"{name}-{method}-{bits}" + ("" if sym else "-asym"))
