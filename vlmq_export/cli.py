@@ -269,7 +269,8 @@ def cmd_serve(argv: list[str]) -> int:
 
 def cmd_validate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vlmq-export validate",
-                                description="Check a complete output directory against its full-precision source model.")
+                                description="Check a complete output directory against its full-precision source model "
+                                            "and update its report. Exit 1 when a gate of the report's verdict fails.")
     p.add_argument("out")
     p.add_argument("--model", help="source model (default: the path recorded in the manifest)")
     p.add_argument("--n-val", type=int, default=4)
@@ -277,10 +278,15 @@ def cmd_validate(argv: list[str]) -> int:
     _output_flags(p)
     args = p.parse_args(argv)
     from .pipeline import validate_output
+    from .validate import gates
 
     v = validate_output(args.out, args.model, args.n_val, args.gen_tokens, _progress(args))
-    print(json.dumps(v, indent=None if args.json else 2))
-    return 0 if v.get("int4_form_ok") and v.get("ort_fused_all") else 1
+    rows = gates.evaluate(v)
+    print(json.dumps({**v, "gates": gates.overall(rows)}, indent=None if args.json else 2))
+    for r in rows:
+        if r["result"] == "fail":
+            print(f"vlmq-export validate: gate failed: {r['label']}: {r['value']} ({r['threshold']})", file=sys.stderr)
+    return 1 if any(r["result"] == "fail" for r in rows) else 0
 
 
 def cmd_lint(argv: list[str]) -> int:

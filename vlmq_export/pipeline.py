@@ -279,6 +279,8 @@ def summary(report: dict) -> dict:
     for key in ("torch_full_precision", "onnx_quantized"):
         if key in task:
             s[f"task_accuracy_{key}"] = task[key].get("accuracy")
+    if s.get("task_accuracy_torch_full_precision") is not None and s.get("task_accuracy_onnx_quantized") is not None:
+        s["task_accuracy_drop"] = s["task_accuracy_torch_full_precision"] - s["task_accuracy_onnx_quantized"]
     s["int4_form_ok"] = not report.get("int4_form_problems")
     f = report.get("ort_fusion", {})
     s["ort_fused_all"] = bool(f) and f.get("matmulnbits") == f.get("int4_dequantize") and f.get("dequantize_left") == 0
@@ -326,7 +328,9 @@ def int4_form(paths, sym: bool) -> dict:
 
 def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, gen_tokens: int = 16,
                     progress: Progress | None = None) -> dict:
-    """Re-validate a complete output directory against its source model; rewrites report/."""
+    """Re-validate a complete output directory against its source model: re-measures the quantized graphs
+    (parity, cost against full precision, INT4 form, ONNX Runtime fusion) and merges them into report/ and the
+    manifest's summary, keeping what it does not recompute."""
     say = progress or Progress("quiet")
     out = Path(out)
     manifest = outdir.check_complete(out)
@@ -341,16 +345,26 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     for name, w in load_quantized_weights(out, manifest).items():
         torch_model.get_submodule(name).weight.data = w.to(torch_model.get_submodule(name).weight.dtype)
     ref_fq = torch_outputs(family, torch_model, val, gen_tokens)
+    stages = quantized_stages(out, ref_float, ref_fq, val, gen_tokens)
+    fresh = {**int4_form([out / c["file"] for c in manifest["components"].values()],
+                         manifest["recipe"].get("symmetric", True)),
+             "ort_fusion": ort_fusion(out / manifest["components"]["llm"]["file"])}
+    # merge: what this run recomputes replaces, the rest (float export check, task accuracy, per-component
+    # fidelity, saliency, layers) stays as the export measured it, and the report says which is which
     prev = {}
     vfile = out / "report" / "validation.json"
     if vfile.is_file():
-        prev = json.loads(vfile.read_text()).get("stages", {})
-    report = {"stages": {k: v for k, v in prev.items() if k == "float_onnx_vs_torch"}}
-    report["stages"].update(quantized_stages(out, ref_float, ref_fq, val, gen_tokens))
-    report.update(int4_form([out / c["file"] for c in manifest["components"].values()],
-                            manifest["recipe"].get("symmetric", True)))
-    report["ort_fusion"] = ort_fusion(out / manifest["components"]["llm"]["file"])
-    manifest["validation"] = summary(report)
+        try:
+            prev = json.loads(vfile.read_text())
+        except ValueError:
+            say(f"{vfile} is unreadable: the report keeps only this run's numbers")
+    report = {k: v for k, v in prev.items() if k not in ("source", "recipe", "summary", "verdict")}
+    report["stages"] = {**report.get("stages", {}), **stages}
+    report.update(fresh)
+    this_run = {"by": "validate", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    report["measured"] = {**report.get("measured", {}), **{f"stages.{k}": this_run for k in stages},
+                          "int4_form": this_run, "ort_fusion": this_run}
+    manifest["validation"] = {**manifest.get("validation", {}), **summary(report)}
     write_report(out, manifest, report)
     outdir.write_manifest(out, manifest)
     return manifest["validation"]

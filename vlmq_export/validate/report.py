@@ -1,11 +1,18 @@
-"""report/validation.json and report/report.md."""
+"""report/validation.json, report/report.md and report/report.html.
+
+The report is built once as a list of sections (title, text, table), then written as markdown and as
+HTML (with plots, ``html.py``). Its verdict comes from the gates in ``gates.py``.
+"""
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# thresholds the report marks as passed / failed (the tests assert the same numbers)
-PARITY_TOL = 1e-4
+from . import gates
 
 
 def _fmt(v) -> str:
@@ -16,80 +23,199 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_report(out: Path, manifest: dict, report: dict) -> None:
-    rdir = Path(out) / "report"
-    rdir.mkdir(exist_ok=True)
-    doc = {"source": manifest.get("source"), "recipe": manifest.get("recipe"),
-           "summary": manifest.get("validation"), **report}
-    (rdir / "validation.json").write_text(json.dumps(doc, indent=2, default=str))
-    lines = [f"# vlmq-export report: {manifest['source']['model']}", ""]
+@dataclass
+class Section:
+    title: str
+    level: int = 2
+    text: list[str] = field(default_factory=list)  # markdown lines: inline `code`, **bold**, "- " bullets
+    header: list[str] | None = None
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # below the table (footnotes)
+    plot: str | None = None  # the HTML report's plot for this section
+
+
+# ----------------------------------------------------------------------------- provenance
+def measured(manifest: dict, report: dict) -> dict:
+    """Who measured each section's numbers and when: the export (at the manifest's date) unless `validate`
+    re-measured it (``report["measured"]``, written by ``validate_output``)."""
+    present = [f"stages.{k}" for k in report.get("stages", {})]
+    present += [k for k in ("task", "components", "saliency", "ort_fusion") if report.get(k)]
+    present += ["int4_form"] if "int4_form_problems" in report else []
+    export = {"by": "export", "at": manifest.get("created")}
+    return {k: report.get("measured", {}).get(k, export) for k in present}
+
+
+def _by(m: dict | None) -> str:
+    if not m:
+        return ""
+    return f"{'export' if m['by'] == 'export' else '`validate`'}, {m['at']}"
+
+
+# ----------------------------------------------------------------------------- layers
+def layer_kind(name: str) -> tuple[int | None, str]:
+    """(block index, layer type): ``model.layers.4.mlp.down_proj`` -> (4, ``mlp.down_proj``)."""
+    m = re.search(r"\.(\d+)\.", name)
+    return (int(m.group(1)), name[m.end():]) if m else (None, name)
+
+
+def outlier_layers(layers: list[dict]) -> list[dict]:
+    """Quantized layers whose reconstruction error is over ``gates.OUTLIER_RATIO`` times the median of their
+    type (same component, same name past the block index), among types with at least three layers."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in layers:
+        if rec.get("bits") and rec.get("error") is not None and math.isfinite(rec["error"]):
+            groups.setdefault((rec.get("component", ""), layer_kind(rec["name"])[1]), []).append(rec)
+    out = []
+    for (comp, kind), recs in groups.items():
+        errs = sorted(r["error"] for r in recs)
+        n = len(errs)
+        median = (errs[(n - 1) // 2] + errs[n // 2]) / 2
+        if n < 3 or median <= 0:
+            continue
+        out += [{"name": r["name"], "component": comp, "type": kind, "block": layer_kind(r["name"])[0],
+                 "error": r["error"], "median": median, "ratio": r["error"] / median}
+                for r in recs if r["error"] > gates.OUTLIER_RATIO * median]
+    return out
+
+
+def _layers_section(layers: list[dict], outliers: list[dict]) -> Section:
+    counts = Counter(r.get("note") for r in layers if r.get("note"))
+    repeated = [n for n in counts if counts[n] > 1]  # each goes once, as a footnote
+    flagged = {o["name"] for o in outliers}
+    sec = Section("Layers", header=["layer", "component", "bits", "group", "error", "note"], plot="layers")
+    for rec in layers:
+        note = rec.get("note", "")
+        err = _fmt(rec["error"]) if rec.get("error") is not None else ""
+        sec.rows.append([rec["name"], rec.get("component", ""), str(rec["bits"] or "float"), str(rec["group_size"] or ""),
+                         f"**{err}** (outlier)" if rec["name"] in flagged else err,
+                         f"[{repeated.index(note) + 1}]" if note in repeated else note])
+    sec.notes = [f"[{i + 1}] {n} ({counts[n]} layers)" for i, n in enumerate(repeated)]
+    return sec
+
+
+# ----------------------------------------------------------------------------- sections
+def verdict(manifest: dict, report: dict) -> dict:
+    rows = gates.evaluate(manifest.get("validation") or {})
+    outliers = outlier_layers(manifest.get("layers", []))
+    return {"result": gates.overall(rows, len(outliers)), "gates": rows, "outlier_layers": outliers}
+
+
+def _verdict_section(v: dict, prov: dict) -> Section:
+    sec = Section(f"Verdict: {v['result'].upper()}", header=["gate", "value", "threshold", "result", "measured by"])
+    for r in v["gates"]:
+        value = ("yes" if r["value"] else "no") if isinstance(r["value"], bool) else _fmt(r["value"])
+        sec.rows.append([r["label"], value, r["threshold"], r["result"], _by(prov.get(r["section"]))])
+    if not v["gates"]:
+        sec.text.append("No gate measured (exported with `--no-validate`?).")
+    for o in v["outlier_layers"]:
+        sec.notes.append(f"- warning: outlier layer `{o['name']}` ({o['component']}, block {o['block']}): reconstruction "
+                         f"error {_fmt(o['error'])}, {o['ratio']:.0f}x the median of its type {o['type']} "
+                         f"({_fmt(o['median'])}; flagged above {gates.OUTLIER_RATIO:g}x)")
+    return sec
+
+
+def _header(manifest: dict, prov: dict) -> list[str]:
     r = manifest["recipe"]
+    sym = r.get("symmetric", all(v.get("sym", True) for v in r["components"].values()))
     comps = ", ".join(f"{c} W{v['bits']} " + ("per-channel" if v["group_size"] == -1 else f"group {v['group_size']}")
-                      for c, v in r["components"].items())
-    lines += [f"- family: {manifest['source']['family']}; method {r['method']}: {comps}; symmetric weight-only "
-              f"Q/DQ (opset {manifest['opset']})",
-              f"- calibration: {manifest['calibration']['samples']} samples from {manifest['calibration']['source']}",
-              ""]
-    lines += ["## Files", "", "| graph | INT4 Q/DQ bytes | float bytes | ratio |", "|---|---|---|---|"]
-    for name, c in manifest.get("components", {}).items():
+                      + ("" if v.get("sym", sym) else " asymmetric") for c, v in r["components"].items())
+    form = "symmetric" if sym else "asymmetric (UINT4 codes with zero points)"
+    lines = [f"# vlmq-export report: {manifest['source']['model']}", "",
+             f"- family: {manifest['source']['family']}; method {r['method']}: {comps}; {form} weight-only "
+             f"Q/DQ (opset {manifest['opset']})",
+             f"- calibration: {manifest['calibration']['samples']} samples from {manifest['calibration']['source']}",
+             f"- numbers measured by the export ({manifest.get('created')})"]
+    again = sorted({m["at"] for m in prov.values() if m["by"] == "validate"})
+    if again:
+        lines[-1] += f", except where marked: `vlmq-export validate` re-measured on {again[-1]} " + ", ".join(
+            k for k, m in prov.items() if m["by"] == "validate")
+    return lines + [""]
+
+
+def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]:
+    out = [_verdict_section(v, prov)]
+    files = Section("Files", header=["graph", "INT4 Q/DQ bytes", "float bytes", "ratio"])
+    for c in manifest.get("components", {}).values():
         fb = c.get("float_bytes") or 0
-        lines.append(f"| {c['file']} | {c['bytes']:,} | {fb:,} | {c['bytes'] / fb:.2f} |" if fb else
-                     f"| {c['file']} | {c['bytes']:,} | | |")
-    lines += ["", "## Fidelity (held-out prompts)", ""]
+        files.rows.append([c["file"], f"{c['bytes']:,}", f"{fb:,}" if fb else "", f"{c['bytes'] / fb:.2f}" if fb else ""])
+    out += [files, Section("Fidelity (held-out prompts)")]
     names = {"float_onnx_vs_torch": "float ONNX vs torch (export correctness)",
              "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level {level}) vs torch with the same quantized weights",
              "quantized_vs_full_precision": "quantized ONNX (ORT, accuracy level {level}, as `run` serves it) vs "
                                             "full-precision torch (what quantization costs)"}
     for key, stage in report.get("stages", {}).items():
         title = names.get(key, key).format(level=stage.get("accuracy_level", "?"))
-        lines += [f"### {title}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in stage.items()]
-        lines.append("")
+        out.append(Section(f"{title} — {_by(prov.get(f'stages.{key}'))}", level=3, header=["metric", "value"],
+                           rows=[[k, _fmt(v)] for k, v in stage.items()]))
     task = report.get("task")
     if task:
-        lines += [f"## Task accuracy (ShapesVQA test split, {task['samples']} samples, exact match)", "",
-                  "| model | overall | per question type |", "|---|---|---|"]
+        sec = Section(f"Task accuracy (ShapesVQA test split, {task['samples']} samples, exact match; "
+                      f"{_by(prov.get('task'))})", header=["model", "overall", "per question type"], plot="task")
         names = {"torch_full_precision": "full precision (torch)",
                  "onnx_quantized": "exported ONNX (ONNX Runtime, accuracy level {level})"}
         for key, res in task.items():
             if isinstance(res, dict):
                 per = ", ".join(f"{k} {_fmt(v)}" for k, v in res.get("per_qtype", {}).items())
-                name = names.get(key, key).format(level=res.get("accuracy_level", "?"))
-                lines.append(f"| {name} | {_fmt(res.get('accuracy'))} | {per} |")
-        lines.append("")
+                sec.rows.append([names.get(key, key).format(level=res.get("accuracy_level", "?")),
+                                 _fmt(res.get("accuracy")), per])
+        out.append(sec)
     comp = report.get("components")
     if comp:
-        lines += ["## Per-component fidelity (each quantized graph alone, fed the float graph's inputs)", "",
-                  "| component | metric | value |", "|---|---|---|"]
-        for c, metrics in comp.items():
-            lines += [f"| {c} | {k} | {_fmt(v)} |" for k, v in metrics.items()]
-        lines.append("")
+        out.append(Section(f"Per-component fidelity (each quantized graph alone, fed the float graph's inputs; "
+                           f"{_by(prov.get('components'))})", header=["component", "metric", "value"], plot="components",
+                           rows=[[c, k, _fmt(v)] for c, metrics in comp.items() for k, v in metrics.items()]))
     sal = report.get("saliency")
     if sal:
-        lines += ["## Token saliency by modality (decoder blocks)", "",
-                  "| block | vision tokens | vision mean grad | text mean grad | other mean grad | vision share of weight |",
-                  "|---|---|---|---|---|---|"]
-        for site, v in sal.items():
-            lines.append(f"| {site} | {v['vision_tokens']} | {_fmt(v['vision_mean_grad'])} | {_fmt(v['text_mean_grad'])} | "
-                         f"{_fmt(v['other_mean_grad'])} | {_fmt(v['vision_weight_share'])} |")
-        lines.append("")
+        out.append(Section(
+            f"Token saliency by modality (decoder blocks; {_by(prov.get('saliency'))})", plot="saliency",
+            header=["block", "vision tokens", "vision mean grad", "text mean grad", "other mean grad", "vision share of weight"],
+            rows=[[site, str(s["vision_tokens"]), _fmt(s["vision_mean_grad"]), _fmt(s["text_mean_grad"]),
+                   _fmt(s["other_mean_grad"]), _fmt(s["vision_weight_share"])] for site, s in sal.items()]))
     fusion = report.get("ort_fusion")
     if fusion:
-        lines += ["## ONNX Runtime fusion (llm.onnx)", "",
-                  f"{fusion['int4_dequantize']} INT4 DequantizeLinear -> {fusion['matmulnbits']} MatMulNBits "
-                  f"({fusion['dequantize_left']} DequantizeLinear left after optimization)", ""]
+        out.append(Section(f"ONNX Runtime fusion (llm.onnx; {_by(prov.get('ort_fusion'))})", text=[
+            f"{fusion['int4_dequantize']} INT4 DequantizeLinear -> {fusion['matmulnbits']} MatMulNBits "
+            f"({fusion['dequantize_left']} DequantizeLinear left after optimization)"]))
     probs = report.get("int4_form_problems")
+    when = _by(prov.get("int4_form"))
     if report.get("int4_form_rules", "tensorrt") == "tensorrt":
-        lines += ["## Portable INT4 form (TensorRT rules)", ""]
+        form = Section(f"Portable INT4 form (TensorRT rules; {when})")
     else:
-        lines += ["## INT4 form (ONNX Runtime rules)", "",
-                  "Asymmetric weights (UINT4 codes with zero points, `--asym`): ONNX Runtime only, TensorRT takes "
-                  "signed INT4 without zero points.", ""]
-    lines += ["all INT4 weights conform" if not probs else "\n".join(f"- {p}" for p in probs), ""]
-    layers = manifest.get("layers", [])
-    if layers:
-        lines += ["## Layers", "", "| layer | component | bits | group | error | note |", "|---|---|---|---|---|---|"]
-        for rec in layers:
-            lines.append(f"| {rec['name']} | {rec.get('component', '')} | {rec['bits'] or 'float'} | {rec['group_size'] or ''} | "
-                         f"{_fmt(rec['error']) if rec.get('error') is not None else ''} | {rec.get('note', '')} |")
-    (rdir / "report.md").write_text("\n".join(lines) + "\n")
+        form = Section(f"INT4 form (ONNX Runtime rules; {when})", text=[
+            "Asymmetric weights (UINT4 codes with zero points, `--asym`): ONNX Runtime only, TensorRT takes "
+            "signed INT4 without zero points.", ""])
+    form.text += ["all INT4 weights conform"] if not probs else [f"- {p}" for p in probs]
+    out.append(form)
+    if manifest.get("layers"):
+        out.append(_layers_section(manifest["layers"], v["outlier_layers"]))
+    return out
+
+
+def to_markdown(header: list[str], secs: list[Section]) -> str:
+    lines = list(header)
+    for s in secs:
+        lines += [f"{'#' * s.level} {s.title}", ""]
+        lines += s.text + ([""] if s.text else [])
+        if s.header:
+            lines += ["| " + " | ".join(s.header) + " |", "|" + "---|" * len(s.header)]
+            lines += ["| " + " | ".join(row) + " |" for row in s.rows]
+            lines.append("")
+        lines += s.notes + ([""] if s.notes else [])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_report(out: Path, manifest: dict, report: dict) -> dict:
+    """Write report/validation.json, report.md and report.html; returns the verdict."""
+    from .html import render_html
+
+    rdir = Path(out) / "report"
+    rdir.mkdir(exist_ok=True)
+    v = verdict(manifest, report)
+    prov = measured(manifest, report)
+    doc = {"source": manifest.get("source"), "recipe": manifest.get("recipe"),
+           "summary": manifest.get("validation"), **report, "measured": prov, "verdict": v}
+    (rdir / "validation.json").write_text(json.dumps(doc, indent=2, default=str))
+    header, secs = _header(manifest, prov), sections(manifest, report, v, prov)
+    (rdir / "report.md").write_text(to_markdown(header, secs))
+    (rdir / "report.html").write_text(render_html(header, secs, manifest, report, v))
+    return v

@@ -1,0 +1,78 @@
+"""The validation gates: one table of thresholds, read by the report's verdict (report.md and report.html)
+and by `vlmq-export validate`'s exit code (1 when a gate fails).
+
+Each gate reads one key of the manifest's ``validation`` summary; a gate whose key is absent (no
+task accuracy, no image in the prompts, `--no-validate`) is not part of the verdict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Gate:
+    key: str  # key of the validation summary
+    label: str
+    section: str  # the report section the number comes from (for its provenance)
+    higher_is_better: bool | None  # None: a yes/no check, True passes
+    warn: float | None = None  # beyond this: warn
+    fail: float | None = None  # beyond this: fail (None: the gate only warns)
+
+    def result(self, value) -> str:
+        if self.higher_is_better is None:
+            return "pass" if value else "fail"
+        worse = (lambda t: value < t) if self.higher_is_better else (lambda t: value > t)
+        if self.fail is not None and worse(self.fail):
+            return "fail"
+        if self.warn is not None and worse(self.warn):
+            return "warn"
+        return "pass"
+
+    def threshold(self) -> str:
+        if self.higher_is_better is None:
+            return "must hold"
+        ok, bad = ("≥", "<") if self.higher_is_better else ("≤", ">")
+        if self.fail is None:
+            return f"pass {ok} {self.warn:g}, else warn"
+        if self.warn is None:
+            return f"fail {bad} {self.fail:g}"
+        return f"pass {ok} {self.warn:g}, fail {bad} {self.fail:g}, warn between"
+
+
+QUANTIZED = "stages.quantized_vs_full_precision"
+GATES: tuple[Gate, ...] = (
+    Gate("float_onnx_max_abs_diff", "float ONNX vs torch: max abs diff (export correctness)",
+         "stages.float_onnx_vs_torch", False, warn=1e-4, fail=1e-2),
+    Gate("qdq_max_abs_diff", "Q/DQ ONNX vs torch fake-quant: max abs diff", "stages.qdq_onnx_vs_torch_fakequant",
+         False, warn=1e-4, fail=1e-2),
+    Gate("logits_cosine", "logits cosine vs full precision", QUANTIZED, True, warn=0.98, fail=0.90),
+    Gate("top1_agreement", "top-1 agreement vs full precision", QUANTIZED, True, warn=0.85, fail=0.50),
+    Gate("greedy_token_agreement", "greedy token agreement vs full precision", QUANTIZED, True, warn=0.50),
+    Gate("image_features_cosine", "image features cosine vs full precision", QUANTIZED, True, warn=0.99, fail=0.90),
+    Gate("task_accuracy_drop", "task accuracy drop (full precision minus exported ONNX)", "task", False,
+         warn=0.03, fail=0.10),
+    Gate("int4_form_ok", "INT4 form follows the target's rules", "int4_form", None),
+    Gate("ort_fused_all", "ONNX Runtime fuses every INT4 DequantizeLinear into MatMulNBits", "ort_fusion", None),
+)
+
+# a quantized layer is flagged when its reconstruction error is this many times the median of its layer type
+OUTLIER_RATIO = 10.0
+
+_ORDER = ("pass", "warn", "fail")
+
+
+def evaluate(summary: dict) -> list[dict]:
+    """One row per gate whose number the summary holds."""
+    return [{"gate": g.key, "label": g.label, "section": g.section, "value": summary[g.key],
+             "threshold": g.threshold(), "result": g.result(summary[g.key])}
+            for g in GATES if summary.get(g.key) is not None]
+
+
+def overall(rows: list[dict], warnings: int = 0) -> str:
+    """The worst gate's result; a pass with warnings (e.g. outlier layers) is a warn."""
+    worst = max((_ORDER.index(r["result"]) for r in rows), default=0)
+    return _ORDER[max(worst, 1 if warnings else 0)]
+
+
+def failed(summary: dict) -> list[dict]:
+    return [r for r in evaluate(summary) if r["result"] == "fail"]
