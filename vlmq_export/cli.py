@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-VERBS = ("run", "serve", "validate", "lint", "eval", "inspect")
+VERBS = ("run", "serve", "validate", "lint", "eval", "inspect", "build")
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -403,6 +403,39 @@ def cmd_inspect(argv: list[str]) -> int:
     return 0
 
 
+def cmd_build(argv: list[str]) -> int:
+    from .engines.build import build_output
+    from .engines.script import TARGET_RULES
+
+    p = argparse.ArgumentParser(prog="vlmq-export build", description=(
+        "Write OUT/engines/profiles.json (TensorRT optimization profiles: the language model's prefill and decode, "
+        "the vision encoder's from the image processor's limits) and OUT/build_engines.sh (trtexec commands for the "
+        "target), and build the engines here with Polygraphy where TensorRT imports and this machine is the target."))
+    p.add_argument("out")
+    p.add_argument("--target", default="tensorrt", choices=tuple(TARGET_RULES),
+                   help="tensorrt (a server GPU, default), jetson-orin or jetson-thor")
+    p.add_argument("--max-batch", type=int, default=1, metavar="B", help="largest batch (default 1)")
+    p.add_argument("--max-seq", type=int, metavar="S", help="longest prefill, in tokens (default: --max-context)")
+    p.add_argument("--max-context", type=int, metavar="C",
+                   help="longest context, prompt + generated tokens (default: 4096 or the model's limit if smaller)")
+    p.add_argument("--max-images", type=int, default=1, metavar="N", help="most images per prompt (default 1)")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
+    args = p.parse_args(argv)
+    res = build_output(args.out, args.target, max_batch=args.max_batch, max_seq=args.max_seq,
+                       max_context=args.max_context, max_images=args.max_images)
+    out = Path(args.out)
+    if args.json:
+        print(json.dumps(res))
+    elif res["build_error"]:
+        print(f"vlmq-export: error: engine build failed: {res['build_error']} (log: {out / res['log']})", file=sys.stderr)
+    elif res["not_built"]:
+        print(f"engines not built: {res['not_built']}; wrote {out / res['profiles']} and {out / res['script']}: "
+              f"on the {args.target} machine run `bash {out / res['script']}`")
+    else:
+        print(f"built {len(res['built'])} engines in {out / 'engines'} (TensorRT {res['tensorrt']}, {res['gpu']})")
+    return 1 if res["build_error"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # OpenMP threads that spin while waiting make torch's many small GPTQ ops ~10-100x slower when another
@@ -411,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import VlmqError
 
     handlers = {"run": cmd_run, "serve": cmd_serve, "validate": cmd_validate, "lint": cmd_lint, "eval": cmd_eval,
-                "inspect": cmd_inspect}
+                "inspect": cmd_inspect, "build": cmd_build}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])
