@@ -127,11 +127,23 @@ def test_seeded_sampling_is_reproducible(server):
     ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}, 400, "one user message"),
     (_chat("https://example.com/cat.png", "What?"), 400, "fetches nothing"),
     (_chat("data:image/png;base64,@@@", "What?"), 400, "invalid base64"),
-    (_chat("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "What?"), 400, "not a readable image"),
+    (_chat("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "What?"), 400, "unreadable image"),
     (_chat(None, "Hi", max_tokens=33), 400, "max_tokens must be in [1, 32]"),
     (_chat(None, "Hi", temperature="hot"), 400, "temperature must be a number"),
     (_chat(None, "Hi", top_p=0, temperature=1), 400, "top_p must be in"),
-    (_chat(None, "Hi", top_k=-1), 400, "top_k must be >= 0"),
+    (_chat(None, "Hi", top_k=-1), 400, "top_k must be in [0, "),
+    (_chat(None, "Hi", top_k=1e9, temperature=1), 400, "top_k must be in [0, "),
+    (_chat(None, "Hi", seed=-1, temperature=1), 400, "seed must be in [0, "),
+    (_chat(None, "Hi", seed=10**30, temperature=1), 400, "seed must be in [0, "),
+    (_chat(None, "Hi", temperature=float("nan")), 400, "temperature must be a finite number"),
+    (_chat(None, "Hi", top_p=float("nan"), temperature=1), 400, "top_p must be a finite number"),
+    (_chat(None, "Hi", max_tokens=float("inf")), 400, "max_tokens must be an integer"),
+    (_chat(None, "Hi", temperature=10**400), 400, "temperature must be a finite number"),
+    (_chat(None, "   "), 400, "the prompt is empty"),
+    (_chat(None, "Hi", presence_penalty=0.5), 400, "presence_penalty is not supported"),
+    (_chat(None, "Hi", stream_options={"include_usage": True}), 400, "only allowed with stream: true"),
+    (_chat(None, "Hi", stream=True, stream_options={"include_usage": 1}), 400, "stream_options takes only"),
+    (_chat(None, "Hi", stream=True, stream_options={"continuous_usage_stats": True}), 400, "stream_options takes only"),
     (_chat(None, "Hi", n=2), 400, "n > 1"),
     (_chat(None, "Hi", tools=[{"type": "function"}]), 400, "tools is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "text or image_url part"),
@@ -189,3 +201,121 @@ def test_bench_serve_tool_writes_its_comparison(exported, tmp_path, monkeypatch)
     test = make_split("test", 1)[0]  # the tool's default request: this scene and its question
     family = load_family(exported["smolvlm"] / "processor")
     assert res["prompt_tokens"] == family.prepare(test.images, test.prompt).seq_len
+
+
+def _events(payload: bytes) -> list:
+    events = [line[len("data: "):] for line in payload.decode().split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_stream_include_usage_ends_with_a_usage_chunk(server):
+    body = _chat(None, "Count to three.", max_tokens=6)
+    whole = json.loads(_request(server, "POST", "/v1/chat/completions", body)[2])
+    status, _, payload = _request(server, "POST", "/v1/chat/completions",
+                                  {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    chunks = _events(payload)
+    *deltas, last = chunks
+    assert last["choices"] == [] and last["usage"] == whole["usage"]  # OpenAI's form
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in deltas)
+    assert deltas[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in deltas)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def _png_bytes_url(size: tuple[int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("1", size).save(buf, format="PNG")  # 1-bit, blank: a few KB even at 400 megapixels
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("size, words", [
+    ((5000, 5000), "5000x5000 = 25000000 pixels is over the limit of 16777216"),
+    ((10_000, 10_000), "decompression bomb"),  # Pillow's DecompressionBombWarning
+    ((20_000, 20_000), "decompression bomb"),  # Pillow's DecompressionBombError (closed the connection before)
+])
+def test_oversized_images_and_decompression_bombs_get_a_400(server, size, words):
+    status, _, payload = _request(server, "POST", "/v1/chat/completions", _chat(_png_bytes_url(size), "What?"))
+    assert status == 400 and words in json.loads(payload)["error"]["message"]
+    assert _request(server, "GET", "/health")[0] == 200
+
+
+def test_image_count_and_context_limits(server):
+    url, _ = _png_data_url(3, size=16)
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 9
+                          + [{"type": "text", "text": "What?"}]}]}
+    status, _, payload = _request(server, "POST", "/v1/chat/completions", body)
+    assert status == 400 and "9 images, more than the limit of 8" in json.loads(payload)["error"]["message"]
+    ctx = server.vlm.context_length
+    status, _, payload = _request(server, "POST", "/v1/chat/completions", _chat(None, "a " * ctx, max_tokens=1))
+    err = json.loads(payload)["error"]
+    assert status == 400 and f"the model's context is {ctx}" in err["message"] and err["param"] == "messages"
+
+
+def _raw_exchange(srv, data: bytes, shut: bool = True, timeout: float = 10) -> bytes:
+    """Send raw bytes, optionally half-close, and read until the server closes the connection."""
+    with socket.create_connection(srv.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+def test_a_body_shorter_than_its_content_length_is_refused(server):
+    body = json.dumps(_chat(None, "Hi", max_tokens=1)).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) + 10}\r\n\r\n").encode()
+    got = _raw_exchange(server, head + body)
+    assert got.startswith(b"HTTP/1.1 400 ") and b"the body ended after" in got
+
+
+def test_wrong_method_on_a_known_route_is_405_with_allow(server):
+    host, port = server.server_address[:2]
+    for method, path, allow in (("POST", "/health", "GET"), ("GET", "/v1/chat/completions", "POST"),
+                                ("PUT", "/v1/models", "GET"), ("DELETE", "/v1/chat/completions", "POST")):
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request(method, path, body=b"{}" if method in ("POST", "PUT") else None)
+        resp = conn.getresponse()
+        payload = resp.read()
+        conn.close()
+        assert resp.status == 405 and resp.getheader("Allow") == allow, (method, path, payload)
+        assert f"{path} takes {allow}" in json.loads(payload)["error"]["message"]
+    assert _request(server, "PUT", "/nope", {})[0] == 404
+
+
+@pytest.fixture(scope="module")
+def quick_server(exported):
+    """A server with a short connection timeout that records its log lines."""
+    lines: list[str] = []
+    srv = make_server(exported["smolvlm"], port=0, accuracy_level=0, max_tokens_limit=4, timeout=0.5,
+                      log=lines.append)
+    srv.lines = lines
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_silent_and_half_sent_connections_time_out(quick_server):
+    silent = socket.create_connection(quick_server.server_address[:2], timeout=10)
+    half = socket.create_connection(quick_server.server_address[:2], timeout=10)
+    try:
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: the headers never end
+        assert _request(quick_server, "GET", "/health")[0] == 200  # others are served meanwhile
+        for sock in (silent, half):
+            assert sock.recv(1024) == b""  # closed by the server (before: the client timed out here)
+    finally:
+        silent.close()
+        half.close()
+    assert _request(quick_server, "GET", "/health")[0] == 200
+
+
+def test_control_characters_of_the_request_line_are_escaped_in_the_log(quick_server):
+    _raw_exchange(quick_server, b"GET /health\x1b[2J\rFAKE 200 OK HTTP/1.1\r\nHost: x\r\n\r\n")
+    logged = [line for line in quick_server.lines if "FAKE" in line]
+    assert logged and all(not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line) for line in logged)
+    assert any("\\x1b[2J\\x0dFAKE" in line for line in logged)

@@ -199,29 +199,63 @@ def _accuracy_level_flag(p: argparse.ArgumentParser) -> None:
                         f"fast), 0 float (slower; matches torch fake-quant exactly). Default {DEFAULT_ACCURACY_LEVEL}")
 
 
+def _verify_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the graphs against their sha256 in the manifest (about 0.2 s per 200 MB)")
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    from .runtime.limits import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES
+
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help=f"most images per prompt (default {DEFAULT_MAX_IMAGES})")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f"most pixels per image, checked from its header before decoding (default "
+                        f"{DEFAULT_MAX_IMAGE_PIXELS} = 4096x4096)")
+
+
+def _check_limit_flags(args) -> None:
+    from .errors import VlmqError
+
+    if args.max_images < 0 or args.max_image_pixels < 1:
+        raise VlmqError("--max-images must be >= 0 and --max-image-pixels >= 1")
+
+
 def cmd_run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vlmq-export run", description="Generate text from image(s) + a prompt with ONNX Runtime.")
+    p = argparse.ArgumentParser(prog="vlmq-export run", description=(
+        "Generate text from image(s) + a prompt with ONNX Runtime. A prompt (text and image tokens) that fills "
+        "the model's context is refused; --max-new-tokens is clamped to the context it leaves."))
     p.add_argument("out", help="a vlmq-export output directory")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample, in [0, 2] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="with --sample, 0 (all) up to the vocabulary size")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample, in (0, 1]")
+    p.add_argument("--seed", type=int, help="with --sample, >= 0")
     p.add_argument("--no-stop", action="store_true", help="ignore stop tokens (always generate max-new-tokens)")
     _accuracy_level_flag(p)
+    _limit_flags(p)
+    _verify_flag(p)
     p.add_argument("--tokens", action="store_true", help="print the generated token ids at the end")
     _output_flags(p)
     args = p.parse_args(argv)
     from .data.loader import open_image
     from .outdir import check_complete
+    from .runtime import limits
     from .runtime.generate import OnnxVLM
 
-    check_complete(Path(args.out), verify_hashes=False)
-    images = [open_image(Path(i)) for i in args.image]
+    # every check the server makes too (runtime/limits.py), before any graph is read
+    _check_limit_flags(args)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    limits.check_prompt(args.prompt, "--prompt")
+    limits.check_image_count(len(args.image), args.max_images)
+    limits.check_generation({name: getattr(args, name) for name in limits.RANGES}, label=flag)
+    check_complete(Path(args.out), verify_hashes=not args.no_verify)
     vlm = OnnxVLM(args.out, accuracy_level=args.accuracy_level)
+    limits.check_generation({"top_k": args.top_k}, vlm.vocab_size, label=flag)
+    images = [open_image(Path(i), args.max_image_pixels) for i in args.image]
     stream = None if (args.json or args.quiet) else (lambda s: print(s, end="", flush=True))
     res = vlm.generate(images, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -254,6 +288,11 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--max-tokens-limit", type=int, default=1024,
                    help="largest max_tokens a request may ask for (default 1024)")
     _accuracy_level_flag(p)
+    _limit_flags(p)
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a connection may send nothing (before or inside a request) before it is closed "
+                        "(default 30; 0: never)")
+    _verify_flag(p)
     p.add_argument("--quiet", action="store_true", help="no start-up line and no request log")
     args = p.parse_args(argv)
     from .runtime.server import serve
@@ -262,8 +301,12 @@ def cmd_serve(argv: list[str]) -> int:
         p.error(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens_limit < 1:
         p.error("--max-tokens-limit must be at least 1")
+    _check_limit_flags(args)
+    if not args.timeout >= 0:  # NaN too
+        p.error("--timeout must be >= 0")
     serve(args.out, args.host, args.port, accuracy_level=args.accuracy_level, max_tokens_limit=args.max_tokens_limit,
-          quiet=args.quiet)
+          quiet=args.quiet, verify=not args.no_verify, timeout=args.timeout or None, max_images=args.max_images,
+          max_image_pixels=args.max_image_pixels)
     return 0
 
 
@@ -314,6 +357,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--torch", action="store_true", help="also evaluate the full-precision source model in torch")
     p.add_argument("--model", help="source model for --torch (default: the manifest's)")
     _accuracy_level_flag(p)
+    _verify_flag(p)
     _output_flags(p)
     args = p.parse_args(argv)
     from .models import load_family
@@ -324,7 +368,7 @@ def cmd_eval(argv: list[str]) -> int:
     from .validate.perplexity import perplexity_onnx, perplexity_torch, text_ids
 
     out = Path(args.out)
-    manifest = check_complete(out, verify_hashes=False)
+    manifest = check_complete(out, verify_hashes=not args.no_verify)
     vlm = OnnxVLM(out, accuracy_level=args.accuracy_level)
     res = {"onnx": {**evaluate_onnx(out, n=args.n, accuracy_level=args.accuracy_level, vlm=vlm),
                     "perplexity": perplexity_onnx(vlm, text_ids(vlm.family.tokenizer))}}

@@ -13,27 +13,41 @@ packages. There is no fallback to random tensors: no data is an error.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import CalibrationDataError
+from ..runtime.limits import check_image_size
 from .samples import Sample
 
 BUILTIN = ("builtin", "builtin:shapes", "builtin:photos")
 PHOTO_PROMPTS = ("Describe this image.", "What is the person wearing?", "What is in the picture?")
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open an image fully (so corrupt files fail here, naming the file)."""
+def open_image(path, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+    """Open an image fully (so corrupt files fail here, naming the file, or ``name`` for a file object).
+
+    ``max_pixels``: refuse an image whose header gives more pixels, before its pixels are decoded (a small
+    PNG can decode to gigabytes). Pillow's own decompression-bomb check (``Image.MAX_IMAGE_PIXELS``: a
+    warning above it, ``DecompressionBombError`` above twice it) is turned into the same one-line refusal.
+    """
+    name = name or str(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if max_pixels is not None:
+                    check_image_size(im.size, max_pixels, name)
+                im.load()
+                return im.convert("RGB")
     except FileNotFoundError:
-        raise CalibrationDataError(f"image not found: {path}") from None
+        raise CalibrationDataError(f"image not found: {name}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CalibrationDataError(f"{name}: refused as a possible decompression bomb ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CalibrationDataError(f"corrupt or unreadable image: {path} ({type(exc).__name__})") from None
+        raise CalibrationDataError(f"corrupt or unreadable image: {name} ({type(exc).__name__})") from None
 
 
 def builtin_photos() -> list[Sample]:

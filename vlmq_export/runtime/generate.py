@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..models import Prepared, load_family
+from .limits import context_length, fit_to_context
 from .session import DEFAULT_ACCURACY_LEVEL, make_session
 
 GRAPHS = ("vision_encoder", "projector", "embed_tokens", "llm")
@@ -42,7 +43,7 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator | None, temperatur
     if rng is None or temperature <= 0:
         return int(np.argmax(logits))
     logits = logits.astype(np.float64) / temperature
-    if top_k > 0:
+    if 0 < top_k < logits.size:  # top_k >= the vocabulary keeps every token
         kth = np.partition(logits, -top_k)[-top_k]
         logits = np.where(logits < kth, -np.inf, logits)
     probs = _softmax(logits)
@@ -66,6 +67,15 @@ class OnnxVLM:
         self.accuracy_level = accuracy_level
         self._opts = dict(accuracy_level=accuracy_level, providers=providers)
         self._sessions: dict = {}
+
+    @property
+    def context_length(self) -> int | None:
+        """Prompt plus generated tokens may not exceed this (the model's ``max_position_embeddings``)."""
+        return context_length(self.family)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.family.text_config.vocab_size)
 
     def session(self, name: str):
         if name not in self._sessions:
@@ -127,6 +137,9 @@ class OnnxVLM:
                           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                           seed: int | None = None, stop: bool = True,
                           on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate from a prepared prompt. A prompt that fills the model's context raises a LimitError
+        before any graph runs; ``max_new_tokens`` is clamped to the context left after the prompt."""
+        max_new_tokens = fit_to_context(prepared.seq_len, max_new_tokens, self.context_length)
         fam = self.family
         rng = np.random.default_rng(seed) if sample else None
         stop_ids = set(fam.stop_token_ids) if stop else set()

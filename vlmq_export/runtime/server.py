@@ -10,10 +10,13 @@
 What is taken: one user message (string content, or a list of ``text`` and ``image_url`` parts; images
 go before the text, as ``run`` and the model families place them), ``max_tokens`` /
 ``max_completion_tokens``, ``temperature`` (absent or 0: greedy, as ``run``), ``top_p``, ``top_k`` (an
-extension), ``seed``, ``stream`` (server-sent ``chat.completion.chunk`` events, then ``data: [DONE]``).
+extension), ``seed``, ``stream`` (server-sent ``chat.completion.chunk`` events, then ``data: [DONE]``) and
+``stream_options.include_usage`` (a last chunk with ``usage`` and empty ``choices``, as OpenAI sends it).
 Images come inline as base64 ``data:`` URLs only: the server fetches nothing. Anything else that changes
-the answer (several turns, a system message, ``n`` > 1, tools) is refused with a 400 and a one-line
-message, never ignored.
+the answer (several turns, a system message, ``n`` > 1, tools, penalties) is refused with a 400 and a
+one-line message, never ignored. The limits of ``limits.py`` apply as in ``run`` (images per request,
+pixels per image, the model's context: a 400 before the vision encoder runs); a wrong method on a known
+route gets a 405 with ``Allow``; a connection that sends nothing for ``timeout`` seconds is closed.
 
 One generation runs at a time (ONNX Runtime already spreads one over every core); other requests wait
 for it, and ``/health`` answers meanwhile. Greedy answers are the tokens ``vlmq-export run`` gives.
@@ -24,6 +27,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import sys
 import threading
 import time
@@ -35,9 +39,18 @@ from pathlib import Path
 
 from ..errors import VlmqError
 from .generate import GRAPHS, OnnxVLM
+from .limits import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, LimitError, check_image_count, check_prompt,
+                     check_range, fit_to_context, generation_ranges)
 
 MAX_BODY_BYTES = 32 << 20  # a request larger than this (inline images included) is refused with 413
 DEFAULT_MAX_TOKENS = 64
+DEFAULT_TIMEOUT_S = 30.0  # a connection silent this long (before or inside a request) is closed
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
+# body fields that would change the answer and are not implemented: refused when set (non-zero / non-empty)
+UNSUPPORTED = ("tools", "functions", "response_format", "logit_bias", "stop", "presence_penalty",
+               "frequency_penalty", "logprobs", "top_logprobs")
+# control characters (C0, DEL, C1) as \xNN in the log: a request line cannot forge log lines
+_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 class ServeError(VlmqError):
@@ -63,15 +76,17 @@ class ChatRequest:
     top_k: int = 0
     seed: int | None = None
     stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
 
     @property
     def sample(self) -> bool:
         return self.temperature > 0
 
 
-def decode_data_url(url: str, where: str):
-    """A ``data:image/...;base64,...`` URL as a PIL RGB image, or a RequestError naming ``where``."""
-    from PIL import Image, UnidentifiedImageError
+def decode_data_url(url: str, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """A ``data:image/...;base64,...`` URL as a PIL RGB image, or a RequestError naming ``where`` (an image of
+    more than ``max_pixels`` is refused from its header, before it is decoded)."""
+    from ..data.loader import open_image
 
     if not isinstance(url, str) or not url.startswith("data:"):
         raise RequestError(f"{where}: only inline data: URLs (base64) are accepted; this server fetches nothing",
@@ -84,28 +99,43 @@ def decode_data_url(url: str, where: str):
     except (binascii.Error, ValueError):
         raise RequestError(f"{where}: invalid base64 data", param=where) from None
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise RequestError(f"{where}: not a readable image ({type(exc).__name__})", param=where) from None
+        return open_image(io.BytesIO(raw), max_pixels, name=where)
+    except VlmqError as exc:
+        raise RequestError(str(exc), param=where) from None
 
 
 def _number(body: dict, key: str, kind, default, lo=None, hi=None):
+    """``body[key]`` as ``kind`` (int or float), finite and in [lo, hi] (limits.check_range), else a 400."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    int_ok = not isinstance(value, float) or value.is_integer()  # NaN and infinities are not integers
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not int_ok):
         raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}", param=key)
-    value = kind(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise RequestError(f"{key} must be {bounds}, got {value}", param=key)
-    return value
+    try:
+        value = kind(value)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
+    return check_range(key, value, lo, hi, param=key)
 
 
-def parse_chat_request(body, max_tokens_limit: int) -> ChatRequest:
-    """The generation a chat-completions request body asks for, or a RequestError saying what is refused."""
+def _include_usage(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not stream:
+        raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
+    include = opts.get("include_usage", False) if isinstance(opts, dict) else None
+    if not isinstance(include, bool) or set(opts) - {"include_usage"}:
+        raise RequestError("stream_options takes only include_usage (true or false)", param="stream_options")
+    return include
+
+
+def parse_chat_request(body, max_tokens_limit: int, *, vocab_size: int | None = None,
+                       max_images: int = DEFAULT_MAX_IMAGES,
+                       max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ChatRequest:
+    """The generation a chat-completions request body asks for, or a RequestError / LimitError saying what
+    is refused. Images are counted before any is decoded."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     messages = body.get("messages")
@@ -116,7 +146,7 @@ def parse_chat_request(body, max_tokens_limit: int) -> ChatRequest:
         raise RequestError(f"exactly one user message is supported (got roles {roles}): several turns and system "
                            "messages are not implemented", param="messages")
     content = messages[0].get("content")
-    texts, images = [], []
+    texts, urls = [], []
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
@@ -127,32 +157,34 @@ def parse_chat_request(body, max_tokens_limit: int) -> ChatRequest:
                 texts.append(part["text"])
             elif kind == "image_url":
                 url = part.get("image_url")
-                images.append(decode_data_url(url.get("url") if isinstance(url, dict) else url, where))
+                urls.append((where, url.get("url") if isinstance(url, dict) else url))
             else:
                 raise RequestError(f"{where}: expected a text or image_url part", param=where)
     else:
         raise RequestError("messages[0].content must be a string or a list of parts", param="messages")
-    prompt = "\n".join(texts)
-    if not prompt.strip():
-        raise RequestError("the user message has no text", param="messages")
+    prompt = check_prompt("\n".join(texts), param="messages")
+    check_image_count(len(urls), max_images, param="messages")
     n = _number(body, "n", int, 1)
     if n != 1:
         raise RequestError("n > 1 is not supported", param="n")
-    for key in ("tools", "functions", "response_format", "logit_bias", "stop"):
+    for key in UNSUPPORTED:
         if body.get(key):
             raise RequestError(f"{key} is not supported", param=key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("stream must be true or false", param="stream")
-    return ChatRequest(
-        prompt=prompt, images=images, stream=stream,
-        max_tokens=_number(body, key, int, min(DEFAULT_MAX_TOKENS, max_tokens_limit), 1, max_tokens_limit),
-        temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", float, 1.0, 1e-6, 1.0),  # 0 would leave no token to sample
-        top_k=_number(body, "top_k", int, 0, 0, None),
-        seed=_number(body, "seed", int, None),
+    ranges = generation_ranges(vocab_size, max_tokens_limit)
+    req = ChatRequest(
+        prompt=prompt, stream=stream, include_usage=_include_usage(body, stream),
+        max_tokens=_number(body, key, int, min(DEFAULT_MAX_TOKENS, max_tokens_limit), *ranges["max_new_tokens"]),
+        temperature=_number(body, "temperature", float, 0.0, *ranges["temperature"]),
+        top_p=_number(body, "top_p", float, 1.0, *ranges["top_p"]),
+        top_k=_number(body, "top_k", int, 0, *ranges["top_k"]),
+        seed=_number(body, "seed", int, None, *ranges["seed"]),
     )
+    req.images = [decode_data_url(url, where, max_image_pixels) for where, url in urls]  # the costly part, last
+    return req
 
 
 class _ClientGone(Exception):
@@ -169,7 +201,8 @@ class VLMServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], vlm: OnnxVLM, model_name: str, max_tokens_limit: int = 1024,
-                 log=None):
+                 log=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, max_images: int = DEFAULT_MAX_IMAGES,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
@@ -177,6 +210,9 @@ class VLMServer(ThreadingHTTPServer):
         self.vlm = vlm
         self.model_name = model_name
         self.max_tokens_limit = int(max_tokens_limit)
+        self.request_timeout = timeout  # seconds a connection may stay silent (None: forever)
+        self.max_images = int(max_images)
+        self.max_image_pixels = int(max_image_pixels)
         self.lock = threading.Lock()
         self.log = log  # callable(str) for one line per request, or None
         self.started = time.time()
@@ -184,7 +220,7 @@ class VLMServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address):  # one line, not the base class's traceback
         exc = sys.exc_info()[1]
         if self.log:
-            self.log(f"{client_address[0]} connection error: {type(exc).__name__}: {exc}")
+            self.log(f"{client_address[0]} connection error: {type(exc).__name__}: {exc}".translate(_LOG_ESCAPES))
 
     @property
     def url(self) -> str:
@@ -193,18 +229,22 @@ class VLMServer(ThreadingHTTPServer):
 
 
 def make_server(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, accuracy_level: int | None = None,
-                max_tokens_limit: int = 1024, log=None, providers=None) -> VLMServer:
+                max_tokens_limit: int = 1024, log=None, providers=None, verify: bool = True,
+                timeout: float | None = DEFAULT_TIMEOUT_S, max_images: int = DEFAULT_MAX_IMAGES,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> VLMServer:
     """Bind ``host:port`` (0: any free port) and open every graph of a complete output directory (so a
-    broken one fails here, not on the first request). Call ``serve_forever()`` on the result."""
+    broken one fails here, not on the first request; with ``verify``, a graph that does not match its
+    sha256 in the manifest too). Call ``serve_forever()`` on the result."""
     from ..outdir import check_complete
     from .session import DEFAULT_ACCURACY_LEVEL
 
     out_dir = Path(out_dir)
-    manifest = check_complete(out_dir, verify_hashes=False)
+    manifest = check_complete(out_dir, verify_hashes=verify)
     level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     vlm = OnnxVLM(out_dir, accuracy_level=level, providers=providers)  # sessions open lazily
     name = out_dir.resolve().name or manifest.get("source", {}).get("model", "model")
-    server = VLMServer((host, port), vlm, name, max_tokens_limit, log)  # a busy port fails before the loading
+    server = VLMServer((host, port), vlm, name, max_tokens_limit, log, timeout=timeout, max_images=max_images,
+                       max_image_pixels=max_image_pixels)  # a busy port fails before the loading
     try:
         for graph in GRAPHS:
             vlm.session(graph)
@@ -218,26 +258,52 @@ class _Handler(BaseHTTPRequestHandler):
     server: VLMServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self):
+        self.timeout = self.server.request_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
+
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        if self.server.log:
-            self.server.log(f"{self.address_string()} {format % args}")
+        if self.server.log:  # the request line is the client's: control characters escaped
+            self.server.log(f"{self.address_string()} {format % args}".translate(_LOG_ESCAPES))
 
     # ------------------------------------------------------------------ replies
-    def _send_json(self, status: int, obj: dict) -> None:
+    def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_error(self, status: int, message: str, param: str | None = None) -> None:
+    def _send_error(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
         kind = "invalid_request_error" if status < 500 else "server_error"
-        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}}, headers)
 
     # ------------------------------------------------------------------ routes
+    def _route(self) -> str | None:
+        """The request's path if ROUTES serves it with this method, else None after a 404 (unknown path)
+        or a 405 with ``Allow`` (a known path, another method)."""
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        allowed = ROUTES.get(path)
+        if allowed == self.command:
+            return path
+        self._drain()
+        if allowed is None:
+            self._send_error(HTTPStatus.NOT_FOUND, f"no route {self.command} {path}")
+        else:
+            self._send_error(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {self.command}",
+                             headers={"Allow": allowed})
+        return None
+
+    def _refuse(self):  # every other method: a 404 or a 405
+        self._route()
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path = self._route()
         if path == "/health":
             self._send_json(HTTPStatus.OK, {"status": "ok", "model": self.server.model_name,
                                             "busy": self.server.lock.locked(),
@@ -246,20 +312,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": int(self.server.started),
                  "owned_by": "vlmq-export"}]})
-        else:
-            self._send_error(HTTPStatus.NOT_FOUND, f"no route GET {path or '/'}")
 
     def do_POST(self):  # noqa: N802
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path != "/v1/chat/completions":
-            self._drain()
-            self._send_error(HTTPStatus.NOT_FOUND, f"no route POST {path or '/'}")
+        if self._route() is None:
             return
+        srv = self.server
         try:
-            req = parse_chat_request(self._read_json(), self.server.max_tokens_limit)
+            req = parse_chat_request(self._read_json(), srv.max_tokens_limit, vocab_size=srv.vlm.vocab_size,
+                                     max_images=srv.max_images, max_image_pixels=srv.max_image_pixels)
             prepared = self._prepare(req)
-        except RequestError as exc:
-            self._send_error(exc.status, str(exc), exc.param)
+        except (RequestError, LimitError) as exc:
+            self._send_error(getattr(exc, "status", HTTPStatus.BAD_REQUEST), str(exc), exc.param)
             return
         try:
             if req.stream:
@@ -283,10 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ helpers
     def _drain(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= MAX_BODY_BYTES:
-            self.rfile.read(length)
-        else:
+        """Read a body this server will not use, so the connection can carry the next request."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if 0 < length <= MAX_BODY_BYTES and len(self.rfile.read(length)) == length:
+            return
+        if length != 0:
             self.close_connection = True
 
     def _read_json(self):
@@ -301,17 +368,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}",
                                HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(f"the body did not arrive: nothing for {self.timeout} s",
+                               HTTPStatus.REQUEST_TIMEOUT) from None
+        if len(raw) < length:
+            self.close_connection = True
+            raise RequestError(f"the body ended after {len(raw)} of its Content-Length of {length} bytes")
         try:
             return json.loads(raw)
         except ValueError as exc:
             raise RequestError(f"the body is not valid JSON ({exc.msg} at position {exc.pos})") from None
 
     def _prepare(self, req: ChatRequest):
+        """The prompt's tokens and pixels; max_tokens clamped to the context they leave (limits.fit_to_context:
+        a LimitError, before the vision encoder or the lock, when they fill it)."""
+        vlm = self.server.vlm
         try:
-            return self.server.vlm.family.prepare(req.images, req.prompt)
+            prepared = vlm.family.prepare(req.images, req.prompt)
         except ValueError as exc:  # e.g. <image> placeholders that do not match the images given
             raise RequestError(str(exc), param="messages") from None
+        req.max_tokens = fit_to_context(prepared.seq_len, req.max_tokens, vlm.context_length, param="messages")
+        return prepared
 
     def _generate(self, req: ChatRequest, prepared, on_text=None):
         with self.server.lock:
@@ -348,13 +428,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-        def event(choice_delta: dict, finish: str | None = None, **extra) -> None:
-            self._sse(json.dumps({**self._envelope("chat.completion.chunk", cid, created),
-                                  "choices": [{"index": 0, "delta": choice_delta, "finish_reason": finish}], **extra}))
+        def chunk(choices: list, **usage) -> None:
+            self._sse(json.dumps({**self._envelope("chat.completion.chunk", cid, created), "choices": choices,
+                                  **usage}))
 
-        event({"role": "assistant", "content": ""})
-        res = self._generate(req, prepared, on_text=lambda piece: event({"content": piece}))
-        event({}, _finish_reason(res), usage=self._usage(res))
+        def event(choice_delta: dict, finish: str | None = None, **usage) -> None:
+            chunk([{"index": 0, "delta": choice_delta, "finish_reason": finish}], **usage)
+
+        # with stream_options.include_usage, OpenAI's form: "usage": null on every chunk, then one more chunk
+        # with the usage and no choices; without, the last chunk carries the usage (an extension)
+        null = {"usage": None} if req.include_usage else {}
+        event({"role": "assistant", "content": ""}, **null)
+        res = self._generate(req, prepared, on_text=lambda piece: event({"content": piece}, **null))
+        if req.include_usage:
+            event({}, _finish_reason(res), **null)
+            chunk([], usage=self._usage(res))
+        else:
+            event({}, _finish_reason(res), usage=self._usage(res))
         self._sse("[DONE]")
 
     def _sse(self, data: str) -> None:
@@ -366,11 +456,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ClientGone from None
 
 
-def serve(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, accuracy_level: int | None = None,
-          max_tokens_limit: int = 1024, quiet: bool = False) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+def serve(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False, **options) -> None:
+    """Serve until interrupted (Ctrl-C); ``options`` are make_server's (accuracy_level, max_tokens_limit, verify,
+    timeout, max_images, max_image_pixels)."""
     log = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    server = make_server(out_dir, host, port, accuracy_level=accuracy_level, max_tokens_limit=max_tokens_limit, log=log)
+    server = make_server(out_dir, host, port, log=log, **options)
     if not quiet:
         print(f"serving {out_dir} at {server.url} (POST /v1/chat/completions, GET /v1/models, GET /health; "
               f"accuracy level {server.vlm.accuracy_level}); Ctrl-C stops", file=sys.stderr, flush=True)
