@@ -319,3 +319,10 @@ def test_control_characters_of_the_request_line_are_escaped_in_the_log(quick_ser
     logged = [line for line in quick_server.lines if "FAKE" in line]
     assert logged and all(not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line) for line in logged)
     assert any("\\x1b[2J\\x0dFAKE" in line for line in logged)
+
+
+def test_a_body_that_stops_arriving_gets_a_408(quick_server):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    got = _raw_exchange(quick_server, head + b'{"messages"', shut=False)  # then silence, the socket left open
+    assert got.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive" in got
+    assert _request(quick_server, "GET", "/health")[0] == 200
