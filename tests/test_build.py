@@ -260,6 +260,8 @@ BAD = {
                  ["--target", "jetson-orin"], "Orin has no FP8"),
     "context": (lambda out: None, ["--max-context", "5000"], "beyond the model's context (max_position_embeddings 4096)"),
     "seq": (lambda out: None, ["--max-context", "64", "--max-seq", "65"], "--max-seq 65 is beyond --max-context 64"),
+    "batch": (lambda out: None, ["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    "context0": (lambda out: None, ["--max-context", "0"], "--max-context must be at least 2"),
 }
 
 

@@ -98,8 +98,9 @@ def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dic
     if family == "qwen2_vl":
         patch, merge = int(image.get("patch_size", 14)), int(image.get("merge_size", 2))
         size = image.get("size") or {}
-        max_pixels = int(image.get("max_pixels") or size.get("longest_edge"))
-        min_pixels = int(image.get("min_pixels") or size.get("shortest_edge"))
+        # Qwen2-VL's own defaults where the config does not say
+        max_pixels = int(image.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 16384)
+        min_pixels = int(image.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
         unit = merge * merge  # patches per image token: every count is a multiple of it
         per_min = -(-min_pixels // (patch * patch * unit)) * unit  # ceil
         per_max = max_pixels // (patch * patch) // unit * unit
@@ -131,13 +132,13 @@ def derive_profiles(manifest: dict, limits: dict, *, max_batch: int = 1, max_seq
                     max_context: int | None = None, max_images: int = 1) -> dict:
     """Profiles for every graph of the manifest: {"limits": ..., "graphs": {graph: {file, engine, profiles}}}."""
     ctx_limit = limits.get("max_position_embeddings")
-    C = max_context or min(DEFAULT_CONTEXT, ctx_limit or DEFAULT_CONTEXT)
-    S = max_seq or C
+    C = min(DEFAULT_CONTEXT, ctx_limit or DEFAULT_CONTEXT) if max_context is None else max_context
+    S = C if max_seq is None else max_seq
+    if C < 2:
+        raise VlmqError(f"--max-context must be at least 2 (a prompt token and a generated one), got {C}")
     for flag, v in (("--max-batch", max_batch), ("--max-images", max_images), ("--max-seq", S)):
         if v < 1:
             raise VlmqError(f"{flag} must be at least 1, got {v}")
-    if C < 2:
-        raise VlmqError(f"--max-context must be at least 2 (a prompt token and a generated one), got {C}")
     if ctx_limit and C > ctx_limit:
         raise VlmqError(f"--max-context {C} is beyond the model's context (max_position_embeddings {ctx_limit})")
     if S > C:
