@@ -42,9 +42,9 @@ class Gate:
 QUANTIZED = "stages.quantized_vs_full_precision"
 GATES: tuple[Gate, ...] = (
     Gate("float_onnx_max_abs_diff", "float ONNX vs torch: max abs diff (export correctness)",
-         "stages.float_onnx_vs_torch", False, warn=1e-4, fail=1e-2),
+         "stages.float_onnx_vs_torch", False, warn=1e-3, fail=1e-2),
     Gate("qdq_max_abs_diff", "Q/DQ ONNX vs torch fake-quant: max abs diff", "stages.qdq_onnx_vs_torch_fakequant",
-         False, warn=1e-4, fail=1e-2),
+         False, warn=1e-3, fail=1e-2),
     Gate("logits_cosine", "logits cosine vs full precision", QUANTIZED, True, warn=0.98, fail=0.90),
     Gate("top1_agreement", "top-1 agreement vs full precision", QUANTIZED, True, warn=0.85, fail=0.50),
     Gate("greedy_token_agreement", "greedy token agreement vs full precision", QUANTIZED, True, warn=0.50),
