@@ -18,7 +18,7 @@ import torch
 from .calibrators import QuantConfig
 from .calibrators import METHODS as CALIBRATOR_METHODS
 from .calibrators.saliency import Saliency, SaliencyConfig, compute_saliency, mbq_factors, self_label
-from .calibrators.sequential import quantize_blocks
+from .calibrators.sequential import CHECKPOINT_FORMAT, load_tree, quantize_blocks, save_tree
 from .data.samples import Sample
 from .errors import CalibrationDataError, VlmqError
 from .export.qdq import QuantizedLinear
@@ -226,15 +226,15 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
     say = say or (lambda _m: None)
     recipe.check()
     device = device or default_device()
-    ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), **(job_key or {})}, say)
+    ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), "format": CHECKPOINT_FORMAT, **(job_key or {})}, say)
     timings = {}
     answers = [s.answer for s in samples]
     sal = None
     if recipe.method in NEEDS_SALIENCY:
         t0 = time.perf_counter()
-        sal_file = ckpt / "saliency.pt" if ckpt else None
-        if sal_file is not None and sal_file.is_file():
-            saved = torch.load(sal_file, weights_only=False)
+        sal_file = ckpt / "saliency" if ckpt else None
+        if sal_file is not None and sal_file.with_suffix(".json").is_file():
+            saved = load_tree(sal_file, (Saliency, SaliencyConfig))
             answers, sal = saved["answers"], saved["saliency"]
             prepared, warnings = prepare_calibration(family, samples, answers, say)
             say("saliency factors loaded from the checkpoint")
@@ -250,7 +250,7 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
             finally:
                 model.to(home)
             if sal_file is not None:
-                torch.save({"answers": answers, "saliency": sal}, sal_file)
+                save_tree({"answers": answers, "saliency": sal}, sal_file)
         if work is not None:
             sal.save(Path(work) / "saliency.safetensors")
         timings["saliency"] = time.perf_counter() - t0

@@ -9,16 +9,19 @@ full-precision model, propagated alongside.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import NumericalError
+from ..errors import NumericalError, VlmqError
 from ..export.qdq import QuantizedLinear, weight_key
 from . import QuantConfig, make_calibrator
 
@@ -177,8 +180,106 @@ def input_groups(block: nn.Module, modules: dict[str, nn.Module], sample: tuple[
     return list(groups.values()) + [[n] for n in modules if n not in seen], once
 
 
+CHECKPOINT_FORMAT = 2  # safetensors + JSON; 1 was torch pickles (never loaded: the job key differs)
+
+
+def save_tree(obj, path: Path) -> None:
+    """``obj`` as ``path.safetensors`` (its tensors and numeric arrays) and ``path.json`` (the structure:
+    tuples, lists, str-keyed dicts, numbers, strings, None, string arrays and dataclasses by type name),
+    each written whole and then renamed. Raises TypeError for anything else. Nothing is pickled, so loading
+    runs no code (:func:`load_tree`)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    by_id: dict[int, str] = {}
+    alive = []  # every object keyed by id() stays referenced, so no later temporary reuses its id
+    storages: set[tuple[int, int]] = set()
+
+    def tensor_ref(obj: torch.Tensor) -> str:
+        if id(obj) not in by_id:  # the same tensor twice (e.g. block 0's float and quantized inputs) is stored once
+            t = obj.detach().cpu().contiguous()
+            where = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if t.numel() and where in storages:  # shares memory with one already stored: safetensors wants a copy
+                t = t.clone()
+            storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+            by_id[id(obj)] = f"t{len(tensors)}"
+            alive.append(obj)
+            tensors[by_id[id(obj)]] = t
+        return by_id[id(obj)]
+
+    def enc(o):
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        if isinstance(o, np.generic):
+            return o.item()
+        if torch.is_tensor(o):
+            return {"$": "tensor", "key": tensor_ref(o)}
+        if isinstance(o, np.ndarray):
+            if o.dtype.kind in "US" or (o.dtype.kind == "O" and all(isinstance(x, str) for x in o.flat)):
+                return {"$": "strings", "dtype": o.dtype.str, "data": o.tolist()}
+            return {"$": "array", "key": tensor_ref(torch.from_numpy(np.ascontiguousarray(o)))}
+        if isinstance(o, tuple):
+            return {"$": "tuple", "items": [enc(x) for x in o]}
+        if isinstance(o, list):
+            return [enc(x) for x in o]
+        if isinstance(o, dict) and all(isinstance(k, str) for k in o):
+            return {"$": "dict", "items": {k: enc(v) for k, v in o.items()}}
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return {"$": "dataclass", "type": type(o).__name__,
+                    "fields": {f.name: enc(getattr(o, f.name)) for f in dataclasses.fields(o)}}
+        raise TypeError(f"a calibration checkpoint cannot hold a {type(o).__name__}")
+
+    doc = json.dumps({"format": CHECKPOINT_FORMAT, "tree": enc(obj)})
+    path = Path(path)
+    for suffix, write in ((".safetensors", lambda f: save_file(tensors, str(f))), (".json", lambda f: f.write_text(doc))):
+        tmp = path.with_name(path.name + suffix + ".tmp")
+        write(tmp)
+        os.replace(tmp, path.with_name(path.name + suffix))
+
+
+def load_tree(path: Path, types: tuple[type, ...] = ()):
+    """What :func:`save_tree` wrote to ``path``; dataclasses are rebuilt only for the classes in ``types``.
+    A file that is not such a checkpoint is a one-line VlmqError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    allowed = {t.__name__: t for t in types}
+
+    def dec(o):
+        if isinstance(o, list):
+            return [dec(x) for x in o]
+        if not isinstance(o, dict):
+            return o
+        kind = o["$"]
+        if kind == "tensor":
+            return tensors[o["key"]]
+        if kind == "array":
+            return tensors[o["key"]].numpy()
+        if kind == "strings":
+            return np.array(o["data"], dtype=o["dtype"])
+        if kind == "tuple":
+            return tuple(dec(x) for x in o["items"])
+        if kind == "dict":
+            return {k: dec(v) for k, v in o["items"].items()}
+        if kind == "dataclass" and o["type"] in allowed:
+            return allowed[o["type"]](**{k: dec(v) for k, v in o["fields"].items()})
+        raise ValueError(f"unexpected entry {kind!r} {o.get('type', '')}")
+
+    try:
+        doc = json.loads(path.with_name(path.name + ".json").read_text())
+        if doc.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        tensors = load_file(str(path.with_name(path.name + ".safetensors")))
+        return dec(doc["tree"])
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as exc:
+        raise VlmqError(f"{path}: not a readable calibration checkpoint ({type(exc).__name__}: {exc}); "
+                        f"delete {path.parent} to calibrate from the start") from None
+
+
 class Checkpoint:
-    """Per-block results and the propagated inputs on disk, so an interrupted run resumes at the next block."""
+    """Per-block results and the propagated inputs on disk (safetensors + JSON, :func:`save_tree`), so an
+    interrupted run resumes at the next block."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -187,28 +288,22 @@ class Checkpoint:
     def done(self, n_blocks: int) -> int:
         """Number of leading blocks already calibrated."""
         k = 0
-        while k < n_blocks and (self.root / f"block{k}.pt").is_file():
+        while k < n_blocks and (self.root / f"block{k}.json").is_file():
             k += 1
         return k
 
-    def _save(self, obj, name: str) -> None:
-        tmp = self.root / (name + ".tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, self.root / name)
-
     def save_block(self, bi: int, layers, records, inputs, float_inputs) -> None:
-        self._save({"inputs": inputs, "float_inputs": float_inputs}, f"inputs{bi}.pt")
-        self._save({"layers": layers, "records": records}, f"block{bi}.pt")  # written last: marks the block done
-        old = self.root / f"inputs{bi - 1}.pt"
-        if old.exists():
-            old.unlink()
+        save_tree({"inputs": inputs, "float_inputs": float_inputs}, self.root / f"inputs{bi}")
+        save_tree({"layers": layers, "records": records}, self.root / f"block{bi}")  # last: marks the block done
+        for suffix in (".json", ".safetensors"):
+            (self.root / f"inputs{bi - 1}{suffix}").unlink(missing_ok=True)
 
     def load_block(self, bi: int):
-        return torch.load(self.root / f"block{bi}.pt", weights_only=False)
+        return load_tree(self.root / f"block{bi}", (QuantizedLinear, LayerRecord))
 
     def load_inputs(self, bi: int):
-        path = self.root / f"inputs{bi}.pt"
-        return torch.load(path, weights_only=False) if path.is_file() else None
+        path = self.root / f"inputs{bi}"
+        return load_tree(path) if path.with_name(path.name + ".json").is_file() else None
 
 
 def sink_weights(x: torch.Tensor, g: torch.Tensor | None, first_token_weight: float) -> torch.Tensor:
@@ -399,7 +494,11 @@ def quantize_blocks(
                                 for (si, args, kw), o in zip(float_inputs, next_float)]
         block.to(home)
         if ckpt is not None:
-            ckpt.save_block(bi, quantized[n_before[0]:], records[n_before[1]:], inputs, float_inputs)
+            try:
+                ckpt.save_block(bi, quantized[n_before[0]:], records[n_before[1]:], inputs, float_inputs)
+            except TypeError as exc:  # a block input this format does not hold: calibrate on, without resume
+                say(f"warning: no calibration checkpoint for {component}: {exc}")
+                ckpt = None
         done = records[n_before[1]:]
         per_layer = ", ".join(f"{r.name[len(bname) + 1:] or r.name} {r.error:.3g}" for r in done if r.error is not None)
         eta = (time.perf_counter() - t_all) / (bi + 1 - start) * (len(blocks) - bi - 1)
