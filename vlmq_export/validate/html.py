@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import re
 
 from .report import Section, layer_kind
@@ -89,7 +90,7 @@ def layer_errors_plot(layers: list[dict], outliers: list[dict]) -> bytes | None:
 
     by_comp: dict[str, dict[str, list]] = {}
     for r in layers:
-        if r.get("bits") and r.get("error") is not None and r["error"] > 0:
+        if r.get("bits") and r.get("error") is not None and math.isfinite(r["error"]) and r["error"] > 0:
             block, kind = layer_kind(r["name"])
             by_comp.setdefault(r.get("component", ""), {}).setdefault(kind, []).append((block or 0, r["error"]))
     if not by_comp:
@@ -134,8 +135,10 @@ def saliency_plot(sal: dict) -> bytes:
     return _png(fig)
 
 
-def components_plot(comp: dict) -> bytes:
+def components_plot(comp: dict) -> bytes | None:
     items = [(f"{c} {k}", v) for c, metrics in comp.items() for k, v in metrics.items() if v is not None]
+    if not items:
+        return None
     fig, (ax,) = _figure(1, 0.4 * len(items) + 1)
     ax.barh(range(len(items)), [v for _, v in items], color="#4a7fb5")
     ax.set_yticks(range(len(items)), [k for k, _ in items], fontsize=8)

@@ -214,8 +214,9 @@ def write_report(out: Path, manifest: dict, report: dict) -> dict:
     prov = measured(manifest, report)
     doc = {"source": manifest.get("source"), "recipe": manifest.get("recipe"),
            "summary": manifest.get("validation"), **report, "measured": prov, "verdict": v}
-    (rdir / "validation.json").write_text(json.dumps(doc, indent=2, default=str))
     header, secs = _header(manifest, prov), sections(manifest, report, v, prov)
-    (rdir / "report.md").write_text(to_markdown(header, secs))
-    (rdir / "report.html").write_text(render_html(header, secs, manifest, report, v))
+    texts = {"validation.json": json.dumps(doc, indent=2, default=str), "report.md": to_markdown(header, secs),
+             "report.html": render_html(header, secs, manifest, report, v)}
+    for name, text in texts.items():  # all rendered before any is written
+        (rdir / name).write_text(text)
     return v
