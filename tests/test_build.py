@@ -162,9 +162,18 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-@pytest.mark.parametrize("banner, fp8, ok", [("v100500", 0, True), ("v8601", 0, False), ("v100500", 1, False)])
-def test_script_runs_each_trtexec_command_after_checking_version_and_gpu(built, tmp_path, banner, fp8, ok):
-    """With stand-ins for trtexec (TensorRT 10.5 or 8.6) and nvidia-smi (an RTX 3090, SM 8.6: no FP8)."""
+@pytest.mark.parametrize("banner, fp8, multi, cc, error", [
+    ("v100500", 0, True, "8.6", None),
+    ("v8601", 0, True, "8.6", "TensorRT 8.6 is older than 10.0"),
+    ("v100500", 1, True, "8.6", "FP8 graphs need compute capability 8.9"),
+    ("v100300", 0, False, "8.6", "cannot put several optimization profiles in one engine"),
+    ("v100500", 0, True, "7.5", "compute capability 7.5: INT4 weight-only needs 8.0"),
+    ("v100500", 0, True, "", "cannot read a GPU's compute capability"),
+])
+def test_script_runs_each_trtexec_command_after_checking_version_and_gpu(built, tmp_path, banner, fp8, multi, cc,
+                                                                          error):
+    """With stand-ins for trtexec (TensorRT 10.5, 10.3 or 8.6) and nvidia-smi (an RTX 3090, SM 8.6: no FP8; a
+    Turing card, SM 7.5; a driver that does not know the compute_cap field)."""
     out = tmp_path / "out"
     shutil.copytree(built["smolvlm"], out)
     script = (out / "build_engines.sh").read_text().replace("FP8=0", f"FP8={fp8}")
@@ -172,22 +181,24 @@ def test_script_runs_each_trtexec_command_after_checking_version_and_gpu(built, 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stub(bin_dir, "trtexec", f'echo "&&&& RUNNING TensorRT.trtexec [TensorRT {banner}] [b18] # trtexec $*"\n'
-                              'echo "  --profile  Can be specified multiple times to create multiple profiles"\n'
+                              + ('echo "  --profile  Can be specified multiple times to create multiple profiles"\n'
+                                 if multi else "") +
                               f'echo "$*" >> {tmp_path}/calls\n'
                               'for a in "$@"; do case $a in --saveEngine=*) touch "${a#--saveEngine=}";; esac; done\n')
-    _stub(bin_dir, "nvidia-smi", 'case "$*" in *compute_cap*) echo 8.6;; *) echo "NVIDIA GeForce RTX 3090";; esac\n')
+    cap = f"echo {cc}" if cc else "echo 'Field \"compute_cap\" is not a valid field to query.' >&2; exit 2"
+    _stub(bin_dir, "nvidia-smi", f'case "$*" in *compute_cap*) {cap};; *) echo "NVIDIA GeForce RTX 3090";; esac\n')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("TRTEXEC", None)
     res = subprocess.run(["bash", str(out / "build_engines.sh")], env=env, capture_output=True, text=True)
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
     builds = [c for c in calls if "--saveEngine" in c]
-    if ok:
+    if error is None:
         assert res.returncode == 0, res.stderr
         assert len(builds) == 4 and all((out / "engines" / f"{g}.plan").is_file() for g in _profiles(out)["graphs"])
         assert "RTX 3090" in res.stdout
     else:
-        assert res.returncode != 0 and not builds
-        assert ("older than 10.0" if banner == "v8601" else "FP8 graphs need compute capability 8.9") in res.stderr
+        assert res.returncode != 0 and not builds and res.stderr.count("\n") == 1
+        assert res.stderr.startswith("build_engines.sh: error: ") and error in res.stderr
 
 
 # ---------------------------------------------------------------- without TensorRT, and without torch

@@ -79,8 +79,8 @@ case "$TARGET" in
     [[ "$MODEL" == *Thor* ]] || die "target jetson-thor, but this machine is '${{MODEL:-not a Jetson}}' ${{TEGRA:+($TEGRA)}}" ;;
   tensorrt)
     command -v nvidia-smi > /dev/null || die "target tensorrt needs an NVIDIA GPU and driver: nvidia-smi not found"
-    CC="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' ')"
-    [ -n "$CC" ] || die "nvidia-smi lists no GPU"
+    CC="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -n 1 | tr -d ' ' || true)"
+    [[ "$CC" =~ ^[0-9]+\.[0-9]+$ ]] || die "cannot read a GPU's compute capability from nvidia-smi (no GPU, or a driver too old to report it)"
     CCN=$(( ${{CC%%.*}} * 10 + ${{CC##*.}} ))
     [ "$CCN" -ge 80 ] || die "GPU compute capability $CC: INT4 weight-only needs 8.0 or later (Ampere+)"
     if [ "$FP8" = 1 ] && [ "$CCN" -lt 89 ]; then die "FP8 graphs need compute capability 8.9 or later, this GPU has $CC"; fi
