@@ -1,6 +1,5 @@
 """The report (verdict, outlier layers, collapsed notes, HTML with plots) and `validate` keeping what it
 does not recompute."""
-import copy
 import json
 import shutil
 from html.parser import HTMLParser
@@ -80,7 +79,9 @@ def test_html_report_of_an_export(exported):
     text = (exported / "report" / "report.html").read_text()
 
     class Parser(HTMLParser):
-        imgs, external = [], []
+        def __init__(self):
+            super().__init__()
+            self.imgs, self.external = [], []
 
         def handle_starttag(self, tag, attrs):
             a = dict(attrs)
