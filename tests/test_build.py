@@ -306,3 +306,16 @@ def test_unknown_target_is_an_argparse_error(exports, capsys):
     assert exc.value.code == 2
     assert "invalid choice: 'jetson-nano'" in capsys.readouterr().err
     assert not (exports["smolvlm"] / "build_engines.sh").exists()
+
+
+def test_smolvlm_image_splitting_sizes_tiles_per_image_and_caps_them_by_the_context(exports):
+    from vlmq_export.engines.profiles import derive_profiles, model_limits
+
+    out = exports["smolvlm"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    limits = model_limits(out)
+    limits["image_processor"].update(do_image_splitting=True, size={"longest_edge": 128})  # 2x2 tiles + global
+    tiles = lambda **kw: derive_profiles(manifest, limits, **kw)["graphs"]["vision_encoder"]["profiles"][0][  # noqa: E731
+        "shapes"]["pixel_values"]["max"][0]
+    assert tiles(max_images=3) == 15
+    assert tiles(max_images=3, max_context=40) == 10  # 4 tokens a tile: 10 tiles fill a context of 40
