@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,30 @@ def test_resume_from_safetensors_checkpoints_gives_the_same_codes(tiny_dirs, tmp
     assert got.keys() == ref.keys()
     for k in ref:
         assert np.array_equal(got[k][0], ref[k][0]) and np.array_equal(got[k][1], ref[k][1]), k
+
+
+def test_a_huge_calibration_prompt_is_cut_before_the_model_labels_it(smol):
+    """A prompt of ~12k tokens without an answer: VLMQ self-labels it with the model, which must see at most
+    the calibration prompt budget (2048 tokens of text), not the whole prompt."""
+    family, path = smol
+    model = family.load_model(path)
+    huge = Sample([], "Describe this. " + " ".join(f"word{i % 97}" for i in range(6000)), None, "huge")
+    assert len(family.tokenizer.encode(huge.prompt, add_special_tokens=False)) > 8000
+    seen = []
+
+    def record(_mod, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        x = x if x is not None else kwargs.get("inputs_embeds")
+        seen.append(int(x.shape[1]))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        res = calibrate(family, model, [huge, Sample([], "Name a colour.", "blue", "text")],
+                        Recipe(method="vlmq", components={"llm": ComponentRecipe(4, 128)}), device="cpu")
+    finally:
+        handle.remove()
+    assert seen and max(seen) <= 2048 + 64  # the cut prompt, its chat template and the generated answer
+    cut = [re.search(r"sample huge: prompt of \d+ characters cut to (\d+) tokens", w) for w in res.warnings]
+    assert any(cut) and int(next(m for m in cut if m).group(1)) <= 2048
+    # 1/8 of the context stays free for the template and the answer: the labelled sample is not cut again
+    assert not any("exceed the context" in w for w in res.warnings)

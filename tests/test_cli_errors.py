@@ -36,6 +36,7 @@ def leftovers(folder: Path) -> list[str]:
     (["--saliency-floor", "-0.5"], "--saliency-floor must be a finite number >= 0"),
     (["--saliency-exponent", "0"], "--saliency-exponent must be a finite number > 0"),
     (["--n-calib", "0"], "--n-calib must be at least 1"),
+    (["--calib-prompt-tokens", "0"], "--calib-prompt-tokens must be at least 1"),
     (["--llm", "w4g8"], "the block of 'w4g8' must be -1"),
     (["--vision", "w5"], "bad component precision 'w5'"),
     (["--method", "awq"], "unknown --method 'awq'"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from .data.samples import Sample
 from .errors import CalibrationDataError, VlmqError
 from .export.qdq import QuantizedLinear
 from .models import Family, Prepared
-from .recipe import COMPONENTS, METHODS, ComponentRecipe, check_recipe_values, parse_component_recipe  # noqa: F401
+from .recipe import (CALIB_PROMPT_TOKENS, COMPONENTS, METHODS, ComponentRecipe,  # noqa: F401
+                     check_recipe_values, parse_component_recipe)
 
 # which weight calibrator each method drives (mbq and vlmq: GPTQ fed per-token weights)
 CALIBRATOR = {"rtn": "rtn", "gptq": "gptq", "gptaq": "gptaq", "mbq": "gptq", "vlmq": "vlmq"}
@@ -91,6 +92,27 @@ def fit_context(p: Prepared, max_len: int) -> Prepared | None:
     return Prepared(input_ids=p.input_ids[:, :max_len], image_mask=p.image_mask[:, :max_len], position_ids=pos,
                     rope_delta=p.rope_delta, pixel=p.pixel, answer_len=max(p.answer_len - cut, 0),
                     num_images=p.num_images)
+
+
+def fit_prompts(family: Family, samples: list[Sample], max_tokens: int, say) -> tuple[list[Sample], list[str]]:
+    """Samples whose prompt text is cut to its first ``max_tokens`` tokens (at most 7/8 of the model's context:
+    the rest is room for the chat template, images and the answer), before any model work sees them
+    (self-labelling, saliency, the calibration passes). The tokenizer reads at most 64 characters per kept
+    token, so a 200k-token prompt costs milliseconds here, not minutes of labelling."""
+    context = context_length(family)
+    budget = max(min(max_tokens, context - context // 8), 1)
+    out, warnings = [], []
+    for s in samples:
+        head = s.prompt[: budget * 64]
+        ids = family.tokenizer.encode(head, add_special_tokens=False)
+        if len(ids) <= budget and len(head) == len(s.prompt):
+            out.append(s)
+            continue
+        out.append(replace(s, prompt=family.tokenizer.decode(ids[:budget]) if len(ids) > budget else head))
+        msg = f"sample {s.source}: prompt of {len(s.prompt)} characters cut to {min(len(ids), budget)} tokens"
+        warnings.append(msg)
+        say(f"warning: {msg}")
+    return out, warnings
 
 
 def prepare_calibration(family: Family, samples: list[Sample], answers: list[str | None], say) -> tuple[list[Prepared], list[str]]:
@@ -218,16 +240,19 @@ def open_checkpoint(root: Path | None, key: dict, say) -> Path | None:
 
 def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work: Path | None = None,
               say=None, device: str | None = None, checkpoint: Path | None = None,
-              job_key: dict | None = None) -> CalibrationResult:
+              job_key: dict | None = None, max_prompt_tokens: int = CALIB_PROMPT_TOKENS) -> CalibrationResult:
     """Calibrate ``recipe.components`` of ``model`` in place (weights become their dequantized values).
 
     ``checkpoint``: a folder where finished blocks are kept; rerunning the same job resumes there.
+    ``max_prompt_tokens``: each prompt's text is cut to this many tokens first (:func:`fit_prompts`).
     """
     say = say or (lambda _m: None)
     recipe.check()
     device = device or default_device()
-    ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), "format": CHECKPOINT_FORMAT, **(job_key or {})}, say)
+    ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), "format": CHECKPOINT_FORMAT,
+                                        "max_prompt_tokens": max_prompt_tokens, **(job_key or {})}, say)
     timings = {}
+    samples, cut = fit_prompts(family, samples, max_prompt_tokens, say)
     answers = [s.answer for s in samples]
     sal = None
     if recipe.method in NEEDS_SALIENCY:
@@ -274,4 +299,4 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
         timings[comp] = time.perf_counter() - t0
     for r in records:
         r.method = recipe.method if r.bits else "float"
-    return CalibrationResult(layers, records, sal, warnings, timings)
+    return CalibrationResult(layers, records, sal, cut + warnings, timings)

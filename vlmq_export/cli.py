@@ -19,6 +19,8 @@ VERBS = ("run", "serve", "validate", "lint", "eval", "inspect", "build")
 
 
 def _export_parser() -> argparse.ArgumentParser:
+    from .recipe import CALIB_PROMPT_TOKENS
+
     p = argparse.ArgumentParser(prog="vlmq-export", description=(
         "Quantize a vision-language model post-training and export it to ONNX (INT4 Q/DQ). "
         f"Other verbs: {', '.join(VERBS)} (vlmq-export VERB -h)."))
@@ -85,6 +87,9 @@ def _export_parser() -> argparse.ArgumentParser:
                         "(data-free; keeps the language model's general text ability in the calibration; default 0)")
     p.add_argument("--calib-text-tokens", type=int, default=400, metavar="T",
                    help="tokens per --calib-text sequence (default 400)")
+    p.add_argument("--calib-prompt-tokens", type=int, default=CALIB_PROMPT_TOKENS, metavar="T",
+                   help="each calibration prompt's text is cut to its first T tokens (at most the model's context) "
+                        f"before the model labels or sees it (default {CALIB_PROMPT_TOKENS})")
     p.add_argument("--no-validate", action="store_true", help="skip the fidelity checks")
     p.add_argument("--n-val", type=int, default=4, help="held-out validation prompts (default 4)")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared in validation (default 16)")
@@ -129,6 +134,8 @@ def _check_export_args(args) -> tuple[dict, Path]:
         raise VlmqError("--n-calib must be at least 1")
     if args.calib_text < 0 or args.calib_text_tokens < 8:
         raise VlmqError("--calib-text must be >= 0 and --calib-text-tokens >= 8")
+    if args.calib_prompt_tokens < 1:
+        raise VlmqError("--calib-prompt-tokens must be at least 1")
     if args.n_val < 1 or args.gen_tokens < 1:
         raise VlmqError("--n-val and --gen-tokens must be at least 1")
     if args.eval_task is not None and args.eval_task < 0:
@@ -164,7 +171,8 @@ def cmd_export(argv: list[str]) -> int:
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))
     opts = Options(calib=args.calib, n_calib=args.n_calib, calib_text=args.calib_text,
-                   calib_text_tokens=args.calib_text_tokens, n_val=args.n_val, gen_tokens=args.gen_tokens,
+                   calib_text_tokens=args.calib_text_tokens, calib_prompt_tokens=args.calib_prompt_tokens,
+                   n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
                    eval_task=args.eval_task)
     head = components.get("lm_head")

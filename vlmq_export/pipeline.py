@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from . import outdir
-from .calibrate import Recipe, calibrate, check_device_available
+from .calibrate import CALIB_PROMPT_TOKENS, Recipe, calibrate, check_device_available
 from .data.generated import generated_text_samples
 from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
@@ -39,6 +39,7 @@ class Options:
     n_calib: int = 16
     calib_text: int = 0  # + this many text-only sequences sampled from the full-precision model itself
     calib_text_tokens: int = 400
+    calib_prompt_tokens: int = CALIB_PROMPT_TOKENS  # each calibration prompt's text cut to this many tokens first
     n_val: int = 4
     gen_tokens: int = 16
     validate: bool = True
@@ -142,6 +143,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                    "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
         "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib),
+                        "prompt_tokens": opts.calib_prompt_tokens,
                         "generated_text": {"samples": opts.calib_text, "tokens": opts.calib_text_tokens} if opts.calib_text else None},
         "family": {"num_layers": family.num_layers, "num_kv_heads": family.num_kv_heads,
                    "head_dim": family.head_dim, "hidden_size": family.hidden_size, "mrope": family.mrope},
@@ -181,7 +183,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     say.start("calibrate", f"{recipe.method} ({comps}) on {len(calib)} samples")
     t0 = time.perf_counter()
     cal = calibrate(family, model, calib, recipe, work, say, device=opts.device, checkpoint=resume,
-                    job_key={"model": manifest["source"], "calibration": manifest["calibration"]["sha256"]})
+                    job_key={"model": manifest["source"], "calibration": manifest["calibration"]["sha256"]},
+                    max_prompt_tokens=opts.calib_prompt_tokens)
     layers, records = cal.layers, cal.records
     manifest["timings_s"]["calibrate"] = time.perf_counter() - t0
     manifest["timings_s"]["calibrate_parts"] = cal.timings

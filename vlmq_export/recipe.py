@@ -14,6 +14,7 @@ from .errors import VlmqError
 
 METHODS = ("rtn", "gptq", "gptaq", "mbq", "vlmq")
 COMPONENTS = ("vision", "projector", "llm", "lm_head")  # execution order
+CALIB_PROMPT_TOKENS = 2048  # default budget of a calibration prompt's text, in tokens (calibrate.fit_prompts)
 
 
 @dataclass
