@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -40,6 +42,38 @@ def test_asymmetric_export_fails_tensorrt_only(exports, capsys):
     text = capsys.readouterr().out
     assert "tensorrt: PROBLEMS" in text and "onnxruntime: ok" in text
     assert "unsigned INT4" in text and "has a zero point" in text
+
+
+def test_jetson_orin_end_to_end(exports, capsys):
+    """A symmetric INT4 export passes jetson-orin's rules; an FP32 one with the warning that names the cost."""
+    assert cli.main(["lint", str(exports["sym"]), "--target", "jetson-orin", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert list(res["targets"]) == ["jetson-orin"] and res["ok"]
+    graphs = {g["graph"]: g for g in res["targets"]["jetson-orin"]["graphs"]}
+    llm = onnx.load(str(exports["sym"] / "llm.onnx"), load_external_data=False)
+    dq = next(n for n in llm.graph.node if n.op_type == "DequantizeLinear")
+    fp32 = next(i for i in llm.graph.initializer if i.name == dq.input[1]).data_type == onnx.TensorProto.FLOAT
+    assert graphs["llm.onnx"]["int4_dequantize"] > 0
+    assert any("runs the INT4 MatMuls in FP32: slow, unverified" in w for w in graphs["llm.onnx"]["warnings"]) == fp32
+    assert cli.main(["lint", str(exports["sym"]), "--target", "jetson-orin"]) == 0
+    assert capsys.readouterr().out.startswith("jetson-orin: ok (")
+    assert cli.main(["lint", str(exports["asym"]), "--target", "jetson-orin"]) == 1
+    text = capsys.readouterr().out
+    assert text.startswith("jetson-orin: PROBLEMS") and "unsigned INT4" in text
+
+
+def test_lint_runs_with_torch_and_transformers_unimportable(exports):
+    """Deployment machines have neither: every target's rules run without them."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from vlmq_export import cli\n"
+            f"rc = cli.main(['lint', {str(exports['sym'])!r}, '--json', '--target', 'onnxruntime', "
+            "'--target', 'jetson-orin', '--target', 'jetson-thor', '--target', 'tensorrt'])\n"
+            "assert not any(m == 'torch' or m.startswith(('torch.', 'transformers')) for m in sys.modules"
+            " if sys.modules[m] is not None), 'torch was imported'\n"
+            "sys.exit(rc)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert set(json.loads(res.stdout)["targets"]) == {"onnxruntime", "jetson-orin", "jetson-thor", "tensorrt"}
 
 
 def test_block_32_is_onnxruntime_only(exports):

@@ -4,7 +4,7 @@
     vlmq-export run OUT --image IMG --prompt "..."
     vlmq-export validate OUT [--model DIR]
     vlmq-export serve OUT [--host 127.0.0.1] [--port 8000]
-    vlmq-export lint OUT [--target tensorrt|onnxruntime]
+    vlmq-export lint OUT [--target onnxruntime|tensorrt|jetson-orin|jetson-thor]
     vlmq-export inspect OUT
 """
 from __future__ import annotations
@@ -341,14 +341,15 @@ def cmd_validate(argv: list[str]) -> int:
 
 
 def cmd_lint(argv: list[str]) -> int:
-    from .validate.lint import TARGETS, format_lint, lint_output
+    from .targets import TARGETS
+    from .validate.lint import format_lint, lint_output
 
     p = argparse.ArgumentParser(prog="vlmq-export lint", description=(
         "Check an output directory's graphs against a deployment target's rules, statically and without the "
         "source model. Exit 0 when no target has a problem."))
     p.add_argument("out")
-    p.add_argument("--target", action="append", choices=TARGETS,
-                   help="tensorrt or onnxruntime (repeat for both; default: the runtimes the recipe names)")
+    p.add_argument("--target", action="append", choices=tuple(TARGETS),
+                   help=f"{', '.join(TARGETS)} (repeat for several; default: the runtimes the recipe names)")
     p.add_argument("--json", action="store_true", help="the result as JSON")
     args = p.parse_args(argv)
     res = lint_output(args.out, args.target)

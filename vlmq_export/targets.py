@@ -20,20 +20,30 @@ class Target:
     fp8: bool  # FP8 (E4M3) Q/DQ supported by the hardware
     min_trt: tuple[int, int] | None  # oldest TensorRT the target ships (None: not TensorRT)
     what: str  # the machine, in words (messages, the build script's GPU check)
+    opsets: tuple[int, int] | None = None  # ONNX opsets (lowest, highest) the oldest TensorRT's parser takes
 
     @property
     def tensorrt(self) -> bool:
         return self.runtime == "tensorrt"
 
 
+# Opset ranges. The parser itself checks no upper bound (onnx/onnx-tensorrt ModelImporter.cpp only warns below
+# opset 7) and dispatches on op type; the ranges below are what NVIDIA documents per release:
+# - TensorRT 10.0 to 10.8: onnx-tensorrt docs/operators.md "TensorRT 10.0 supports operators in the inclusive
+#   range of opset 9 to opset 20". Yet the same 10.0 release added INT4 quantization (docs/Changelog.md, 10.0 EA),
+#   whose blockwise DequantizeLinear exists only from opset 21, and its Q/DQ importer infers the blocks from the
+#   scale's shape (onnxOpImporters.cpp, "Only a single blocking dimension is allowed"): 21 is the highest here,
+#   the opset of every INT4 weight-only graph that TensorRT 10 takes.
+# - TensorRT 10.9: opset 9 to 22; 10.13: 9 to 24 (release summaries; docs/operators.md of 10.15 says 9 to 24 too).
+# - TensorRT 11.x: 9 to 25 (docs.nvidia.com/deeplearning/tensorrt/latest/reference/onnx-opset-guide.html).
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("onnxruntime", "onnxruntime", "fp32", None, False, True, None, "ONNX Runtime (CPU or CUDA)"),
     Target("tensorrt", "tensorrt", "fp16", (64, 128), True, True, (10, 0),
-           "an NVIDIA GPU of compute capability 8.0 or later (Ampere+)"),
+           "an NVIDIA GPU of compute capability 8.0 or later (Ampere+)", (9, 21)),
     Target("jetson-orin", "tensorrt", "fp16", (64, 128), True, False, (10, 3),
-           "a Jetson Orin (JetPack 6: TensorRT 10.3)"),
+           "a Jetson Orin (JetPack 6: TensorRT 10.3)", (9, 21)),
     Target("jetson-thor", "tensorrt", "fp16", (64, 128), True, True, (10, 13),
-           "a Jetson Thor (JetPack 7: TensorRT 10.13+)"),
+           "a Jetson Thor (JetPack 7: TensorRT 10.13+)", (9, 24)),
 )}
 TRT_TARGETS = tuple(n for n, t in TARGETS.items() if t.tensorrt)
 
