@@ -224,3 +224,16 @@ def test_onnxruntime_rules_are_unchanged(tmp_path):
     assert res["problems"] == [] and res["matmulnbits"] == 1
     res = lint(int4_graph(dtype=T.FLOAT, between="Identity"), tmp_path, "onnxruntime")
     assert any("does not feed a MatMul's input B directly" in p for p in res["problems"])
+
+
+def test_lint_and_build_read_one_target_table(tmp_path, monkeypatch):
+    """Change a target in targets.py and both lint and the engine build script follow."""
+    import dataclasses
+
+    from vlmq_export import targets
+    from vlmq_export.engines.script import render_script
+
+    orin = targets.TARGETS["jetson-orin"]
+    monkeypatch.setitem(targets.TARGETS, "jetson-orin", dataclasses.replace(orin, min_trt=(10, 9), opsets=(9, 22)))
+    assert "MIN_TRT_MAJOR=10\nMIN_TRT_MINOR=9\n" in render_script({"graphs": {}}, "jetson-orin", False)
+    assert lint(int4_graph(opset=22), tmp_path, "jetson-orin")["problems"] == []

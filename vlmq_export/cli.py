@@ -458,14 +458,14 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def cmd_build(argv: list[str]) -> int:
     from .engines.build import build_output
-    from .engines.script import TARGET_RULES
+    from .targets import TRT_TARGETS
 
     p = argparse.ArgumentParser(prog="vlmq-export build", description=(
         "Write OUT/engines/profiles.json (TensorRT optimization profiles: the language model's prefill and decode, "
         "the vision encoder's from the image processor's limits) and OUT/build_engines.sh (trtexec commands for the "
         "target), and build the engines here with Polygraphy where TensorRT imports and this machine is the target."))
     p.add_argument("out")
-    p.add_argument("--target", default="tensorrt", choices=tuple(TARGET_RULES),
+    p.add_argument("--target", default="tensorrt", choices=TRT_TARGETS,
                    help="tensorrt (a server GPU, default), jetson-orin or jetson-thor")
     p.add_argument("--max-batch", type=int, default=1, metavar="B", help="largest batch (default 1)")
     p.add_argument("--max-seq", type=int, metavar="S", help="longest prefill, in tokens (default: --max-context)")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .. import outdir
 from ..errors import VlmqError
+from ..targets import TRT_TARGETS, get_target
 from .profiles import derive_profiles, model_limits, uses_fp8
-from .script import TARGET_RULES, TIMING_CACHE, render_script
+from .script import TIMING_CACHE, render_script
 
 PROFILES = "engines/profiles.json"
 SCRIPT = "build_engines.sh"
@@ -50,7 +51,7 @@ def why_not_here(target: str, info: dict) -> str | None:
     board = info.get("board") or ""
     want = {"jetson-orin": "Orin", "jetson-thor": "Thor"}.get(target)
     if want and want not in board:
-        return f"this machine is not {TARGET_RULES[target]['what']} (engines are built on the target)"
+        return f"this machine is not {get_target(target).what} (engines are built on the target)"
     if not want and not info.get("gpu"):
         return "no NVIDIA GPU found (nvidia-smi)"
     return None
@@ -93,13 +94,13 @@ def build_output(out: str | Path, target: str = "tensorrt", *, max_batch: int = 
                  max_context: int | None = None, max_images: int = 1) -> dict:
     """Write OUT/engines/profiles.json and OUT/build_engines.sh, build the engines where TensorRT runs here,
     and record in the manifest what exists. Every input check comes before the first write."""
-    if target not in TARGET_RULES:
-        raise VlmqError(f"unknown target '{target}'; targets: {', '.join(TARGET_RULES)}")
+    if target not in TRT_TARGETS:
+        raise VlmqError(f"unknown target '{target}'; targets: {', '.join(TRT_TARGETS)}")
     out = Path(out)
     manifest = outdir.check_complete(out, verify_hashes=True)
     fp8 = uses_fp8(manifest)
-    if fp8 and target == "jetson-orin":
-        raise VlmqError(f"{out}: FP8 graphs ({', '.join(fp8)}) cannot run on jetson-orin: Orin has no FP8 "
+    if fp8 and not get_target(target).fp8:
+        raise VlmqError(f"{out}: FP8 graphs ({', '.join(fp8)}) cannot run on {target}: Orin has no FP8 "
                         "(INT8/INT4/FP16 only)")
     profiles = {"target": target, **derive_profiles(manifest, model_limits(out), max_batch=max_batch,
                                                     max_seq=max_seq, max_context=max_context, max_images=max_images)}

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from ..errors import VlmqError
 
-TARGETS = ("tensorrt", "jetson-orin", "jetson-thor")
 DEFAULT_CONTEXT = 4096  # when --max-context is not given: this or the model's max_position_embeddings if smaller
 
 

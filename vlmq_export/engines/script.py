@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import shlex
 
-# target -> (minimum TensorRT major.minor, what the GPU check looks for)
-TARGET_RULES = {
-    "tensorrt": {"min_trt": (10, 0), "what": "an NVIDIA GPU of compute capability 8.0 or later (Ampere+)"},
-    "jetson-orin": {"min_trt": (10, 3), "what": "a Jetson Orin (JetPack 6: TensorRT 10.3)"},
-    "jetson-thor": {"min_trt": (10, 13), "what": "a Jetson Thor (JetPack 7: TensorRT 10.13+)"},
-}
+from ..targets import get_target
+
 TIMING_CACHE = "engines/timing.cache"
 
 
@@ -98,9 +94,9 @@ run() {{ echo "+ $*" >> engines/build.log; "$@" >> engines/build.log 2>&1 || die
 
 def render_script(profiles: dict, target: str, fp8: bool) -> str:
     """The whole build_engines.sh for ``profiles`` (derive_profiles' result)."""
-    rules = TARGET_RULES[target]
+    min_trt = get_target(target).min_trt  # the oldest TensorRT the target ships (targets.py)
     graphs = profiles["graphs"]
-    text = _HEAD.format(target=target, min_major=rules["min_trt"][0], min_minor=rules["min_trt"][1],
+    text = _HEAD.format(target=target, min_major=min_trt[0], min_minor=min_trt[1],
                         fp8=int(fp8), several=int(any(len(g["profiles"]) > 1 for g in graphs.values())))
     for name, graph in graphs.items():
         text += f'echo "{name} -> {graph["engine"]}"\n'
