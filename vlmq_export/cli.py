@@ -160,6 +160,15 @@ def _check_export_args(args) -> tuple[dict, Path]:
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     components, out = _check_export_args(args)
+    import importlib.util
+
+    from .errors import VlmqError
+
+    missing = [m for m in ("torch", "transformers", "onnxscript", "onnx_ir", "safetensors")
+               if importlib.util.find_spec(m) is None]
+    if missing:  # a runtime-only install (run, serve, lint, build, inspect)
+        raise VlmqError(f"exporting needs {', '.join(missing)}: install the quantize extra "
+                        "(pip install 'vlmq-export[quantize]')")
     from .calibrate import Recipe
     from .calibrators.saliency import SaliencyConfig
     from .pipeline import Options, export_model

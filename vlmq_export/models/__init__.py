@@ -30,8 +30,9 @@ def family_for_model_type(model_type: str) -> type[Family]:
     )
 
 
-def load_family(path: str | Path) -> Family:
-    """The family object for a local model directory or an ``OUT/processor`` directory."""
+def load_family(path: str | Path, torch_free: bool = False) -> Family:
+    """The family object for a local model directory or an ``OUT/processor`` directory (``torch_free``: see
+    :meth:`Family.from_dir`)."""
     path = Path(path)
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -40,4 +41,4 @@ def load_family(path: str | Path) -> Family:
         model_type = json.loads(cfg.read_text()).get("model_type", "")
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{cfg}: unreadable config ({exc})") from None
-    return family_for_model_type(model_type).from_dir(path)
+    return family_for_model_type(model_type).from_dir(path, torch_free=torch_free)

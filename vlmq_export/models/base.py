@@ -3,10 +3,16 @@
 One module per family (``qwen2_vl.py``, ``smolvlm.py``) implements :class:`Family`. A family
 object has two halves:
 
-* a torch-free *preprocessing* half (tokenizer + image processor + config, all loadable from a
-  source model directory or from ``OUT/processor``), shared by calibration, torch validation and the
-  ONNX Runtime generation loop so that every path sees identical token ids and pixels;
-* a torch half: load the HF model, name its components, and build the four export wrappers.
+* a torch-free *preprocessing* half (:class:`Processor`: config, tokenizer and image processor read with
+  numpy, Pillow, ``tokenizers`` and ``jinja2`` from a source model directory or from ``OUT/processor``,
+  see ``processing.py``), which ``prepare`` uses in calibration, torch validation and the ONNX Runtime
+  generation loop alike, so that every path sees identical token ids and pixels;
+* a torch half: load the HF model, name its components, and build the four export wrappers (the
+  wrappers live where importing the family module does not import torch).
+
+``from_dir(path)`` also loads transformers' own config, tokenizer and image processor as ``config``,
+``tokenizer`` and ``image_processor`` (what ``save_processor`` writes and the torch half reads);
+``from_dir(path, torch_free=True)`` (the runtime) uses the :class:`Processor`'s objects there instead.
 
 The four ONNX graphs every family exports (names and roles are fixed, see ``../shared/design.md``):
 
@@ -31,7 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import VlmqError
+from ..errors import UnsupportedModelError, VlmqError
 
 
 @dataclass
@@ -49,6 +55,15 @@ class Prepared:
     @property
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+
+@dataclass
+class Processor:
+    """The torch-free preprocessing objects (``processing.py`` and the family's image processor)."""
+
+    config: Any  # processing.Config
+    tokenizer: Any  # processing.Tokenizer
+    image_processor: Any  # the family's numpy image processor
 
 
 @dataclass
@@ -75,15 +90,36 @@ class Family:
     model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values handled
     mrope: ClassVar[bool] = False  # position_ids are [3, B, S]
 
-    def __init__(self, config, tokenizer, image_processor):
-        self.config = config  # the HF (composite) config
+    def __init__(self, config, tokenizer, image_processor, processor: Processor | None = None):
+        self.config = config  # the HF (composite) config, or processing.Config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.processor = processor or Processor(config, tokenizer, image_processor)  # what prepare() uses
 
     # ---------------------------------------------------------------- preprocessing (no torch needed)
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Family":
-        """Build from a HF model directory or an ``OUT/processor`` directory (config + tokenizer + image processor)."""
+    def from_dir(cls, path: str | Path, torch_free: bool = False) -> "Family":
+        """Build from a HF model directory or an ``OUT/processor`` directory (config + tokenizer + image processor).
+
+        ``torch_free``: do not import transformers; ``config``, ``tokenizer`` and ``image_processor`` are then
+        the :class:`Processor`'s (enough for ``prepare``, the runtime and the graphs' shapes)."""
+        path = Path(path)
+        proc = cls.processor_from_dir(path)
+        model_type = getattr(proc.config, "model_type", "")
+        if model_type not in cls.model_types:
+            raise UnsupportedModelError(f"{path}: model_type '{model_type}' is not one of {cls.model_types}")
+        if torch_free:
+            return cls(proc.config, proc.tokenizer, proc.image_processor, proc)
+        return cls(*cls.hf_from_dir(path), proc)
+
+    @classmethod
+    def processor_from_dir(cls, path: Path) -> Processor:
+        """The torch-free :class:`Processor` of a directory."""
+        raise NotImplementedError
+
+    @classmethod
+    def hf_from_dir(cls, path: Path) -> tuple:
+        """transformers' (config, tokenizer, image processor) of a directory (the torch half)."""
         raise NotImplementedError
 
     def save_processor(self, out_dir: Path) -> None:

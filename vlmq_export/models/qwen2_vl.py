@@ -24,15 +24,14 @@ Qwen2.5-VL (window attention, RMSNorm/SwiGLU vision blocks) is not handled yet; 
 """
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import ExportSpec, Family, Prepared
+from .base import ExportSpec, Family, Prepared, Processor
+from .processing import Config, Normalization, Tokenizer, chat_template_from_dir, image_processor_config, resize, rgb_array
 
 # Qwen2-VL-Instruct's chat template; used when the tokenizer carries none (some checkpoints keep it
 # only in the processor's chat_template.json, which is read first).
@@ -56,6 +55,77 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 VISION_INPUTS = ["pixel_values", "vision_position_ids", "cu_seqlens"]
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------ image processor
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """(height, width) divisible by ``factor``, with min_pixels <= h * w <= max_pixels, the aspect ratio kept as
+    closely as possible (transformers' ``qwen2_vl.image_processing_pil_qwen2_vl.smart_resize``)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class Qwen2VLImageProcessor:
+    """numpy and Pillow mirror of transformers' ``Qwen2VLImageProcessorPil``: each image resized by
+    :func:`smart_resize` to multiples of patch x merge, rescaled and normalized, and cut into rows of
+    C * T * p * p values (the frame repeated T times) in merge-block order; grid (1, h, w) per image."""
+
+    def __init__(self, cfg: dict):
+        self.config = dict(cfg)
+        size = dict(cfg.get("size") or {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+        for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if cfg.get(key) is not None:
+                size[edge] = cfg[key]
+        self.min_pixels, self.max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
+        self.patch_size = int(cfg.get("patch_size", 14))
+        self.temporal_patch_size = int(cfg.get("temporal_patch_size", 2))
+        self.merge_size = int(cfg.get("merge_size", 2))
+        self.do_resize = bool(cfg.get("do_resize", True))
+        self.resample = int(cfg.get("resample", 3))  # bicubic
+        self.normalize = Normalization.from_config(cfg, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Qwen2VLImageProcessor":
+        return cls(image_processor_config(path))
+
+    def to_dict(self) -> dict:
+        return dict(self.config)
+
+    def patchify(self, image: np.ndarray) -> tuple[np.ndarray, int, int]:
+        c, h, w = image.shape
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = h // p, w // p
+        patches = image.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, *patches.shape[5:]))
+        return patches.reshape(gh * gw, c * t * p * p), gh, gw
+
+    def __call__(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        """``pixel_values`` float32 [L, C*T*p*p] and ``image_grid_thw`` int64 [N, 3] of N PIL images."""
+        rows, grids = [], []
+        for im in images:
+            x = rgb_array(im)
+            if self.do_resize:
+                h, w = smart_resize(x.shape[0], x.shape[1], self.patch_size * self.merge_size,
+                                    self.min_pixels, self.max_pixels)
+                x = resize(x, h, w, self.resample)
+            patches, gh, gw = self.patchify(self.normalize(x))
+            rows.append(patches)
+            grids.append([1, gh, gw])
+        return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32), np.asarray(grids, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------ numpy helpers
@@ -139,17 +209,25 @@ class Qwen2VLFamily(Family):
 
     # ------------------------------------------------------------------ preprocessing
     @classmethod
-    def from_dir(cls, path):
-        from transformers import AutoConfig, AutoTokenizer
+    def processor_from_dir(cls, path):
+        return Processor(Config.from_dir(path), Tokenizer.from_dir(path, QWEN2_VL_CHAT_TEMPLATE),
+                         Qwen2VLImageProcessor.from_dir(path))
 
-        path = Path(path)
+    @classmethod
+    def hf_from_dir(cls, path):
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
         config = AutoConfig.from_pretrained(path)
-        if config.model_type not in cls.model_types:
-            raise UnsupportedModelError(f"{path}: model_type '{config.model_type}' is not {cls.model_types}")
         tokenizer = AutoTokenizer.from_pretrained(path)
         if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = _processor_chat_template(path) or QWEN2_VL_CHAT_TEMPLATE
-        return cls(config, tokenizer, _load_image_processor(path))
+            tokenizer.chat_template = chat_template_from_dir(path) or QWEN2_VL_CHAT_TEMPLATE
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(path)
+        except Exception:  # e.g. an image_processor_type that needs torchvision
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        return config, tokenizer, image_processor
 
     @property
     def merge_size(self) -> int:
@@ -160,29 +238,31 @@ class Qwen2VLFamily(Family):
         return int(self.config.image_token_id)
 
     def _token_id(self, token: str) -> int:
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == self.tokenizer.unk_token_id:
+        tok = self.processor.tokenizer
+        tid = tok.convert_tokens_to_ids(token)
+        if tid is None or tid == tok.unk_token_id:
             raise UnsupportedModelError(f"tokenizer has no {token} token")
         return int(tid)
 
     @property
     def stop_token_ids(self) -> list[int]:
         ids = [self._token_id(self.END_OF_TURN), self._token_id(self.END_OF_TEXT)]
-        eos = self.tokenizer.eos_token_id
+        eos = self.processor.tokenizer.eos_token_id
         if eos is not None and eos not in ids:
             ids.append(int(eos))
         return ids
 
     def chat_text(self, num_images: int, prompt: str) -> str:
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        return self.tokenizer.apply_chat_template(
+        return self.processor.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
 
     def prepare(self, images, prompt, answer=None):
         images = list(images or [])
         text = self.chat_text(len(images), prompt)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tok = self.processor.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)
         pad = self.image_token_id
         if sum(1 for i in ids if i == pad) != len(images):
             raise ValueError(
@@ -191,15 +271,13 @@ class Qwen2VLFamily(Family):
         pixel: dict[str, np.ndarray] = {}
         grid = None
         if images:
-            out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="np")
-            pixel["pixel_values"] = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
-            grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+            pixel["pixel_values"], grid = self.processor.image_processor([im.convert("RGB") for im in images])
             pixel["image_grid_thw"] = grid
             counts = iter((grid.prod(-1) // self.merge_size**2).tolist())
             ids = [t for i in ids for t in ([pad] * next(counts) if i == pad else [i])]
         answer_len = 0
         if answer is not None:
-            ans = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) + [self._token_id(self.END_OF_TURN)]
+            ans = tok.encode(answer, add_special_tokens=False) + [self._token_id(self.END_OF_TURN)]
             ids += ans
             answer_len = len(ans)
         input_ids = np.asarray(ids, dtype=np.int64)[None, :]
@@ -226,6 +304,7 @@ class Qwen2VLFamily(Family):
 
     # ------------------------------------------------------------------ torch half
     def load_model(self, path, dtype=None):
+        import torch
         import transformers
 
         cls = getattr(transformers, self.model_class_name)
@@ -233,6 +312,8 @@ class Qwen2VLFamily(Family):
         return model.eval()
 
     def hf_inputs(self, prepared):
+        import torch
+
         ids = torch.from_numpy(prepared.input_ids).long()
         out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if "pixel_values" in prepared.pixel:
@@ -254,16 +335,22 @@ class Qwen2VLFamily(Family):
         return model.lm_head
 
     def image_features(self, model, prepared):
+        import torch
+
         inputs = self.hf_inputs(prepared)
         with torch.no_grad():
             out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)
 
     def _vision_wrapper(self, model):
+        from .qwen2_vl_torch import Qwen2VLVisionWrapper
+
         return Qwen2VLVisionWrapper(model.model.visual)
 
     def _vision_example(self):
         """Feeds for two images of different sizes (so neither L nor the image count is 1)."""
+        import torch
+
         vc = self.config.vision_config
         grid = np.array([[1, 6, 8], [1, 4, 4]], dtype=np.int64)
         L = int(grid.prod(-1).sum())
@@ -276,6 +363,10 @@ class Qwen2VLFamily(Family):
         )
 
     def export_specs(self, model):
+        import torch
+
+        from .qwen2_vl_torch import Qwen2VLDecoderWrapper, EmbedTokensWrapper, ProjectorWrapper
+
         Dim = torch.export.Dim
         merge2 = self.merge_size**2
         patches = Dim("num_patches")
@@ -293,7 +384,7 @@ class Qwen2VLFamily(Family):
             example_features = vision.module(*feats)
         projector = ExportSpec(
             name="projector",
-            module=_Projector(self.projector(model)).eval(),
+            module=ProjectorWrapper(self.projector(model)).eval(),
             args=(example_features,),
             input_names=["features"],
             output_names=["image_embeds"],
@@ -302,7 +393,7 @@ class Qwen2VLFamily(Family):
         B, S, P = 2, 5, 3
         embed = ExportSpec(
             name="embed_tokens",
-            module=_EmbedTokens(model.get_input_embeddings()).eval(),
+            module=EmbedTokensWrapper(model.get_input_embeddings()).eval(),
             args=(torch.randint(0, int(self.text_config.vocab_size), (B, S)),),
             input_names=["input_ids"],
             output_names=["inputs_embeds"],
@@ -337,123 +428,3 @@ class Qwen2VLFamily(Family):
             },
         )
         return [vision, projector, embed, llm]
-
-
-# ------------------------------------------------------------------------------------------ wrappers
-def _processor_chat_template(path: Path) -> str | None:
-    for name in ("chat_template.json", "processor_config.json"):
-        f = path / name
-        if f.is_file():
-            try:
-                tmpl = json.loads(f.read_text()).get("chat_template")
-            except (OSError, ValueError):
-                tmpl = None
-            if isinstance(tmpl, str) and tmpl:
-                return tmpl
-    f = path / "chat_template.jinja"
-    return f.read_text() if f.is_file() else None
-
-
-def _load_image_processor(path: Path):
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(path)
-    except Exception:  # e.g. an image_processor_type that needs torchvision
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil.from_pretrained(path)
-
-
-class Qwen2VLVisionWrapper(nn.Module):
-    """patch_embed -> rotary -> blocks with one block-diagonal SDPA per block -> features [L, embed_dim]."""
-
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, pixel_values, vision_position_ids, cu_seqlens):
-        visual = self.visual
-        h = visual.patch_embed(pixel_values)
-        cos, sin = visual.rotary_pos_emb(h, vision_position_ids)
-        n = h.shape[0]
-        seg = (torch.arange(n, device=h.device)[:, None] >= cu_seqlens[None, 1:]).sum(-1)
-        mask = (seg[:, None] == seg[None, :])[None, None]  # [1, 1, L, L] bool, block-diagonal
-        for blk in visual.blocks:
-            h = h + self._attention(blk.attn, blk.norm1(h), cos, sin, mask)
-            h = h + blk.mlp(blk.norm2(h))
-        return h
-
-    @staticmethod
-    def _attention(attn, x, cos, sin, mask):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-        n = x.shape[0]
-        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, L, hd]
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        return attn.proj(o.squeeze(0).transpose(0, 1).reshape(n, -1))
-
-
-class _Projector(nn.Module):
-    def __init__(self, merger):
-        super().__init__()
-        self.merger = merger
-
-    def forward(self, features):
-        return self.merger(features)
-
-
-class _EmbedTokens(nn.Module):
-    def __init__(self, embed):
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, input_ids):
-        return self.embed(input_ids)
-
-
-class Qwen2VLDecoderWrapper(nn.Module):
-    """One graph for prefill (P = 0) and decode: flat past KV in, logits and flat present KV out.
-
-    The attention mask is built here (additive, 0 / dtype min): key j is visible to query i iff j <= P + i and
-    ``attention_mask[b, j] == 1``; every query also sees itself, so padded rows never go all-masked
-    (their outputs are garbage but finite, and no real token attends to them).
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        lm = model.model.language_model
-        self.text_config = lm.config
-        self.rotary_emb = lm.rotary_emb
-        self.layers = lm.layers
-        self.norm = lm.norm
-        self.lm_head = model.lm_head
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        n = len(self.layers)
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n)], config=self.text_config)
-        b, s, _ = inputs_embeds.shape
-        total = attention_mask.shape[1]
-        past_len = total - s
-        q_pos = torch.arange(s, device=inputs_embeds.device) + past_len
-        k_pos = torch.arange(total, device=inputs_embeds.device)
-        causal = k_pos[None, :] <= q_pos[:, None]  # [S, T]
-        mask = causal[None] & attention_mask.bool()[:, None, :]  # [B, S, T]
-        mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
-        # additive form [B, 1, S, T]: eager attention (the export's) adds it, SDPA accepts it too
-        mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(inputs_embeds.dtype).min)[:, None]
-
-        hidden = inputs_embeds
-        pos_emb = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=pos_emb, cache=cache, use_cache=True)
-        logits = self.lm_head(self.norm(hidden))
-        present = []
-        for layer_cache in cache.layers:
-            present += [layer_cache.keys, layer_cache.values]
-        return (logits, *present)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from .base import ExportSpec, Family, Prepared
+from .base import ExportSpec, Family, Prepared, Processor
+from .processing import Config, Normalization, Tokenizer, chat_template_from_dir, image_processor_config, resize, rgb_array
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
@@ -57,6 +59,101 @@ def image_prompt_string(rows: int, cols: int, image_seq_len: int) -> str:
     return text + "\n" + glob
 
 
+# ------------------------------------------------------------------------------------------ image processor
+MAX_IMAGE_SIZE = 4096  # transformers' absolute maximum side
+
+
+def _rescale_to_max_len(height: int, width: int, max_len: int) -> tuple[int, int]:
+    """The longer side to ``max_len``, the other by the aspect ratio, rounded up to even."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = max_len
+        height = int(width / aspect_ratio)
+        height += height % 2
+    else:
+        height = max_len
+        width = int(height * aspect_ratio)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
+def _scale_below_upper_bound(height: int, width: int, max_len: int) -> tuple[int, int]:
+    aspect_ratio = width / height
+    if width >= height and width > max_len:
+        width = max_len
+        height = int(width / aspect_ratio)
+    elif height > width and height > max_len:
+        height = max_len
+        width = int(height * aspect_ratio)
+    return max(height, 1), max(width, 1)
+
+
+class Idefics3ImageProcessor:
+    """numpy and Pillow mirror of transformers' ``SmolVLMImageProcessorPil`` (= ``Idefics3ImageProcessorPil``):
+    resize so the longest edge is ``size["longest_edge"]``; with splitting, resize up to multiples of the tile
+    side ``max_image_size["longest_edge"]`` and cut R x C tiles, then append the whole image squashed to one
+    tile (the global tile); without, squash it to one tile; rescale and normalize every tile."""
+
+    def __init__(self, cfg: dict):
+        self.config = dict(cfg)
+        self.do_resize = bool(cfg.get("do_resize", True))
+        self.size = dict(cfg.get("size") or {"longest_edge": 4 * 364})
+        self.max_image_size = dict(cfg.get("max_image_size") or {"longest_edge": 364})
+        self.do_image_splitting = bool(cfg.get("do_image_splitting", True))
+        self.resample = int(cfg.get("resample", 1))  # Lanczos
+        self.normalize = Normalization.from_config(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Idefics3ImageProcessor":
+        return cls(image_processor_config(path))
+
+    def to_dict(self) -> dict:
+        return dict(self.config)
+
+    def _resize_longest(self, x: np.ndarray) -> np.ndarray:
+        if self.size.get("longest_edge"):
+            h, w = _rescale_to_max_len(x.shape[0], x.shape[1], int(self.size["longest_edge"]))
+            h, w = _scale_below_upper_bound(h, w, MAX_IMAGE_SIZE)
+        else:
+            h, w = int(self.size["height"]), int(self.size["width"])
+        return resize(x, h, w, self.resample)
+
+    def _split(self, x: np.ndarray) -> tuple[list[np.ndarray], int, int]:
+        tile = int(self.max_image_size["longest_edge"])
+        height, width = x.shape[:2]
+        aspect_ratio = width / height
+        if width >= height:  # resize_for_vision_encoder: both sides up to multiples of the tile
+            width = math.ceil(width / tile) * tile
+            height = math.ceil(int(width / aspect_ratio) / tile) * tile
+        else:
+            height = math.ceil(height / tile) * tile
+            width = math.ceil(int(height * aspect_ratio) / tile) * tile
+        x = resize(x, height, width, self.resample)
+        if height <= tile and width <= tile:
+            return [x], 0, 0
+        rows, cols = (height - tile) // tile + 1, (width - tile) // tile + 1
+        frames = [x[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
+        return frames + [resize(x, tile, tile, self.resample)], rows, cols
+
+    def __call__(self, images: list) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+        """``pixel_values`` float32 [1, tiles, 3, T, T], ``pixel_attention_mask`` int64 [1, tiles, T, T], and the
+        rows and columns of tiles of each image (0, 0 when it was not split) for the images of one prompt."""
+        tiles, rows, cols = [], [], []
+        tile = int(self.max_image_size["longest_edge"])
+        for im in images:
+            x = rgb_array(im)
+            if self.do_resize:
+                x = self._resize_longest(x)
+            frames, r, c = self._split(x) if self.do_image_splitting else ([resize(x, tile, tile, self.resample)], 0, 0)
+            tiles += [self.normalize(f) for f in frames]
+            rows.append(r)
+            cols.append(c)
+        if len({t.shape for t in tiles}) != 1:
+            raise ValueError(f"tiles of different sizes {sorted({t.shape for t in tiles})}")
+        pixel_values = np.stack(tiles)[None]
+        return pixel_values, np.ones((1, len(tiles), *tiles[0].shape[-2:]), np.int64), rows, cols
+
+
 class SmolVLMFamily(Family):
     name = "smolvlm"
     model_types = ("smolvlm", "idefics3")
@@ -64,18 +161,20 @@ class SmolVLMFamily(Family):
 
     # ---------------------------------------------------------------- preprocessing (no torch needed)
     @classmethod
-    def from_dir(cls, path: str | Path) -> "SmolVLMFamily":
+    def processor_from_dir(cls, path: Path) -> Processor:
+        return Processor(Config.from_dir(path), Tokenizer.from_dir(path, DEFAULT_CHAT_TEMPLATE),
+                         Idefics3ImageProcessor.from_dir(path))
+
+    @classmethod
+    def hf_from_dir(cls, path: Path) -> tuple:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        path = Path(path)
         config = AutoConfig.from_pretrained(path)
-        if config.model_type not in cls.model_types:
-            raise ValueError(f"{path}: model_type {config.model_type!r} is not one of {cls.model_types}")
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)  # the *Pil class where torchvision is absent
         if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = _read_chat_template(path) or DEFAULT_CHAT_TEMPLATE
-        return cls(config, tokenizer, image_processor)
+            tokenizer.chat_template = chat_template_from_dir(path) or DEFAULT_CHAT_TEMPLATE
+        return config, tokenizer, image_processor
 
     def save_processor(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
@@ -97,7 +196,7 @@ class SmolVLMFamily(Family):
     @property
     def tile_size(self) -> int:
         """Side of the square tiles the image processor emits (and the vision graph takes)."""
-        mis = getattr(self.image_processor, "max_image_size", None) or {}
+        mis = self.processor.image_processor.max_image_size
         return int(mis.get("longest_edge") or self.config.vision_config.image_size)
 
     @property
@@ -106,12 +205,13 @@ class SmolVLMFamily(Family):
 
     @property
     def stop_token_ids(self) -> list[int]:
-        eou = self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
-        ids = [eou if eou != self.tokenizer.unk_token_id else None, self.tokenizer.eos_token_id]
+        tok = self.processor.tokenizer
+        eou = tok.convert_tokens_to_ids(END_OF_UTTERANCE)
+        ids = [eou if eou != tok.unk_token_id else None, tok.eos_token_id]
         return sorted({int(i) for i in ids if i is not None})
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
+        return self.processor.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False
         )
 
@@ -130,21 +230,16 @@ class SmolVLMFamily(Family):
 
         pixel: dict[str, np.ndarray] = {}
         if images:
-            enc = self.image_processor(images=[images], return_tensors="np", return_row_col_info=True)
-            rows = [int(r) for r in np.asarray(enc["rows"]).reshape(-1)]
-            cols = [int(c) for c in np.asarray(enc["cols"]).reshape(-1)]
-            pixel["pixel_values"] = np.asarray(enc["pixel_values"], dtype=np.float32)  # [1, tiles, 3, H, W]
-            pam = enc.get("pixel_attention_mask")
-            if pam is None:
-                pam = np.ones((1, *pixel["pixel_values"].shape[1:2], *pixel["pixel_values"].shape[-2:]), np.int64)
-            pixel["pixel_attention_mask"] = np.asarray(pam, dtype=np.int64)  # [1, tiles, H, W]
+            # [1, tiles, 3, H, W], [1, tiles, H, W]
+            pixel["pixel_values"], pixel["pixel_attention_mask"], rows, cols = self.processor.image_processor(images)
             parts = text.split(IMAGE_TOKEN)
             if len(parts) - 1 != len(images):
                 raise ValueError(f"chat template produced {len(parts) - 1} image placeholders for {len(images)} images")
             text = parts[0] + "".join(
                 image_prompt_string(rows[i], cols[i], self.image_seq_len) + parts[i + 1] for i in range(len(images))
             )
-        ids = list(self.tokenizer(text)["input_ids"])
+        tok = self.processor.tokenizer
+        ids = tok.encode(text)
 
         answer_len = 0
         if answer is not None:
@@ -158,7 +253,7 @@ class SmolVLMFamily(Family):
                 tail = tail[: tail.index(END_OF_UTTERANCE) + len(END_OF_UTTERANCE)]
             else:
                 tail = " " + answer + END_OF_UTTERANCE
-            ans_ids = list(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
+            ans_ids = tok.encode(tail, add_special_tokens=False)
             ids += ans_ids
             answer_len = len(ans_ids)
 
@@ -312,21 +407,6 @@ class SmolVLMFamily(Family):
                 },
             ),
         ]
-
-
-def _read_chat_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    for name in ("chat_template.json", "processor_config.json"):
-        f = path / name
-        if f.is_file():
-            try:
-                tpl = json.loads(f.read_text()).get("chat_template")
-            except (OSError, ValueError):
-                tpl = None
-            if tpl:
-                return tpl
-    return None
 
 
 # -------------------------------------------------------------------- export wrappers (torch)

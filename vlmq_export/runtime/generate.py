@@ -62,7 +62,7 @@ class OnnxVLM:
     def __init__(self, out_dir: str | Path, *, accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, providers=None,
                  graphs: dict[str, Path] | None = None):
         self.out_dir = Path(out_dir)
-        self.family = load_family(self.out_dir / "processor")
+        self.family = load_family(self.out_dir / "processor", torch_free=True)
         self.paths = graphs or {g: self.out_dir / f"{g}.onnx" for g in GRAPHS}
         self.accuracy_level = accuracy_level
         self._opts = dict(accuracy_level=accuracy_level, providers=providers)
