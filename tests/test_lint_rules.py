@@ -153,6 +153,7 @@ def test_unsigned_int4_is_refused(tmp_path):
 def test_blocks_along_axis_0_only(tmp_path):
     only(lint(int4_graph(dims=(K, K), axis=1, scale_dims=[K, K // B]), tmp_path, "tensorrt"),
          "axis 1 (needs 0: blocks along K)")
+    assert lint(int4_graph(axis=-2), tmp_path, "tensorrt")["problems"] == []  # -2 is axis 0 of a [K, N] weight
 
 
 def test_blocks_of_the_targets_sizes_only(tmp_path):

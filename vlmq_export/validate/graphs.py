@@ -180,6 +180,7 @@ def _int4_layout(g: _Graph, node: onnx.NodeProto, target: Target) -> list[str]:
         return out + [f"4-bit tensor {dims} has an odd element count (TensorRT packs two per byte)"]
     attrs = _attrs(node)
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+    axis += len(dims) if axis < 0 else 0
     scale = g.consts.get(node.input[1])
     if len(dims) != 2:
         out.append(f"INT4 weight of rank {len(dims)} (TensorRT takes a [K, N] MatMul weight)")
