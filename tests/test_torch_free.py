@@ -20,10 +20,13 @@ from vlmq_export.testing.tiny_smolvlm import make_tiny_smolvlm
 
 FAMILIES = ("qwen2_vl", "smolvlm")
 PROMPT = "What is in the picture?"
-# startup of every torch-free subprocess: torch and transformers cannot be imported, and are checked at exit
-NO_TORCH = ("import sys, atexit; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "atexit.register(lambda: [m for m in sys.modules if (m == 'torch' or m.startswith(('torch.', "
-            "'transformers'))) and sys.modules[m] is not None] and print('HEAVY IMPORTED', file=sys.stderr))\n")
+# the quantize extra's packages: a runtime-only install has none of them
+QUANTIZE_ONLY = ("torch", "transformers", "onnxscript", "onnx_ir", "safetensors", "matplotlib")
+# startup of every torch-free subprocess: those packages cannot be imported, and none was at exit
+NO_TORCH = (f"import sys, atexit; QUANTIZE_ONLY = {QUANTIZE_ONLY!r}\n"
+            "sys.modules.update(dict.fromkeys(QUANTIZE_ONLY))\n"
+            "atexit.register(lambda: [m for m in sys.modules if m.split('.')[0] in QUANTIZE_ONLY and "
+            "sys.modules[m] is not None] and print('HEAVY IMPORTED', file=sys.stderr))\n")
 
 
 def _image(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:

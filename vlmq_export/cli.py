@@ -216,6 +216,12 @@ def _accuracy_level_flag(p: argparse.ArgumentParser) -> None:
                         f"fast), 0 float (slower; matches torch fake-quant exactly). Default {DEFAULT_ACCURACY_LEVEL}")
 
 
+def _backend_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="onnxruntime (default) or tensorrt: the engines `vlmq-export build OUT` made on this machine "
+                        "(needs TensorRT and Polygraphy)")
+
+
 def _verify_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the graphs against their sha256 in the manifest (about 0.2 s per 200 MB)")
@@ -253,6 +259,7 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, help="with --sample, >= 0")
     p.add_argument("--no-stop", action="store_true", help="ignore stop tokens (always generate max-new-tokens)")
     _accuracy_level_flag(p)
+    _backend_flag(p)
     _limit_flags(p)
     _verify_flag(p)
     p.add_argument("--tokens", action="store_true", help="print the generated token ids at the end")
@@ -270,7 +277,7 @@ def cmd_run(argv: list[str]) -> int:
     limits.check_image_count(len(args.image), args.max_images)
     limits.check_generation({name: getattr(args, name) for name in limits.RANGES}, label=flag)
     check_complete(Path(args.out), verify_hashes=not args.no_verify)
-    vlm = OnnxVLM(args.out, accuracy_level=args.accuracy_level)
+    vlm = OnnxVLM(args.out, accuracy_level=args.accuracy_level, backend=args.backend)
     limits.check_generation({"top_k": args.top_k}, vlm.vocab_size, label=flag)
     images = [open_image(Path(i), args.max_image_pixels) for i in args.image]
     stream = None if (args.json or args.quiet) else (lambda s: print(s, end="", flush=True))
@@ -290,7 +297,8 @@ def cmd_run(argv: list[str]) -> int:
         if not args.quiet:
             rate = f" at {res.decode_tokens_per_s:.1f} tok/s" if len(res.token_ids) > 1 else ""
             print(f"[{res.prompt_tokens} prompt tokens, prefill {res.prefill_s * 1e3:.0f} ms, "
-                  f"{len(res.token_ids)} new tokens{rate}, accuracy level {args.accuracy_level}]", file=sys.stderr)
+                  f"{len(res.token_ids)} new tokens{rate}, " + (f"accuracy level {args.accuracy_level}]"
+                  if args.backend == "onnxruntime" else "TensorRT]"), file=sys.stderr)
     return 0
 
 
@@ -305,6 +313,7 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--max-tokens-limit", type=int, default=1024,
                    help="largest max_tokens a request may ask for (default 1024)")
     _accuracy_level_flag(p)
+    _backend_flag(p)
     _limit_flags(p)
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a connection may send nothing (before or inside a request) before it is closed "
@@ -323,7 +332,7 @@ def cmd_serve(argv: list[str]) -> int:
         p.error("--timeout must be >= 0")
     serve(args.out, args.host, args.port, accuracy_level=args.accuracy_level, max_tokens_limit=args.max_tokens_limit,
           quiet=args.quiet, verify=not args.no_verify, timeout=args.timeout or None, max_images=args.max_images,
-          max_image_pixels=args.max_image_pixels)
+          max_image_pixels=args.max_image_pixels, backend=args.backend)
     return 0
 
 
@@ -335,12 +344,13 @@ def cmd_validate(argv: list[str]) -> int:
     p.add_argument("--model", help="source model (default: the path recorded in the manifest)")
     p.add_argument("--n-val", type=int, default=4)
     p.add_argument("--gen-tokens", type=int, default=16)
+    _backend_flag(p)
     _output_flags(p)
     args = p.parse_args(argv)
     from .pipeline import validate_output
     from .validate import gates
 
-    v = validate_output(args.out, args.model, args.n_val, args.gen_tokens, _progress(args))
+    v = validate_output(args.out, args.model, args.n_val, args.gen_tokens, _progress(args), backend=args.backend)
     rows = gates.evaluate(v)
     print(json.dumps({**v, "gates": gates.overall(rows)}, indent=None if args.json else 2))
     for r in rows:
@@ -375,6 +385,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--torch", action="store_true", help="also evaluate the full-precision source model in torch")
     p.add_argument("--model", help="source model for --torch (default: the manifest's)")
     _accuracy_level_flag(p)
+    _backend_flag(p)
     _verify_flag(p)
     _output_flags(p)
     args = p.parse_args(argv)
@@ -387,7 +398,7 @@ def cmd_eval(argv: list[str]) -> int:
 
     out = Path(args.out)
     manifest = check_complete(out, verify_hashes=not args.no_verify)
-    vlm = OnnxVLM(out, accuracy_level=args.accuracy_level)
+    vlm = OnnxVLM(out, accuracy_level=args.accuracy_level, backend=args.backend)
     res = {"onnx": {**evaluate_onnx(out, n=args.n, accuracy_level=args.accuracy_level, vlm=vlm),
                     "perplexity": perplexity_onnx(vlm, text_ids(vlm.family.tokenizer))}}
     if args.torch:

@@ -330,13 +330,17 @@ def int4_form(paths, sym: bool) -> dict:
 
 
 def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, gen_tokens: int = 16,
-                    progress: Progress | None = None) -> dict:
+                    progress: Progress | None = None, backend: str = "onnxruntime") -> dict:
     """Re-validate a complete output directory against its source model: re-measures the quantized graphs
     (parity, cost against full precision, INT4 form, ONNX Runtime fusion) and merges them into report/ and the
-    manifest's summary, keeping what it does not recompute."""
+    manifest's summary, keeping what it does not recompute. ``backend="tensorrt"`` also compares OUT's TensorRT
+    engines with ONNX Runtime on the same feeds (Polygraphy's Comparator; stage ``tensorrt_vs_onnxruntime``)."""
+    from .runtime.runners import check_backend, engine_profiles
+
     say = progress or Progress("quiet")
     out = Path(out)
     manifest = outdir.check_complete(out)
+    check_backend(out, backend)  # TensorRT and the engines, before the source model loads
     say.start("validate", f"{out} against {model or manifest['source']['path']}")
     model_dir = resolve_model(model) if model else Path(manifest["source"]["path"])
     if not (model_dir / "config.json").is_file():
@@ -347,8 +351,14 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     ref_float = torch_outputs(family, torch_model, val, gen_tokens)
     for name, w in load_quantized_weights(out, manifest).items():
         torch_model.get_submodule(name).weight.data = w.to(torch_model.get_submodule(name).weight.dtype)
-    ref_fq = torch_outputs(family, torch_model, val, gen_tokens)
-    stages = quantized_stages(out, ref_float, ref_fq, val, gen_tokens)
+    dtype = manifest["recipe"].get("dtype", "fp32")
+    ref_fq = torch_outputs(family, torch_model.half() if dtype == "fp16" else torch_model, val, gen_tokens)
+    stages = quantized_stages(out, ref_float, ref_fq, val, gen_tokens, dtype=dtype)
+    if backend == "tensorrt":
+        from .validate.trt_compare import compare_engines
+
+        say.start("validate", "TensorRT engines vs ONNX Runtime (Polygraphy Comparator)")
+        stages["tensorrt_vs_onnxruntime"] = compare_engines(out, val, engine_profiles(out))
     fresh = {**int4_form([out / c["file"] for c in manifest["components"].values()],
                          manifest["recipe"].get("symmetric", True)),
              "ort_fusion": ort_fusion(out / manifest["components"]["llm"]["file"])}
@@ -368,6 +378,8 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     report["measured"] = {**report.get("measured", {}), **{f"stages.{k}": this_run for k in stages},
                           "int4_form": this_run, "ort_fusion": this_run}
     manifest["validation"] = {**manifest.get("validation", {}), **summary(report)}
+    if "tensorrt_vs_onnxruntime" in stages:
+        manifest["validation"]["tensorrt_matches_onnxruntime"] = stages["tensorrt_vs_onnxruntime"]["passed"]
     write_report(out, manifest, report)
     outdir.write_manifest(out, manifest)
     return manifest["validation"]

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..models import Prepared, load_family
 from .limits import context_length, fit_to_context
-from .session import DEFAULT_ACCURACY_LEVEL, make_session
+from .runners import Runner, check_backend, make_runner
+from .session import DEFAULT_ACCURACY_LEVEL
 
 GRAPHS = ("vision_encoder", "projector", "embed_tokens", "llm")
 
@@ -57,16 +58,21 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator | None, temperatur
 
 
 class OnnxVLM:
-    """The exported model in ONNX Runtime: vision encoder -> projector -> embeddings -> LLM with KV cache."""
+    """The exported model: vision encoder -> projector -> embeddings -> LLM with KV cache, each graph behind a
+    :class:`~vlmq_export.runtime.runners.Runner` of ``backend`` ("onnxruntime", or "tensorrt" for the engines
+    `vlmq-export build` made; checked here, before any graph loads). ``accuracy_level`` and ``providers`` are
+    ONNX Runtime's; ``graphs`` other ONNX files to run (ONNX Runtime only)."""
 
     def __init__(self, out_dir: str | Path, *, accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL, providers=None,
-                 graphs: dict[str, Path] | None = None):
+                 graphs: dict[str, Path] | None = None, backend: str = "onnxruntime"):
         self.out_dir = Path(out_dir)
+        check_backend(self.out_dir, backend, GRAPHS)
+        self.backend = backend
         self.family = load_family(self.out_dir / "processor", torch_free=True)
         self.paths = graphs or {g: self.out_dir / f"{g}.onnx" for g in GRAPHS}
         self.accuracy_level = accuracy_level
-        self._opts = dict(accuracy_level=accuracy_level, providers=providers)
-        self._sessions: dict = {}
+        self._opts = dict(accuracy_level=accuracy_level, providers=providers) if backend == "onnxruntime" else {}
+        self._runners: dict[str, Runner] = {}
 
     @property
     def context_length(self) -> int | None:
@@ -77,19 +83,31 @@ class OnnxVLM:
     def vocab_size(self) -> int:
         return int(self.family.text_config.vocab_size)
 
-    def session(self, name: str):
-        if name not in self._sessions:
-            self._sessions[name] = make_session(self.paths[name], **self._opts)
-        return self._sessions[name]
+    def runner(self, name: str) -> Runner:
+        """The active runner of graph ``name`` (activated on first use, kept until :meth:`close`)."""
+        if name not in self._runners:
+            path = self.paths[name] if self.backend == "onnxruntime" else None
+            r = make_runner(self.out_dir, name, self.backend, path=path, **self._opts)
+            r.activate()
+            self._runners[name] = r
+        return self._runners[name]
+
+    session = runner  # the older name; a runner also answers ONNX Runtime's ``run(output_names, feeds)``
+
+    def close(self) -> None:
+        """Deactivate every runner (frees the sessions or engines)."""
+        for r in self._runners.values():
+            r.deactivate()
+        self._runners.clear()
 
     # ------------------------------------------------------------------ graph calls
     def image_features(self, prepared: Prepared) -> np.ndarray:
         """[n_image_tokens, hidden] for the images in ``prepared``."""
-        feats = self.session("vision_encoder").run(["features"], self.family.vision_feeds(prepared))[0]
-        return self.session("projector").run(["image_embeds"], {"features": feats})[0]
+        feats = self.runner("vision_encoder").infer(self.family.vision_feeds(prepared))["features"]
+        return self.runner("projector").infer({"features": feats})["image_embeds"]
 
     def embeddings(self, prepared: Prepared) -> np.ndarray:
-        emb = self.session("embed_tokens").run(["inputs_embeds"], {"input_ids": prepared.input_ids})[0]
+        emb = self.runner("embed_tokens").infer({"input_ids": prepared.input_ids})["inputs_embeds"]
         if prepared.num_images:
             img = self.image_features(prepared)
             mask = prepared.image_mask[0]
@@ -110,11 +128,8 @@ class OnnxVLM:
 
     def llm(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        sess = self.session("llm")
-        names = [o.name for o in sess.get_outputs()]
-        outs = sess.run(names, {"inputs_embeds": embeds, "attention_mask": attention_mask,
-                                "position_ids": position_ids, **past})
-        res = dict(zip(names, outs))
+        res = self.runner("llm").infer({"inputs_embeds": embeds, "attention_mask": attention_mask,
+                                        "position_ids": position_ids, **past})
         present = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
         return res["logits"], present
 
@@ -153,7 +168,7 @@ class OnnxVLM:
         text_so_far = ""
         stopped = False
         t1 = time.perf_counter()
-        embed = self.session("embed_tokens")
+        embed = self.runner("embed_tokens")
         while len(tokens) < max_new_tokens:
             tok = sample_token(logits[0, -1], rng, temperature, top_k, top_p)
             if tok in stop_ids:
@@ -168,7 +183,7 @@ class OnnxVLM:
             if len(tokens) == max_new_tokens:
                 break
             ids = np.array([[tok]], np.int64)
-            e = embed.run(["inputs_embeds"], {"input_ids": ids})[0]
+            e = embed.infer({"input_ids": ids})["inputs_embeds"]
             past_len = seq + len(tokens) - 1
             mask = np.ones((1, past_len + 1), np.int64)
             pos = fam.decode_position_ids(prepared.rope_delta, past_len)

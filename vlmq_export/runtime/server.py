@@ -231,17 +231,18 @@ class VLMServer(ThreadingHTTPServer):
 def make_server(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, accuracy_level: int | None = None,
                 max_tokens_limit: int = 1024, log=None, providers=None, verify: bool = True,
                 timeout: float | None = DEFAULT_TIMEOUT_S, max_images: int = DEFAULT_MAX_IMAGES,
-                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> VLMServer:
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, backend: str = "onnxruntime") -> VLMServer:
     """Bind ``host:port`` (0: any free port) and open every graph of a complete output directory (so a
     broken one fails here, not on the first request; with ``verify``, a graph that does not match its
-    sha256 in the manifest too). Call ``serve_forever()`` on the result."""
+    sha256 in the manifest too) with ``backend`` (onnxruntime, or tensorrt: OUT's engines). Call
+    ``serve_forever()`` on the result."""
     from ..outdir import check_complete
     from .session import DEFAULT_ACCURACY_LEVEL
 
     out_dir = Path(out_dir)
     manifest = check_complete(out_dir, verify_hashes=verify)
     level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    vlm = OnnxVLM(out_dir, accuracy_level=level, providers=providers)  # sessions open lazily
+    vlm = OnnxVLM(out_dir, accuracy_level=level, providers=providers, backend=backend)  # runners open below
     name = out_dir.resolve().name or manifest.get("source", {}).get("model", "model")
     server = VLMServer((host, port), vlm, name, max_tokens_limit, log, timeout=timeout, max_images=max_images,
                        max_image_pixels=max_image_pixels)  # a busy port fails before the loading
