@@ -193,6 +193,25 @@ def test_comparator_reports_a_mismatch_when_one_side_is_perturbed(built, tmp_pat
     assert res["vision_encoder.vision.passed"] and res["embed_tokens.tokens.passed"]
 
 
+def test_validate_backend_tensorrt_writes_the_comparison_to_the_report(built, tmp_path, monkeypatch, capsys):
+    """`validate --backend tensorrt` end to end, with ONNX Runtime standing in for the engines (the wiring is the
+    same; what TensorRT itself computes is the skipped test below)."""
+    from vlmq_export.runtime import runners
+    from vlmq_export.validate import trt_compare
+
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    monkeypatch.setattr(runners, "check_backend", lambda out, backend, graphs=None: None)
+    monkeypatch.setattr(trt_compare, "trt_runner_factory", trt_compare.ort_runner_factory)
+    rc = cli.main(["validate", str(out), "--n-val", "2", "--gen-tokens", "2", "--backend", "tensorrt", "--json"])
+    assert rc in (0, 1)  # the tiny random model's gates are not the point here
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tensorrt_matches_onnxruntime"] is True
+    stage = json.loads((out / "report" / "validation.json").read_text())["stages"]["tensorrt_vs_onnxruntime"]
+    assert stage["passed"] is True and stage["llm.decode.max_abs_diff"] == 0.0 and stage["atol"] == 1e-2
+    assert "tensorrt_vs_onnxruntime" in (out / "report" / "report.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["validation"]["tensorrt_matches_onnxruntime"] is True
+
+
 # ---------------------------------------------------------------- TensorRT: imports without it, refuses without it
 def _imports(code: str) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
