@@ -98,6 +98,12 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="ShapesVQA task accuracy on N test samples, torch full precision and exported ONNX "
                         "(default: 100 for builtin:shapes-* models, else off)")
     p.add_argument("--device", help="calibration device (default: cuda when available, else cpu)")
+    p.add_argument("--target", default="onnxruntime", metavar="T",
+                   help="where the graphs will run: onnxruntime (default), tensorrt, jetson-orin, jetson-thor; "
+                        "refuses what the target cannot take (--asym, INT4 blocks other than 64 and 128 for TensorRT)")
+    p.add_argument("--dtype", metavar="fp16|fp32",
+                   help="the graphs' float type (activations, INT4 scales, float inputs and outputs); default: fp16 "
+                        "for the TensorRT targets, fp32 for onnxruntime (its CPU kernels run FP16 slowly)")
     _output_flags(p)
     return p
 
@@ -120,12 +126,12 @@ def _progress(args):
 
 def _check_export_args(args) -> tuple[dict, Path]:
     """Every check argv alone allows, before torch and transformers load (a second's work, not twenty):
-    the recipe's numbers and syntax, the device name, and that OUT can be written. Returns the components'
-    recipes and OUT."""
+    the recipe's numbers and syntax, what the target takes, the device name, and that OUT can be written.
+    Returns the components' recipes and OUT; sets ``args.dtype`` to the graphs' dtype."""
     from .errors import VlmqError
     from .outdir import check_writable
     from .recipe import (COMPONENTS, ComponentRecipe, check_device, check_group_size, check_recipe_values,
-                         check_saliency_values, default_out, parse_component_recipe)
+                         check_saliency_values, check_target, default_out, parse_component_recipe)
 
     bits = args.bits or 4
     if bits in (8, "fp8"):
@@ -150,6 +156,9 @@ def _check_export_args(args) -> tuple[dict, Path]:
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in COMPONENTS if c in comps}
     check_recipe_values(args.method, components, not args.asym, args.damp, args.gptaq_alpha, args.sink_weight)
+    args.dtype, warnings = check_target(args.target, args.dtype, components, not args.asym)
+    for w in warnings:
+        print(f"vlmq-export: warning: {w}", file=sys.stderr)
     check_saliency_values(args.saliency_floor, args.saliency_exponent)
     check_device(args.device)
     out = Path(args.output) if args.output else default_out(args.model, args.method, components, not args.asym)
@@ -183,7 +192,7 @@ def cmd_export(argv: list[str]) -> int:
                    calib_text_tokens=args.calib_text_tokens, calib_prompt_tokens=args.calib_prompt_tokens,
                    n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
-                   eval_task=args.eval_task)
+                   eval_task=args.eval_task, dtype=args.dtype, target=args.target)
     head = components.get("lm_head")
     if head is not None and head.bits == 8:
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "

@@ -4,6 +4,8 @@ Every stage is a plain function; the CLI only parses arguments and prints.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -22,10 +24,10 @@ from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
-from .export.qdq import QuantizedLinear, apply_qdq
+from .export.qdq import QuantizedLinear, apply_qdq, half_key, weight_key
 from .models import Family, Prepared, load_family
 from .progress import Progress
-from .recipe import default_out
+from .recipe import check_target, default_out
 from .runtime.generate import GRAPHS, OnnxVLM
 from .runtime.session import PARITY_ACCURACY_LEVEL
 from .sources import resolve_model
@@ -46,6 +48,8 @@ class Options:
     keep_float: bool = False
     device: str | None = None  # calibration device (default: cuda when available)
     eval_task: int | None = None  # ShapesVQA test samples for task accuracy (None: 100 for builtin:shapes-*)
+    target: str = "onnxruntime"  # a name in targets.TARGETS: what the graphs must follow
+    dtype: str | None = None  # the graphs' float type, "fp16" or "fp32" (None: the target's default)
     extra: dict = field(default_factory=dict)
 
 
@@ -91,6 +95,7 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     opts = options or Options()
     say = progress or Progress("quiet")
     recipe.check()
+    opts = dataclasses.replace(opts, dtype=check_target(opts.target, opts.dtype, recipe.components, recipe.sym)[0])
     check_device_available(opts.device)
     out = Path(out) if out else default_out(model_spec, recipe.method, recipe.components, recipe.sym)
     outdir.check_writable(out)  # before any slow work
@@ -137,8 +142,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         "source": {"model": model_spec, "path": str(Path(model_dir).resolve()), "family": family.name,
                    "model_type": family.config.model_type,
                    "config_sha256": outdir.sha256_file(Path(model_dir) / "config.json")},
-        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only",
-                   "runtimes": ["onnxruntime", "tensorrt"] if recipe.sym else ["onnxruntime"],
+        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only", "target": opts.target, "dtype": opts.dtype,
+                   "runtimes": runtimes(opts.target, recipe.sym),
                    "lm_head": recipe.components["lm_head"].label() if "lm_head" in recipe.components else "float",
                    "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
@@ -161,6 +166,21 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         t = time.perf_counter()
         export_graph(spec, float_dir / f"{spec.name}.onnx")
         say(f"{spec.name}.onnx ({time.perf_counter() - t:.1f}s)")
+    half = opts.dtype == "fp16"
+    half_dir = work / "float16"
+    if half:
+        # FP16 graphs by a half-precision torch export, not by converting the float32 graph (ONNX Runtime's
+        # float16 converter): the trace keeps the float32 islands that the model's authors wrote into its code
+        # (the RMSNorm / LayerNorm variance, the eager softmax, the rotary frequencies), and nothing else.
+        # Logits stay FP16 (the lm_head's output type): measured against the FP32 export in the report.
+        keys16 = {weight_key(w): half_key(w) for w in (m.weight.detach().float().cpu().numpy()
+                                                      for m in model.modules() if isinstance(m, torch.nn.Linear))}
+        model16 = copy.deepcopy(model).half()
+        for spec in family.export_specs(model16):
+            t = time.perf_counter()
+            export_graph(spec, half_dir / f"{spec.name}.onnx", half=True)
+            say(f"{spec.name}.onnx in FP16 ({time.perf_counter() - t:.1f}s)")
+        del model16
     manifest["timings_s"]["export"] = time.perf_counter() - t0
     report: dict = {"stages": {}}
     ref_float = None
@@ -194,13 +214,25 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         manifest["calibration"]["saliency_file"] = "saliency.safetensors"
 
     # -- Q/DQ pass
-    say.start("qdq", f"writing {len(layers)} INT4 layers")
+    say.start("qdq", f"writing {len(layers)} INT4 layers" + (" with FP16 scales" if half else ""))
     written: set[str] = set()
+    moved = 0
+    qlayers = [dataclasses.replace(q, key=keys16.get(q.key, q.key)) for q in layers] if half else layers
     for g in GRAPHS:
-        written |= set(apply_qdq(float_dir / f"{g}.onnx", work / f"{g}.onnx", layers))
+        names, n = apply_qdq((half_dir if half else float_dir) / f"{g}.onnx", work / f"{g}.onnx", qlayers)
+        written |= set(names)
+        moved += n
     missing = [q.name for q in layers if q.name not in written]
     if missing:
         raise VlmqError(f"{len(missing)} quantized layers not found in the exported graphs (first: {missing[0]})")
+    if half:
+        manifest["recipe"]["fp16_scales_clamped"] = moved  # scales moved into FP16's normal range (export/qdq.py)
+        if moved:
+            say(f"warning: {moved} INT4 scales were under FP16's smallest normal number and were raised to it")
+    fp32_dir = work / "fp32"  # an FP16 export's FP32 twin (the same codes), the reference of what FP16 costs
+    if half and opts.validate:
+        for g in GRAPHS:
+            apply_qdq(float_dir / f"{g}.onnx", fp32_dir / f"{g}.onnx", layers)
     by_name = {r.name: r for r in records}
     for q in layers:
         base = q.name.replace(".", "_")
@@ -220,10 +252,22 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     if opts.validate:
         say.start("validate", "Q/DQ ONNX vs torch fake-quant, and vs full precision")
         ref_fq = torch_outputs(family, model, val, opts.gen_tokens)
-        report["stages"].update(quantized_stages(work, ref_float, ref_fq, val, opts.gen_tokens, served))
+        if half:
+            ref_fq16 = torch_outputs(family, fake_quant_half(model, work, manifest), val, opts.gen_tokens)
+        outputs: dict = {}
+        report["stages"].update(quantized_stages(work, ref_float, ref_fq16 if half else ref_fq, val, opts.gen_tokens,
+                                                 served, keep=outputs, dtype=opts.dtype))
         float_vlm = OnnxVLM(work, graphs={g: float_dir / f"{g}.onnx" for g in GRAPHS}, accuracy_level=PARITY_ACCURACY_LEVEL)
         report["components"] = component_fidelity(float_vlm, served, val, recipe.components)
         del float_vlm
+        if half:
+            report["stages"].update(fp16_stages(work, fp32_dir, outputs["parity"], ref_fq, ref_fq16, val,
+                                                opts.gen_tokens))
+            fp32_vlm = OnnxVLM(work, graphs={g: fp32_dir / f"{g}.onnx" for g in GRAPHS},
+                               accuracy_level=PARITY_ACCURACY_LEVEL)
+            report["components_fp16_vs_fp32"] = component_fidelity(
+                fp32_vlm, OnnxVLM(work, accuracy_level=PARITY_ACCURACY_LEVEL), val, None, max_abs=True)
+            del fp32_vlm
     if n_task:
         from .testbed import evaluate_onnx
 
@@ -237,7 +281,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         report["layers"][comp] = {"quantized": sum(1 for r in recs if r.bits), "float": sum(1 for r in recs if not r.bits),
                                   "mean_error": float(np.mean(errs)) if errs else None}
     if not opts.keep_float:
-        shutil.rmtree(float_dir)
+        for d in (float_dir, half_dir, fp32_dir):
+            shutil.rmtree(d, ignore_errors=True)
     manifest["timings_s"]["total"] = time.perf_counter() - t_start
     manifest["validation"] = summary(report)
     write_report(work, manifest, report)
@@ -245,20 +290,54 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
 
 
 def quantized_stages(out: Path, ref_float: list[dict], ref_fq: list[dict], val: list, gen_tokens: int,
-                     served: OnnxVLM | None = None) -> dict:
+                     served: OnnxVLM | None = None, keep: dict | None = None, dtype: str = "fp32") -> dict:
     """The quantized graphs' two validation stages.
 
     Parity (``qdq_onnx_vs_torch_fakequant``) runs ONNX Runtime at accuracy level 0, float compute, so
     that it checks the export alone. What quantization costs (``quantized_vs_full_precision``) is
     measured as the graphs are served: at the runtime's default level (int8 activations on CPU), with
-    ``served``'s sessions when given.
+    ``served``'s sessions when given. ``keep["parity"]`` receives the level-0 outputs when ``keep`` is given.
+    FP16 graphs (``dtype``) are compared with an FP16 torch fake-quant ``ref_fq``, which the stage says.
     """
     parity = onnx_outputs(OnnxVLM(out, accuracy_level=PARITY_ACCURACY_LEVEL), val, gen_tokens)
-    stages = {"qdq_onnx_vs_torch_fakequant": {"accuracy_level": PARITY_ACCURACY_LEVEL, **compare(ref_fq, parity)}}
+    if keep is not None:
+        keep["parity"] = parity
+    stages = {"qdq_onnx_vs_torch_fakequant": {"accuracy_level": PARITY_ACCURACY_LEVEL,
+                                              **({"dtype": dtype} if dtype != "fp32" else {}), **compare(ref_fq, parity)}}
     served = served or OnnxVLM(out)
     q = parity if served.accuracy_level == PARITY_ACCURACY_LEVEL else onnx_outputs(served, val, gen_tokens)
     stages["quantized_vs_full_precision"] = {"accuracy_level": served.accuracy_level, **compare(ref_float, q)}
     return stages
+
+
+def runtimes(target: str, sym: bool) -> list[str]:
+    """The runtimes an export's graphs are for, its target's first. ONNX Runtime runs every form we write
+    (FP16 graphs too: fast on CUDA, slowly on CPU, where they are validated); TensorRT the symmetric ones."""
+    from .targets import get_target
+
+    if not sym:
+        return ["onnxruntime"]
+    return ["tensorrt", "onnxruntime"] if get_target(target).tensorrt else ["onnxruntime", "tensorrt"]
+
+
+def fake_quant_half(model, out: Path, manifest: dict):
+    """A float16 copy of the calibrated (fake-quant) ``model`` whose quantized weights are read back from the
+    FP16 graphs (codes * FP16 scales, as their DequantizeLinear computes them): the torch reference of an
+    FP16 export."""
+    m = copy.deepcopy(model)
+    for name, w in load_quantized_weights(out, manifest).items():
+        m.get_submodule(name).weight.data = w
+    return m.half()
+
+
+def fp16_stages(out: Path, fp32_dir: Path, fp16: list[dict], ref_fq: list[dict], ref_fq16: list[dict], val: list,
+                gen_tokens: int) -> dict:
+    """What FP16 costs: the FP16 Q/DQ graphs' outputs ``fp16`` (accuracy level 0) against their FP32 twin (the same
+    codes, level 0), and, for scale, torch's own fake-quant model in float16 against float32."""
+    fp32 = onnx_outputs(OnnxVLM(out, graphs={g: fp32_dir / f"{g}.onnx" for g in GRAPHS},
+                                accuracy_level=PARITY_ACCURACY_LEVEL), val, gen_tokens)
+    return {"fp16_vs_fp32_export": {"accuracy_level": PARITY_ACCURACY_LEVEL, **compare(fp32, fp16)},
+            "torch_fakequant_fp16_vs_fp32": compare(ref_fq, ref_fq16)}
 
 
 def summary(report: dict) -> dict:
@@ -268,8 +347,15 @@ def summary(report: dict) -> dict:
         s["float_onnx_max_abs_diff"] = max(v for k, v in st["float_onnx_vs_torch"].items()
                                            if k.endswith("max_abs_diff") and v is not None)
     if "qdq_onnx_vs_torch_fakequant" in st:
-        s["qdq_max_abs_diff"] = max(v for k, v in st["qdq_onnx_vs_torch_fakequant"].items()
-                                    if k.endswith("max_abs_diff") and v is not None)
+        qdq = st["qdq_onnx_vs_torch_fakequant"]
+        fp16 = qdq.get("dtype") == "fp16"  # FP16 graphs against FP16 torch: their own gates (gates.py)
+        s["qdq_fp16_max_abs_diff" if fp16 else "qdq_max_abs_diff"] = max(
+            v for k, v in qdq.items() if k.endswith("max_abs_diff") and v is not None)
+        if fp16:
+            s["qdq_fp16_logits_cosine"] = qdq["logits_cosine"]
+    for k in ("logits_cosine", "top1_agreement", "greedy_token_agreement"):
+        if k in st.get("fp16_vs_fp32_export", {}):
+            s[f"fp16_vs_fp32_{k}"] = st["fp16_vs_fp32_export"][k]
     q = st.get("quantized_vs_full_precision", {})
     for k in ("image_features_cosine", "logits_cosine", "top1_agreement", "greedy_token_agreement"):
         if k in q:

@@ -69,6 +69,34 @@ def check_recipe_values(method: str, components: dict, sym: bool, damp: float, g
         raise VlmqError("--asym applies to 2- to 4-bit weights and no component has them (8-bit weights stay symmetric)")
 
 
+DTYPES = ("fp16", "fp32")  # the exported graphs' float type (bf16: ONNX Runtime's CPU kernels barely take it)
+
+
+def check_target(target: str, dtype: str | None, components: dict, sym: bool) -> tuple[str, list[str]]:
+    """What ``target`` (a name in ``targets.TARGETS``) cannot take, as a one-line VlmqError: zero points or an
+    INT4 block it does not run. Returns the graphs' dtype (``dtype``, else the target's default) and warnings."""
+    from .targets import get_target
+
+    t = get_target(target)
+    dtype = dtype or t.dtype
+    if dtype not in DTYPES:
+        raise VlmqError(f"unknown --dtype '{dtype}'; valid: {', '.join(DTYPES)}")
+    if t.symmetric_only and not sym:
+        raise VlmqError(f"--asym cannot go to --target {t.name}: TensorRT takes signed symmetric INT4 without zero "
+                        "points (use --target onnxruntime for --asym)")
+    blocks = t.int4_blocks or ()
+    for comp, c in components.items():
+        if blocks and c.bits <= 4 and c.group_size not in blocks:
+            block = "per channel" if c.group_size == -1 else str(c.group_size)
+            raise VlmqError(f"INT4 block {block} ({comp}) cannot go to --target {t.name}: it takes blocks "
+                            f"{' or '.join(map(str, blocks))} (--group-size {blocks[-1]})")
+    warnings = []
+    if t.tensorrt and dtype == "fp32":
+        warnings.append(f"--dtype fp32 for --target {t.name}: the INT4 MatMuls run in FP32 (a DequantizeLinear outputs "
+                        "its scale's type), a slow engine NVIDIA's INT4 paths never build; fp16 is the default")
+    return dtype, warnings
+
+
 def check_saliency_values(floor: float, exponent: float) -> None:
     if not (_finite(floor) and floor >= 0):
         raise VlmqError(f"--saliency-floor must be a finite number >= 0, got {floor}")

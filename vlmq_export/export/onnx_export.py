@@ -17,9 +17,16 @@ IR_VERSION = 10  # older ONNX Runtime builds reject IR 11; opset 21 needs IR >= 
 _EXTERNAL_THRESHOLD = 1_800_000_000  # bytes: beyond this the graph keeps weights in <name>.onnx.data
 
 
-def export_graph(spec: ExportSpec, path: str | Path, opset: int = OPSET) -> Path:
-    """Export ``spec`` to ``path`` and check it; returns the path."""
+def export_graph(spec: ExportSpec, path: str | Path, opset: int = OPSET, half: bool = False) -> Path:
+    """Export ``spec`` to ``path`` and check it; returns the path.
+
+    ``half``: ``spec.module`` is in float16 (``model.half()``) and its float example inputs are cast to match,
+    so every float input, activation and output of the graph is FP16 except where the model's own code computes
+    in float32 (transformers' RMSNorm variance, the eager softmax, the rotary frequencies), which the trace keeps.
+    """
     path = Path(path)
+    args = tuple(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in spec.args) \
+        if half else spec.args
     path.parent.mkdir(parents=True, exist_ok=True)
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -27,7 +34,7 @@ def export_graph(spec: ExportSpec, path: str | Path, opset: int = OPSET) -> Path
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             spec.module,
-            spec.args,
+            args,
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_shapes=spec.dynamic_shapes,
@@ -64,6 +71,7 @@ def model_bytes(model: onnx.ModelProto) -> int:
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:
     """Save, with external data only when protobuf's 2 GB limit requires it, then run the full checker."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()

@@ -12,6 +12,14 @@ DequantizeLinear's third input: ONNX Runtime fuses that too, TensorRT does not t
 
 Weights are matched by value: the pass hashes each graph weight (in torch's [N, K] layout) and
 looks it up among the quantized layers, so it does not depend on the exporter's naming.
+
+FP16 graphs (a half-precision export, ``--dtype fp16``): the graph holds each weight rounded to float16, so
+the layers are looked up by :func:`weight_key` of that rounding (:func:`half_key` of the float32 weight), and
+the scales are written in float16, the DequantizeLinear's output type (TensorRT runs the MatMul in the
+scale's type). A scale below float16's smallest normal number (6.1e-5, a group whose weights are all under
+~5e-4) is raised to it and the group's codes rescaled to stay within half a step of the calibrated weights;
+one beyond float16's range is clamped (``QDQWeightPass.clamped_scales`` counts both): TensorRT requires
+finite scales > 0, and a subnormal or zero scale would lose the group.
 """
 from __future__ import annotations
 
@@ -27,6 +35,31 @@ def weight_key(weight_nk: np.ndarray) -> str:
     """Hash of a float32 weight in torch Linear layout [N, K]."""
     w = np.ascontiguousarray(weight_nk, dtype=np.float32)
     return f"{w.shape[0]}x{w.shape[1]}:" + hashlib.sha1(w.tobytes()).hexdigest()
+
+
+def half_key(weight_nk: np.ndarray) -> str:
+    """The :func:`weight_key` of a float32 weight as a float16 graph holds it."""
+    return weight_key(np.asarray(weight_nk, dtype=np.float32).astype(np.float16))
+
+
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-5
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def fp16_scales(codes: np.ndarray, scales: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``codes`` [N, K], ``scales`` [N, K/g] float32 -> (codes, float16 scales, how many scales were moved).
+
+    Scales under float16's smallest normal number are raised to it, their groups' codes rescaled (rounded,
+    clamped to the signed range of ``bits``); scales over its maximum are clamped to it."""
+    low, high = scales < FP16_MIN_NORMAL, scales > FP16_MAX
+    moved = int(low.sum() + high.sum())
+    if not moved:
+        return codes, scales.astype(np.float16), 0
+    new = np.clip(scales, FP16_MIN_NORMAL, FP16_MAX)
+    rep = codes.shape[1] // scales.shape[1]
+    ratio = np.repeat((scales / new).astype(np.float32), rep, axis=1)
+    rescaled = np.clip(np.rint(codes * ratio), -(1 << (bits - 1)), (1 << (bits - 1)) - 1).astype(codes.dtype)
+    return np.where(np.repeat(low, rep, axis=1), rescaled, codes), new.astype(np.float16), moved
 
 
 @dataclass
@@ -55,6 +88,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
 
     def __init__(self, layers: list[QuantizedLinear]):
         super().__init__()
+        self.clamped_scales = 0  # float16 scales moved into float16's normal range (see the module's doc)
         self.by_key: dict[str, QuantizedLinear] = {}
         for layer in layers:
             other = self.by_key.get(layer.key)
@@ -77,7 +111,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
             if b is None or b.const_value is None:
                 continue
             w = b.const_value.numpy()
-            if w.ndim != 2 or w.dtype != np.float32:
+            if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
                 continue
             trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
             if node.op_type == "Gemm" and (
@@ -91,7 +125,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
                 continue
             dq_out = cache.get(layer.key)
             if dq_out is None:
-                dq_out = self._dequantize(graph, node, layer)
+                dq_out = self._dequantize(graph, node, layer, w.dtype)
                 cache[layer.key] = dq_out
             if node.op_type == "MatMul":
                 node.replace_input_with(1, dq_out)
@@ -109,9 +143,9 @@ class QDQWeightPass(ir.passes.InPlacePass):
     def unmatched(self) -> list[str]:
         return [layer.name for key, layer in self.by_key.items() if key not in self.matched]
 
-    @staticmethod
-    def _dequantize(graph: ir.Graph, node: ir.Node, layer: QuantizedLinear) -> ir.Value:
-        """INT4 (bits <= 4) or INT8 codes [K, N] and their DequantizeLinear.
+    def _dequantize(self, graph: ir.Graph, node: ir.Node, layer: QuantizedLinear, dtype: np.dtype) -> ir.Value:
+        """INT4 (bits <= 4) or INT8 codes [K, N] and their DequantizeLinear, whose scale (and so output) has the
+        graph weight's float type ``dtype``.
 
         Blockwise: scale [K/g, N], axis 0, block g. Per-channel (group -1): 4-bit as one block of K
         (which ONNX Runtime still fuses), 8-bit as TensorRT's per-channel form (axis 1, scale [N]).
@@ -125,14 +159,18 @@ class QDQWeightPass(ir.passes.InPlacePass):
             raise NotImplementedError(f"{layer.name}: asymmetric {layer.bits}-bit weights are not supported")
         container = (ml_dtypes.uint4 if asym else ml_dtypes.int4) if layer.bits <= 4 else np.int8
         base = layer.name.replace(".", "_") or "w"
-        scales = np.ascontiguousarray(layer.scales.T, dtype=np.float32)  # [K/g, N]
+        codes, scales = layer.codes, layer.scales.astype(np.float32)
+        if dtype == np.float16:
+            codes, scales, moved = fp16_scales(codes, scales, layer.bits)
+            self.clamped_scales += moved
+        scales = np.ascontiguousarray(scales.T)  # [K/g, N]
         if layer.group_size in (-1, k) and layer.bits == 8:
             attrs = {"axis": 1}
             scales = scales.reshape(n)
         else:
             attrs = {"axis": 0, "block_size": k if layer.group_size == -1 else layer.group_size}
         q = ir.Value(name=f"{base}_q", const_value=ir.Tensor(
-            np.ascontiguousarray(layer.codes.T).astype(container), name=f"{base}_q"))
+            np.ascontiguousarray(codes.T).astype(container), name=f"{base}_q"))
         s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(scales, name=f"{base}_scale"))
         inputs = [q, s]
         if asym:
@@ -144,7 +182,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
             graph.register_initializer(v)
         dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear")
         dq.outputs[0].name = f"{base}_dq"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].dtype = ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape([k, n])
         graph.insert_before(node, dq)
         return dq.outputs[0]
@@ -171,12 +209,13 @@ class QDQWeightPass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
 
 
-def apply_qdq(model_path, out_path, layers: list[QuantizedLinear]) -> list[str]:
-    """Rewrite ``model_path`` into ``out_path``; returns the names of the layers written."""
+def apply_qdq(model_path, out_path, layers: list[QuantizedLinear]) -> tuple[list[str], int]:
+    """Rewrite ``model_path`` into ``out_path``; returns the names of the layers written and how many float16
+    scales were moved into float16's normal range (0 for a float32 graph)."""
     from .onnx_export import save_model
 
     model = ir.load(str(model_path))
     qpass = QDQWeightPass(layers)
     qpass(model)
     save_model(ir.to_proto(model), out_path)
-    return sorted(qpass.by_key[k].name for k in qpass.matched)
+    return sorted(qpass.by_key[k].name for k in qpass.matched), qpass.clamped_scales

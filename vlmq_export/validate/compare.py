@@ -108,8 +108,13 @@ def compare(ref: list[dict], test: list[dict]) -> dict:
     return res
 
 
-def component_fidelity(float_vlm, quant_vlm, prepared: list[Prepared], components) -> dict:
-    """Each quantized graph alone against its float graph, both fed the float upstream's outputs."""
+def component_fidelity(float_vlm, quant_vlm, prepared: list[Prepared], components, max_abs: bool = False) -> dict:
+    """Each quantized graph alone against its float graph, both fed the float upstream's outputs (cast to each
+    graph's input type by its runner): cosine (mean, and min over prompts), top-1 agreement of the logits, and with
+    ``max_abs`` the max abs diff.
+
+    ``components``: the quantized ones, which get a row; ``None``: every graph (an FP16 export against its FP32
+    twin, where each graph differs)."""
     res: dict[str, dict] = {}
     vis, proj, llm = [], [], []
     for p in prepared:
@@ -117,20 +122,28 @@ def component_fidelity(float_vlm, quant_vlm, prepared: list[Prepared], component
             feeds = float_vlm.family.vision_feeds(p)
             f_feat = float_vlm.session("vision_encoder").run(["features"], feeds)[0]
             q_feat = quant_vlm.session("vision_encoder").run(["features"], feeds)[0]
-            vis.append(_cos_rows(f_feat, q_feat).mean())
+            vis.append((_cos_rows(f_feat, q_feat).mean(), _max_abs(f_feat, q_feat)))
             f_emb = float_vlm.session("projector").run(["image_embeds"], {"features": f_feat})[0]
             q_emb = quant_vlm.session("projector").run(["image_embeds"], {"features": f_feat})[0]
-            proj.append(_cos_rows(f_emb, q_emb).mean())
+            proj.append((_cos_rows(f_emb, q_emb).mean(), _max_abs(f_emb, q_emb)))
         emb = float_vlm.embeddings(p)
         mask = np.ones_like(p.input_ids)
         f_log, _ = float_vlm.llm(emb, mask, p.position_ids, float_vlm.empty_past())
         q_log, _ = quant_vlm.llm(emb, mask, p.position_ids, quant_vlm.empty_past())
-        llm.append((_cos_rows(f_log[0], q_log[0]).mean(), (f_log[0].argmax(-1) == q_log[0].argmax(-1)).mean()))
-    if "vision" in components and vis:
-        res["vision"] = {"features_cosine": float(np.mean(vis)), "features_cosine_min": float(np.min(vis))}
-    if "projector" in components and proj:
-        res["projector"] = {"image_embeds_cosine": float(np.mean(proj)), "image_embeds_cosine_min": float(np.min(proj))}
-    if ("llm" in components or "lm_head" in components) and llm:  # the llm graph holds the lm_head
-        res["llm"] = {"logits_cosine": float(np.mean([c for c, _ in llm])),
-                      "top1_agreement": float(np.mean([t for _, t in llm]))}
+        llm.append((_cos_rows(f_log[0], q_log[0]).mean(), _max_abs(f_log, q_log),
+                    (f_log[0].argmax(-1) == q_log[0].argmax(-1)).mean()))
+    wanted = (lambda c: True) if components is None else (lambda c: c in components)
+    for comp, name, rows in (("vision", "features", vis), ("projector", "image_embeds", proj)):
+        if wanted(comp) and rows:
+            res[comp] = {f"{name}_cosine": float(np.mean([r[0] for r in rows])),
+                         f"{name}_cosine_min": float(np.min([r[0] for r in rows])),
+                         **({f"{name}_max_abs_diff": max(r[1] for r in rows)} if max_abs else {})}
+    if (wanted("llm") or wanted("lm_head")) and llm:  # the llm graph holds the lm_head
+        res["llm"] = {"logits_cosine": float(np.mean([r[0] for r in llm])),
+                      **({"logits_max_abs_diff": max(r[1] for r in llm)} if max_abs else {}),
+                      "top1_agreement": float(np.mean([r[2] for r in llm]))}
     return res
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())

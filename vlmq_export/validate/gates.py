@@ -45,6 +45,15 @@ GATES: tuple[Gate, ...] = (
          "stages.float_onnx_vs_torch", False, warn=1e-3, fail=1e-2),
     Gate("qdq_max_abs_diff", "Q/DQ ONNX vs torch fake-quant: max abs diff", "stages.qdq_onnx_vs_torch_fakequant",
          False, warn=1e-3, fail=1e-2),
+    # FP16 graphs (--dtype fp16): parity against torch's FP16 fake-quant, and the FP16 cost against the FP32 twin.
+    # Two FP16 implementations differ by accumulation order and rounding, about 1e-3 relative (max abs diff grows
+    # with the logits' size), so the gate is on the cosine; thresholds from the tiny models and the testbed (README)
+    Gate("qdq_fp16_logits_cosine", "FP16 Q/DQ ONNX vs torch FP16 fake-quant: logits cosine",
+         "stages.qdq_onnx_vs_torch_fakequant", True, warn=0.9999, fail=0.999),
+    Gate("fp16_vs_fp32_logits_cosine", "FP16 export vs its FP32 twin: logits cosine", "stages.fp16_vs_fp32_export",
+         True, warn=0.9999, fail=0.999),
+    Gate("fp16_vs_fp32_top1_agreement", "FP16 export vs its FP32 twin: top-1 agreement", "stages.fp16_vs_fp32_export",
+         True, warn=0.98, fail=0.90),
     Gate("logits_cosine", "logits cosine vs full precision", QUANTIZED, True, warn=0.98, fail=0.90),
     Gate("top1_agreement", "top-1 agreement vs full precision", QUANTIZED, True, warn=0.85, fail=0.50),
     Gate("greedy_token_agreement", "greedy token agreement vs full precision", QUANTIZED, True, warn=0.50),

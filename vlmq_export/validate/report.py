@@ -39,7 +39,7 @@ def measured(manifest: dict, report: dict) -> dict:
     """Who measured each section's numbers and when: the export (at the manifest's date) unless `validate`
     re-measured it (``report["measured"]``, written by ``validate_output``)."""
     present = [f"stages.{k}" for k in report.get("stages", {})]
-    present += [k for k in ("task", "components", "saliency", "ort_fusion") if report.get(k)]
+    present += [k for k in ("task", "components", "components_fp16_vs_fp32", "saliency", "ort_fusion") if report.get(k)]
     present += ["int4_form"] if "int4_form_problems" in report else []
     export = {"by": "export", "at": manifest.get("created")}
     return {k: report.get("measured", {}).get(k, export) for k in present}
@@ -123,6 +123,10 @@ def _header(manifest: dict, prov: dict) -> list[str]:
     lines = [f"# vlmq-export report: {manifest['source']['model']}", "",
              f"- family: {manifest['source']['family']}; method {r['method']}: {comps}; {form} weight-only "
              f"Q/DQ (opset {manifest['opset']})",
+             f"- graphs: {r.get('dtype', 'fp32').upper()} for target {r.get('target', 'onnxruntime')} (runtimes: "
+             f"{', '.join(r.get('runtimes') or [])})"
+             + (f"; {r['fp16_scales_clamped']} INT4 scales raised to FP16's smallest normal number"
+                if r.get("fp16_scales_clamped") else ""),
              f"- calibration: {manifest['calibration']['samples']} samples from {manifest['calibration']['source']}",
              f"- numbers measured by the export ({manifest.get('created')})"]
     again = sorted({m["at"] for m in prov.values() if m["by"] == "validate"})
@@ -140,11 +144,16 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
         files.rows.append([c["file"], f"{c['bytes']:,}", f"{fb:,}" if fb else "", f"{c['bytes'] / fb:.2f}" if fb else ""])
     out += [files, Section("Fidelity (held-out prompts)")]
     names = {"float_onnx_vs_torch": "float ONNX vs torch (export correctness)",
-             "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level {level}) vs torch with the same quantized weights",
+             "qdq_onnx_vs_torch_fakequant": "Q/DQ ONNX (ORT, accuracy level {level}) vs torch with the same quantized "
+                                            "weights{fp16}",
+             "fp16_vs_fp32_export": "FP16 Q/DQ ONNX vs the FP32 Q/DQ ONNX of the same codes (ORT, accuracy level "
+                                    "{level}): what FP16 costs the graphs",
+             "torch_fakequant_fp16_vs_fp32": "torch fake-quant in float16 vs float32: what FP16 costs the model itself",
              "quantized_vs_full_precision": "quantized ONNX (ORT, accuracy level {level}, as `run` serves it) vs "
                                             "full-precision torch (what quantization costs)"}
     for key, stage in report.get("stages", {}).items():
-        title = names.get(key, key).format(level=stage.get("accuracy_level", "?"))
+        title = names.get(key, key).format(level=stage.get("accuracy_level", "?"),
+                                           fp16=", in float16" if stage.get("dtype") == "fp16" else "")
         out.append(Section(f"{title} — {_by(prov.get(f'stages.{key}'))}", level=3, header=["metric", "value"],
                            rows=[[k, _fmt(v)] for k, v in stage.items()]))
     task = report.get("task")
@@ -164,6 +173,12 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
         out.append(Section(f"Per-component fidelity (each quantized graph alone, fed the float graph's inputs; "
                            f"{_by(prov.get('components'))})", header=["component", "metric", "value"], plot="components",
                            rows=[[c, k, _fmt(v)] for c, metrics in comp.items() for k, v in metrics.items()]))
+    comp16 = report.get("components_fp16_vs_fp32")
+    if comp16:
+        out.append(Section(f"Per-component FP16 cost (each FP16 Q/DQ graph against its FP32 twin, fed the FP32 "
+                           f"graph's inputs; {_by(prov.get('components_fp16_vs_fp32'))})",
+                           header=["component", "metric", "value"],
+                           rows=[[c, k, _fmt(v)] for c, metrics in comp16.items() for k, v in metrics.items()]))
     sal = report.get("saliency")
     if sal:
         out.append(Section(
