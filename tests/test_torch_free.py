@@ -1,5 +1,6 @@
 """Deployment without torch: the torch-free preprocessing equals transformers', and run, serve, inspect, lint and
-build work with torch and transformers unimportable; an export on a runtime-only install is one line."""
+build work with none of the quantize extra's packages importable (torch, transformers, ...); an export on such a
+runtime-only install is one line."""
 from __future__ import annotations
 
 import json

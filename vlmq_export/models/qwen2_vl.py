@@ -16,7 +16,9 @@ The vision tower cannot be exported as transformers runs it (it splits attention
 data-dependent sizes), so the rotary ids and ``cu_seqlens`` are computed outside the graph (numpy
 mirrors of ``transformers.vision_utils``, equal to them) and the wrapper runs every block's attention
 as one SDPA with a block-diagonal mask built from ``cu_seqlens``. The wrappers call the model's own
-submodules, so weights replaced on the model (quantization) are what gets exported.
+submodules, so weights replaced on the model (quantization) are what gets exported. They live in
+``qwen2_vl_torch.py``: this module (preprocessing, :class:`Qwen2VLImageProcessor`, the M-RoPE prefill
+positions of :func:`mrope_position_ids`) imports neither torch nor transformers until the torch half runs.
 
 Qwen2.5-VL (window attention, RMSNorm/SwiGLU vision blocks) is not handled yet; it would subclass
 :class:`Qwen2VLFamily`, add ``window_index`` / ``cu_window_seqlens`` to ``vision_feeds`` and override
