@@ -67,6 +67,8 @@ def test_fp16_graphs_hold_fp16_scales_inputs_and_outputs(exported, fam, capsys):
             assert np.isfinite(scale).all() and scale.min() >= FP16_MIN_NORMAL
             assert users[dq.output[0]] == [("MatMul", 1)], (dq.name, users[dq.output[0]])  # nothing in between
     assert n_dq == len([x for x in manifest["layers"] if x.get("onnx_weight")]) > 0
+    # the size baseline is the float graph of the same dtype (the kept FP16 float export)
+    assert manifest["components"]["llm"]["float_bytes"] == (out / "float16" / "llm.onnx").stat().st_size
     assert cli.main(["lint", str(out), "--target", "tensorrt", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     warnings = [w for gr in res["targets"]["tensorrt"]["graphs"] for w in gr["warnings"]]

@@ -242,7 +242,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     for g in GRAPHS:
         f = work / f"{g}.onnx"
         manifest["components"][g] = {"file": f.name, "bytes": f.stat().st_size,
-                                     "float_bytes": (float_dir / f.name).stat().st_size,
+                                     "float_bytes": ((half_dir if half else float_dir) / f.name).stat().st_size,
                                      "sha256": outdir.sha256_file(f), **graph_io(f)}
 
     # -- validation of the quantized graphs
