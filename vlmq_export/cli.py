@@ -209,7 +209,8 @@ def cmd_export(argv: list[str]) -> int:
         llm = sizes["llm"]
         print(f"  llm.onnx {llm['bytes'] / 1e6:.2f} MB (float {llm['float_bytes'] / 1e6:.2f} MB)")
         for k in ("logits_cosine", "top1_agreement", "greedy_token_agreement", "image_features_cosine",
-                  "qdq_max_abs_diff", "task_accuracy_torch_full_precision", "task_accuracy_onnx_quantized",
+                  "qdq_max_abs_diff", "qdq_fp16_logits_cosine", "fp16_vs_fp32_top1_agreement",
+                  "fp16_vs_fp32_greedy_token_agreement", "task_accuracy_torch_full_precision", "task_accuracy_onnx_quantized",
                   "int4_form_ok", "ort_fused_all"):
             if k in v:
                 print(f"  {k}: {v[k]:.4f}" if isinstance(v[k], float) else f"  {k}: {v[k]}")
