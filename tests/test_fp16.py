@@ -208,3 +208,7 @@ def test_fp16_scales_under_the_smallest_normal_are_raised_and_their_codes_rescal
     assert np.array_equal(new_codes[normal], codes[normal])
     same, s, n = fp16_scales(codes, np.full((4, 2), 0.01, np.float32), 4)
     assert n == 0 and same is codes and s.dtype == np.float16
+    # asymmetric (unsigned codes with zero points, ONNX Runtime only): codes kept, scales only kept above 0
+    ucodes = codes + 8
+    same, s, n = fp16_scales(ucodes, np.array([[1e-9, 2e-5]] * 4, np.float32), 4, sym=False)
+    assert same is ucodes and n == 4 and (s[:, 0] > 0).all() and s[0, 1] == np.float16(2e-5)

@@ -19,7 +19,8 @@ the scales are written in float16, the DequantizeLinear's output type (TensorRT 
 scale's type). A scale below float16's smallest normal number (6.1e-5, a group whose weights are all under
 ~5e-4) is raised to it and the group's codes rescaled to stay within half a step of the calibrated weights;
 one beyond float16's range is clamped (``QDQWeightPass.clamped_scales`` counts both): TensorRT requires
-finite scales > 0, and a subnormal or zero scale would lose the group.
+finite scales > 0, and a subnormal or zero scale would lose the group. Asymmetric layers (ONNX Runtime only,
+which computes with subnormal scales) keep their codes and zero points; their scales are only kept above 0.
 """
 from __future__ import annotations
 
@@ -43,19 +44,22 @@ def half_key(weight_nk: np.ndarray) -> str:
 
 
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-5
+FP16_MIN_SUBNORMAL = 2.0**-24  # 6e-8
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def fp16_scales(codes: np.ndarray, scales: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+def fp16_scales(codes: np.ndarray, scales: np.ndarray, bits: int, sym: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """``codes`` [N, K], ``scales`` [N, K/g] float32 -> (codes, float16 scales, how many scales were moved).
 
-    Scales under float16's smallest normal number are raised to it, their groups' codes rescaled (rounded,
-    clamped to the signed range of ``bits``); scales over its maximum are clamped to it."""
-    low, high = scales < FP16_MIN_NORMAL, scales > FP16_MAX
+    Symmetric: scales under float16's smallest normal number are raised to it, their groups' codes rescaled
+    (rounded, clamped to the signed range of ``bits``). Asymmetric: codes kept, scales raised to float16's
+    smallest subnormal only. Scales over float16's maximum are clamped to it."""
+    floor = FP16_MIN_NORMAL if sym else FP16_MIN_SUBNORMAL
+    low, high = scales < floor, scales > FP16_MAX
     moved = int(low.sum() + high.sum())
-    if not moved:
-        return codes, scales.astype(np.float16), 0
-    new = np.clip(scales, FP16_MIN_NORMAL, FP16_MAX)
+    new = np.clip(scales, floor, FP16_MAX)
+    if not moved or not sym:
+        return codes, new.astype(np.float16), moved
     rep = codes.shape[1] // scales.shape[1]
     ratio = np.repeat((scales / new).astype(np.float32), rep, axis=1)
     rescaled = np.clip(np.rint(codes * ratio), -(1 << (bits - 1)), (1 << (bits - 1)) - 1).astype(codes.dtype)
@@ -161,7 +165,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
         base = layer.name.replace(".", "_") or "w"
         codes, scales = layer.codes, layer.scales.astype(np.float32)
         if dtype == np.float16:
-            codes, scales, moved = fp16_scales(codes, scales, layer.bits)
+            codes, scales, moved = fp16_scales(codes, scales, layer.bits, sym=not asym)
             self.clamped_scales += moved
         scales = np.ascontiguousarray(scales.T)  # [K/g, N]
         if layer.group_size in (-1, k) and layer.bits == 8:
