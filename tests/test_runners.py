@@ -18,6 +18,7 @@ from PIL import Image
 from vlmq_export import cli
 from vlmq_export.errors import VlmqError
 from vlmq_export.runtime.generate import GRAPHS, OnnxVLM
+from vlmq_export.engines.build import PROFILES
 from vlmq_export.runtime.runners import OrtRunner, engine_profiles, make_runner, select_profile
 from vlmq_export.runtime.session import make_session
 
@@ -275,3 +276,20 @@ def test_tensorrt_backend_generates_and_matches_onnxruntime(exported, tmp_path):
         assert trt_vlm.generate_prepared(p, max_new_tokens=8, stop=False).token_ids[:2] == ref.token_ids[:2]
     trt_vlm.close()
     assert compare_engines(out, prepared, engine_profiles(out))["passed"]
+
+
+def test_backend_tensorrt_finds_engines_that_build_engines_sh_wrote(built, monkeypatch, tmp_path):
+    """On a Jetson the engines come from OUT/build_engines.sh (trtexec), which cannot record them in the manifest:
+    the runner takes them where profiles.json names them."""
+    from vlmq_export.runtime.runners import engines
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # as if TensorRT imported
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    planned = {g: spec["engine"] for g, spec in json.loads((out / PROFILES).read_text())["graphs"].items()}
+    for rel in planned.values():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"plan")
+    found = engines(out)
+    assert {g: e["engine"] for g, e in found.items()} == {g: out / rel for g, rel in planned.items()}
+    assert all(e["profiles"] for e in found.values())

@@ -216,13 +216,27 @@ def engines(out: str | Path, graphs=None) -> dict[str, dict]:
     manifest = outdir.read_manifest(out)
     built = (manifest.get("engines") or {}).get("built") or {}
     graphs = list(graphs or manifest.get("components", {}))
-    missing = [g for g in graphs if g not in built or not (out / built[g]["file"]).is_file()]
+    # engines the in-process build recorded in the manifest, else the ones OUT/build_engines.sh (trtexec, on the
+    # target) wrote where profiles.json names them: that script cannot record them in the manifest
+    planned = _planned_engines(out)
+    files = {g: out / (built[g]["file"] if g in built else planned.get(g, f"engines/{g}.plan")) for g in graphs}
+    missing = [g for g in graphs if not files[g].is_file()]
     if missing:
         raise VlmqError(f"--backend tensorrt: {out} has no TensorRT engine for {', '.join(missing)}; "
                         + BUILD_HINT.format(out=out))
     profiles = engine_profiles(out)
-    return {g: {"engine": out / built[g]["file"], "profiles": profiles[g],
+    return {g: {"engine": files[g], "profiles": profiles[g],
                 "inputs": manifest["components"][g]["inputs"]} for g in graphs}
+
+
+def _planned_engines(out: Path) -> dict[str, str]:
+    """{graph: engine file relative to OUT} as OUT/engines/profiles.json names them (empty without the file)."""
+    from ..engines.build import PROFILES
+
+    path = out / PROFILES
+    if not path.is_file():
+        return {}
+    return {g: spec["engine"] for g, spec in json.loads(path.read_text())["graphs"].items() if spec.get("engine")}
 
 
 def engine_profiles(out: str | Path) -> dict[str, list[dict]]:
