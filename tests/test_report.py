@@ -190,3 +190,12 @@ def test_html_report_is_self_contained_with_plots(tmp_path):
     del report["saliency"], report["task"]
     write_report(tmp_path, manifest, report)
     assert (tmp_path / "report" / "report.html").read_text().count(IMG) == 1
+
+
+def test_tensorrt_comparison_is_a_gate():
+    """`validate --backend tensorrt` records whether the engines match ONNX Runtime: a mismatch fails the verdict
+    and validate's exit code like any other gate."""
+    from vlmq_export.validate import gates
+
+    assert [r["result"] for r in gates.evaluate({"tensorrt_matches_onnxruntime": True})] == ["pass"]
+    assert [r["gate"] for r in gates.failed({"tensorrt_matches_onnxruntime": False})] == ["tensorrt_matches_onnxruntime"]

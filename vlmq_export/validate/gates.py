@@ -62,6 +62,8 @@ GATES: tuple[Gate, ...] = (
          warn=0.03, fail=0.10),
     Gate("int4_form_ok", "INT4 form follows the target's rules", "int4_form", None),
     Gate("ort_fused_all", "ONNX Runtime fuses every INT4 DequantizeLinear into MatMulNBits", "ort_fusion", None),
+    Gate("tensorrt_matches_onnxruntime", "TensorRT engines match ONNX Runtime (Polygraphy, atol = rtol = 1e-2, mean)",
+         "stages.tensorrt_vs_onnxruntime", None),
 )
 
 # a quantized layer is flagged when its reconstruction error is this many times the median of its layer type
