@@ -42,7 +42,7 @@ def test_inspect_text_of_an_asymmetric_export(exports, capsys):
     assert cli.main(["inspect", str(exports["qwen2_vl"])]) == 0
     text = capsys.readouterr().out
     assert "(qwen2_vl), status complete" in text
-    assert "recipe: rtn, asymmetric, runtimes onnxruntime" in text
+    assert "recipe: rtn, asymmetric, fp32 graphs for onnxruntime, runtimes onnxruntime" in text
     assert "  llm: W4 g64 asym, rtn;" in text
     assert "llm.onnx: " in text and "(float " in text and "inputs inputs_embeds[" in text
     # exported with --no-validate: the static checks only, no fidelity numbers

@@ -414,7 +414,7 @@ def cmd_eval(argv: list[str]) -> int:
     if args.torch:
         model_dir = resolve_model(args.model) if args.model else Path(manifest["source"]["path"])
         family = load_family(model_dir)
-        model = family.load_model(model_dir)
+        model = family.load_checked(model_dir)
         res["torch"] = {**evaluate_torch(family, model, n=args.n),
                         "perplexity": perplexity_torch(model, text_ids(family.tokenizer))}
     print(json.dumps(res, indent=None if args.json else 2))
@@ -443,8 +443,8 @@ def inspect_summary(out: Path) -> dict:
     graphs = {g: {k: c.get(k) for k in ("file", "bytes", "float_bytes", "inputs")}
               for g, c in m.get("components", {}).items()}
     return {"output": str(out), "status": m.get("status"), "source": m.get("source", {}),
-            "recipe": {k: r.get(k) for k in ("method", "symmetric", "runtimes", "act_order", "clip_search",
-                                             "true_sequential", "sink_weight", "lm_head")},
+            "recipe": {k: r.get(k) for k in ("method", "symmetric", "target", "dtype", "runtimes", "act_order",
+                                             "clip_search", "true_sequential", "sink_weight", "lm_head")},
             "calibration": {k: m.get("calibration", {}).get(k) for k in ("source", "samples")},
             "components": comps, "graphs": graphs,
             "validation": {k: v for k, v in m.get("validation", {}).items() if k in HEADLINE}}
@@ -456,7 +456,8 @@ def _format_inspect(s: dict) -> str:
 
     r, src = s["recipe"], s["source"]
     lines = [f"{s['output']}: {src.get('model')} ({src.get('family')}), status {s['status']}",
-             f"recipe: {r['method']}, {'symmetric' if r.get('symmetric', True) else 'asymmetric'}, runtimes "
+             f"recipe: {r['method']}, {'symmetric' if r.get('symmetric', True) else 'asymmetric'}, "
+             f"{r.get('dtype') or 'fp32'} graphs for {r.get('target') or 'onnxruntime'}, runtimes "
              f"{', '.join(r.get('runtimes') or [])}; calibration {s['calibration']['samples']} samples "
              f"({s['calibration']['source']})", "components:"]
     for name, c in s["components"].items():
