@@ -78,7 +78,10 @@ class CalibrationResult:
 
 
 def context_length(family: Family) -> int:
-    return int(getattr(family.text_config, "max_position_embeddings", 0) or 1 << 30)
+    """The model's context for calibration (:func:`runtime.limits.context_length`; unbounded if unknown)."""
+    from .runtime.limits import context_length as model_context
+
+    return model_context(family) or 1 << 30
 
 
 def fit_context(p: Prepared, max_len: int) -> Prepared | None:

@@ -437,7 +437,7 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     if not (model_dir / "config.json").is_file():
         raise VlmqError(f"source model {model_dir} not found; pass --model")
     family = load_family(model_dir)
-    torch_model = family.load_model(model_dir)
+    torch_model = family.load_checked(model_dir)
     val = prepare_all(family, validation_samples(n_val), with_answer=False)
     ref_float = torch_outputs(family, torch_model, val, gen_tokens)
     for name, w in load_quantized_weights(out, manifest).items():
