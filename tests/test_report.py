@@ -199,3 +199,20 @@ def test_tensorrt_comparison_is_a_gate():
 
     assert [r["result"] for r in gates.evaluate({"tensorrt_matches_onnxruntime": True})] == ["pass"]
     assert [r["gate"] for r in gates.failed({"tensorrt_matches_onnxruntime": False})] == ["tensorrt_matches_onnxruntime"]
+
+
+def test_export_exits_1_when_a_gate_fails_and_keeps_the_output(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """The export's exit code follows the report's verdict: a failed gate is exit 1 with the gate named in one
+    line, while the complete output stays for inspection (validate behaves the same)."""
+    from vlmq_export import cli
+    from vlmq_export.outdir import check_complete
+    from vlmq_export.validate import gates
+
+    strict = tuple(gates.Gate(g.key, g.label, g.section, g.higher_is_better, warn=g.warn, fail=1.0)
+                   if g.key == "logits_cosine" else g for g in gates.GATES)
+    monkeypatch.setattr(gates, "GATES", strict)  # no quantized model reaches a logits cosine of 1.0
+    out = tmp_path / "out"
+    rc = cli.main([str(tiny_dirs["qwen2_vl"]), "--method", "rtn", "--n-val", "1", "--gen-tokens", "2", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("vlmq-export: validation failed: logits cosine vs full precision = ")
+    assert check_complete(out)["status"] == "complete"

@@ -201,10 +201,16 @@ def cmd_export(argv: list[str]) -> int:
     out = export_model(args.model, out, recipe, opts, progress)
     manifest = json.loads((out / "manifest.json").read_text())
     v = manifest.get("validation", {})
+    report_json = out / "report" / "validation.json"  # absent with --no-validate
+    verdict = json.loads(report_json.read_text()).get("verdict", {}) if report_json.is_file() else {}
+    failed = [g for g in verdict.get("gates", []) if g["result"] == "fail"]
     if args.json:
-        print(json.dumps({"output": str(out), "validation": v}))
+        print(json.dumps({"output": str(out), "validation": v, "verdict": verdict.get("result")}))
     elif not args.quiet:
         print(f"\nwrote {out}")
+        if verdict:
+            print(f"  verdict: {verdict['result'].upper()} ({len(verdict['gates'])} gates, "
+                  f"{len(verdict.get('outlier_layers', []))} outlier layers; report.md / report.html)")
         sizes = {c: manifest["components"][c] for c in manifest["components"]}
         llm = sizes["llm"]
         print(f"  llm.onnx {llm['bytes'] / 1e6:.2f} MB (float {llm['float_bytes'] / 1e6:.2f} MB)")
@@ -215,6 +221,11 @@ def cmd_export(argv: list[str]) -> int:
             if k in v:
                 print(f"  {k}: {v[k]:.4f}" if isinstance(v[k], float) else f"  {k}: {v[k]}")
         print(f"  report: {out / 'report' / 'report.md'}")
+    if failed:  # the output is complete and kept for inspection; the exit code says it is not fit to ship
+        print("vlmq-export: validation failed: " + "; ".join(f"{g['label']} = {g['value']:.4g} ({g['threshold']})"
+                                                          if isinstance(g["value"], float) else g["label"]
+                                                          for g in failed), file=sys.stderr)
+        return 1
     return 0
 
 
