@@ -67,3 +67,9 @@ def W():
 def X():
     """The full-precision model's inputs to the layer, T x K."""
     return correlated(T, seed=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: with pytest-xdist's --dist loadfile a worker takes whole files in collection order, so the
+    longest files (the real-weight checks) must start at once instead of last, or the run waits on them alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order is otherwise kept
