@@ -20,9 +20,9 @@ submodules, so weights replaced on the model (quantization) are what gets export
 ``qwen2_vl_torch.py``: this module (preprocessing, :class:`Qwen2VLImageProcessor`, the M-RoPE prefill
 positions of :func:`mrope_position_ids`) imports neither torch nor transformers until the torch half runs.
 
-Qwen2.5-VL (window attention, RMSNorm/SwiGLU vision blocks) is not handled yet; it would subclass
-:class:`Qwen2VLFamily`, add ``window_index`` / ``cu_window_seqlens`` to ``vision_feeds`` and override
-:meth:`Qwen2VLFamily._vision_wrapper`.
+Qwen2.5-VL (``qwen2_5_vl.py``) subclasses :class:`Qwen2VLFamily`: two more vision inputs
+(``vision_inputs``, :meth:`Qwen2VLFamily._vision_example`, :meth:`Qwen2VLFamily._vision_dynamic_shapes`)
+and its own vision wrapper.
 """
 from __future__ import annotations
 
@@ -204,6 +204,8 @@ class Qwen2VLFamily(Family):
     model_types = ("qwen2_vl",)
     mrope = True
     model_class_name = "Qwen2VLForConditionalGeneration"
+    vision_inputs = VISION_INPUTS
+    EXAMPLE_GRID = np.array([[1, 6, 8], [1, 4, 4]], dtype=np.int64)  # the vision export's example images
 
     IMAGE_TOKEN = "<|image_pad|>"
     END_OF_TURN = "<|im_end|>"
@@ -354,7 +356,7 @@ class Qwen2VLFamily(Family):
         import torch
 
         vc = self.config.vision_config
-        grid = np.array([[1, 6, 8], [1, 4, 4]], dtype=np.int64)
+        grid = self.EXAMPLE_GRID
         L = int(grid.prod(-1).sum())
         dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         g = torch.Generator().manual_seed(0)
@@ -364,6 +366,23 @@ class Qwen2VLFamily(Family):
             torch.from_numpy(vision_cu_seqlens(grid)),
         )
 
+    def _vision_dynamic_shapes(self) -> tuple:
+        """Dynamic shapes of ``vision_inputs``, in order."""
+        import torch
+
+        patches = torch.export.Dim("num_patches")
+        return ({0: patches}, {0: patches}, {0: torch.export.Dim("num_images_plus_1")})
+
+    def _vision_spec(self, model) -> ExportSpec:
+        return ExportSpec(
+            name="vision_encoder",
+            module=self._vision_wrapper(model).eval(),
+            args=self._vision_example(),
+            input_names=list(self.vision_inputs),
+            output_names=["features"],
+            dynamic_shapes=self._vision_dynamic_shapes(),
+        )
+
     def export_specs(self, model):
         import torch
 
@@ -371,19 +390,10 @@ class Qwen2VLFamily(Family):
 
         Dim = torch.export.Dim
         merge2 = self.merge_size**2
-        patches = Dim("num_patches")
         batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
-        feats = self._vision_example()
-        vision = ExportSpec(
-            name="vision_encoder",
-            module=self._vision_wrapper(model).eval(),
-            args=feats,
-            input_names=list(VISION_INPUTS),
-            output_names=["features"],
-            dynamic_shapes=({0: patches}, {0: patches}, {0: Dim("num_images_plus_1")}),
-        )
+        vision = self._vision_spec(model)
         with torch.no_grad():
-            example_features = vision.module(*feats)
+            example_features = vision.module(*vision.args)
         projector = ExportSpec(
             name="projector",
             module=ProjectorWrapper(self.projector(model)).eval(),

@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def segment_mask(cu_seqlens, n):
+    """[1, 1, n, n] bool block-diagonal mask: positions attend within their ``cu_seqlens`` segment."""
+    seg = (torch.arange(n, device=cu_seqlens.device)[:, None] >= cu_seqlens[None, 1:]).sum(-1)
+    return (seg[:, None] == seg[None, :])[None, None]
+
+
 class Qwen2VLVisionWrapper(nn.Module):
     """patch_embed -> rotary -> blocks with one block-diagonal SDPA per block -> features [L, embed_dim]."""
 
@@ -14,13 +20,14 @@ class Qwen2VLVisionWrapper(nn.Module):
         self.visual = visual
 
     def forward(self, pixel_values, vision_position_ids, cu_seqlens):
-        visual = self.visual
-        h = visual.patch_embed(pixel_values)
-        cos, sin = visual.rotary_pos_emb(h, vision_position_ids)
-        n = h.shape[0]
-        seg = (torch.arange(n, device=h.device)[:, None] >= cu_seqlens[None, 1:]).sum(-1)
-        mask = (seg[:, None] == seg[None, :])[None, None]  # [1, 1, L, L] bool, block-diagonal
-        for blk in visual.blocks:
+        h = self.visual.patch_embed(pixel_values)
+        cos, sin = self.visual.rotary_pos_emb(h, vision_position_ids)
+        mask = segment_mask(cu_seqlens, h.shape[0])
+        return self._blocks(h, cos, sin, [mask] * len(self.visual.blocks))
+
+    def _blocks(self, h, cos, sin, masks):
+        """The vision blocks, block i attending under ``masks[i]``."""
+        for blk, mask in zip(self.visual.blocks, masks):
             h = h + self._attention(blk.attn, blk.norm1(h), cos, sin, mask)
             h = h + blk.mlp(blk.norm2(h))
         return h
