@@ -88,21 +88,30 @@ class _Stop(Exception):
 
 
 Captured = list[tuple[int, tuple, dict]]  # (sample index, args with hidden states first, kwargs)
+BlockExtras = dict[int, tuple[tuple, dict]]  # sample index -> one block's (args after the hidden states, kwargs)
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> Captured:
-    """Run the model on each batch until ``first_block`` and keep its inputs (samples that never reach
-    it, e.g. text-only samples for a vision block, are left out)."""
+def capture_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> tuple[Captured, list[BlockExtras]]:
+    """Run the model on each batch up to the last of ``blocks`` and keep the first block's inputs and every
+    block's own other inputs (args after the hidden states, kwargs): blocks may take different ones
+    (Qwen2.5-VL's windowed and full-attention vision blocks get different ``cu_seqlens``; sliding-window
+    and global layers different masks), so no block may be run with block 0's. Samples that never reach
+    the first block (e.g. text-only samples for a vision block) are left out."""
     captured: Captured = []
+    extras: list[BlockExtras] = [{} for _ in blocks]
     current = {"i": 0}
 
-    def hook(_mod, args, kwargs):
+    def hook(bi, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((current["i"], (hidden.detach(),) + tuple(args[1:]), kwargs))
-        raise _Stop
+        if bi == 0:
+            captured.append((current["i"], (hidden.detach(),) + tuple(args[1:]), kwargs))
+        extras[bi][current["i"]] = (tuple(args[1:]), kwargs)
+        if bi == len(blocks) - 1:
+            raise _Stop
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(lambda _m, a, k, bi=bi: hook(bi, a, k), with_kwargs=True)
+               for bi, b in enumerate(blocks)]
     try:
         with torch.no_grad():
             for i, inputs in enumerate(batches):
@@ -112,8 +121,19 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    return captured
+        for h in handles:
+            h.remove()
+    return captured, extras
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict]) -> Captured:
+    """The inputs of ``first_block`` (see :func:`capture_inputs`)."""
+    return capture_inputs(model, [first_block], batches)[0]
+
+
+def with_block_inputs(inputs: Captured, hidden: list[torch.Tensor], extras: BlockExtras) -> Captured:
+    """``inputs``' samples with new hidden states and the other inputs of the block ``extras`` belongs to."""
+    return [(si, (h, *extras[si][0]), extras[si][1]) for (si, _args, _kw), h in zip(inputs, hidden)]
 
 
 def _block_output(out):
@@ -386,11 +406,12 @@ def quantize_blocks(
         say(f"{component}: resumed after block {start}/{len(blocks)} from {ckpt.root}")
     if start == len(blocks):
         return quantized, records
+    captured, extras = capture_inputs(model, [b for _n, b in blocks], batches)  # each block's own kwargs
     saved_inputs = ckpt.load_inputs(start - 1) if start else None
     if saved_inputs is not None:
         inputs, float_inputs = saved_inputs["inputs"], saved_inputs["float_inputs"]
     else:
-        inputs, float_inputs = capture_block_inputs(model, blocks[0][1], batches), None
+        inputs, float_inputs = captured, None
     if not inputs:
         return [], [LayerRecord(p.name, "float", None, None, note="no calibration sample reaches this component",
                                 shape=list(p.module.weight.shape), component=component)
@@ -488,10 +509,9 @@ def quantize_blocks(
 
         if bi + 1 < len(blocks):  # propagate through the now-quantized block
             outs = _run_block(block, inputs, bname, device)
-            inputs = [(si, (o,) + tuple(args[1:]), kw) for (si, args, kw), o in zip(inputs, outs)]
+            inputs = with_block_inputs(inputs, outs, extras[bi + 1])
             if paired:
-                float_inputs = [(si, (o,) + tuple(args[1:]), kw)
-                                for (si, args, kw), o in zip(float_inputs, next_float)]
+                float_inputs = with_block_inputs(float_inputs, next_float, extras[bi + 1])
         block.to(home)
         if ckpt is not None:
             try:
