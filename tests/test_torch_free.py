@@ -17,9 +17,11 @@ from vlmq_export import cli
 from vlmq_export.models import load_family
 from vlmq_export.models.processing import Config, Tokenizer
 from vlmq_export.runtime.generate import OnnxVLM
+from vlmq_export.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 from vlmq_export.testing.tiny_smolvlm import make_tiny_smolvlm
 
 FAMILIES = ("qwen2_vl", "smolvlm")
+RUN_FAMILIES = (*FAMILIES, "qwen2_5_vl")  # exported and run without torch
 PROMPT = "What is in the picture?"
 # the quantize extra's packages: a runtime-only install has none of them
 QUANTIZE_ONLY = ("torch", "transformers", "onnxscript", "onnx_ir", "safetensors", "matplotlib")
@@ -64,10 +66,11 @@ def hf(model_dirs) -> dict:
 @pytest.fixture(scope="module")
 def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("torch_free")
-    for fam in FAMILIES:
-        assert cli.main([str(tiny_dirs[fam]), "--int4", "--method", "rtn", "--no-validate", "-o", str(root / fam),
+    sources = {**tiny_dirs, "qwen2_5_vl": make_tiny_qwen2_5_vl(root / "tiny_qwen2_5_vl")}
+    for fam in RUN_FAMILIES:
+        assert cli.main([str(sources[fam]), "--int4", "--method", "rtn", "--no-validate", "-o", str(root / fam),
                          "--n-calib", "2", "--quiet"]) == 0
-    return {fam: root / fam for fam in FAMILIES}
+    return {fam: root / fam for fam in RUN_FAMILIES}
 
 
 def _messages(n_images: int, prompt: str = PROMPT, answer: str | None = None) -> list[dict]:
@@ -186,7 +189,7 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
     return _no_torch(f"from vlmq_export.cli import main\nsys.exit(main({args!r}))")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", RUN_FAMILIES)
 def test_run_without_torch(exports, tmp_path, name):
     img = tmp_path / "photo.png"
     IMAGES["300x220"].convert("RGB").save(img)

@@ -12,15 +12,16 @@ def cache_dir() -> Path:
 
 
 def _builtin_makers() -> dict:
+    from .testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
     from .testing.tiny_qwen2_vl import make_tiny_qwen2_vl
     from .testing.tiny_smolvlm import make_tiny_smolvlm
     from .testbed import make_shapes_smolvlm
 
-    return {"tiny-qwen2-vl": make_tiny_qwen2_vl, "tiny-smolvlm": make_tiny_smolvlm,
-            "shapes-smolvlm": make_shapes_smolvlm}
+    return {"tiny-qwen2-vl": make_tiny_qwen2_vl, "tiny-qwen2.5-vl": make_tiny_qwen2_5_vl,
+            "tiny-smolvlm": make_tiny_smolvlm, "shapes-smolvlm": make_shapes_smolvlm}
 
 
-BUILTIN_MODELS = ("tiny-qwen2-vl", "tiny-smolvlm", "shapes-smolvlm")
+BUILTIN_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "shapes-smolvlm")
 
 
 def resolve_model(spec: str) -> Path:
