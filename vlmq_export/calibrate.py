@@ -18,7 +18,7 @@ import torch
 from .calibrators import QuantConfig
 from .calibrators import METHODS as CALIBRATOR_METHODS
 from .calibrators.saliency import Saliency, SaliencyConfig, compute_saliency, mbq_factors, self_label
-from .calibrators.sequential import CHECKPOINT_FORMAT, load_tree, quantize_blocks, save_tree
+from .calibrators.sequential import CHECKPOINT_FORMAT, load_tree, quantize_blocks, quantize_weights, save_tree
 from .data.samples import Sample
 from .errors import CalibrationDataError, VlmqError
 from .export.qdq import QuantizedLinear
@@ -29,6 +29,7 @@ from .recipe import (CALIB_PROMPT_TOKENS, COMPONENTS, METHODS, ComponentRecipe, 
 # which weight calibrator each method drives (mbq and vlmq: GPTQ fed per-token weights)
 CALIBRATOR = {"rtn": "rtn", "gptq": "gptq", "gptaq": "gptaq", "mbq": "gptq", "vlmq": "vlmq"}
 NEEDS_SALIENCY = ("mbq", "vlmq")
+DATA_FREE = ("rtn",)  # codes from the weights alone: no calibration data pass (calibrators/rtn.py)
 
 
 @dataclass
@@ -241,20 +242,10 @@ def open_checkpoint(root: Path | None, key: dict, say) -> Path | None:
     return root
 
 
-def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work: Path | None = None,
-              say=None, device: str | None = None, checkpoint: Path | None = None,
-              job_key: dict | None = None, max_prompt_tokens: int = CALIB_PROMPT_TOKENS) -> CalibrationResult:
-    """Calibrate ``recipe.components`` of ``model`` in place (weights become their dequantized values).
-
-    ``checkpoint``: a folder where finished blocks are kept; rerunning the same job resumes there.
-    ``max_prompt_tokens``: each prompt's text is cut to this many tokens first (:func:`fit_prompts`).
-    """
-    say = say or (lambda _m: None)
-    recipe.check()
-    device = device or default_device()
-    ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), "format": CHECKPOINT_FORMAT,
-                                        "max_prompt_tokens": max_prompt_tokens, **(job_key or {})}, say)
-    timings = {}
+def calibration_batches(family: Family, model, samples: list[Sample], recipe: Recipe, work: Path | None, say,
+                        device: str, ckpt: Path | None, max_prompt_tokens: int, timings: dict):
+    """The calibration data pass's inputs: ``(batches, saliency or None, warnings)`` (prompts fitted, samples
+    self-labelled and saliency computed where the method needs it)."""
     samples, cut = fit_prompts(family, samples, max_prompt_tokens, say)
     answers = [s.answer for s in samples]
     sal = None
@@ -285,21 +276,51 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
     else:
         prepared, warnings = prepare_calibration(family, samples, answers, say)
     batches = [family.hf_inputs(p) for p in prepared]
+    return batches, sal, cut + warnings
+
+
+def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work: Path | None = None,
+              say=None, device: str | None = None, checkpoint: Path | None = None,
+              job_key: dict | None = None, max_prompt_tokens: int = CALIB_PROMPT_TOKENS) -> CalibrationResult:
+    """Calibrate ``recipe.components`` of ``model`` in place (weights become their dequantized values).
+
+    ``checkpoint``: a folder where finished blocks are kept; rerunning the same job resumes there.
+    A data-free method (:data:`DATA_FREE`: RTN) reads no sample and runs no forward pass: each Linear is
+    quantized from its weight alone (:func:`quantize_weights`); ``samples`` and ``checkpoint`` are unused.
+    ``max_prompt_tokens``: each prompt's text is cut to this many tokens first (:func:`fit_prompts`).
+    """
+    say = say or (lambda _m: None)
+    recipe.check()
+    device = device or default_device()
+    timings = {}
+    data_free = recipe.method in DATA_FREE  # no sample, no forward pass, nothing to resume
+    if data_free:
+        batches, sal, warnings = None, None, []
+    else:
+        ckpt = open_checkpoint(checkpoint, {"recipe": recipe.as_dict(), "format": CHECKPOINT_FORMAT,
+                                            "max_prompt_tokens": max_prompt_tokens, **(job_key or {})}, say)
+        batches, sal, warnings = calibration_batches(family, model, samples, recipe, work, say, device, ckpt,
+                                                     max_prompt_tokens, timings)
     layers, records = [], []
     for comp in COMPONENTS:  # execution order
         if comp not in recipe.components:
             continue
         t0 = time.perf_counter()
         blocks = component_blocks(family, model, comp)
-        say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)")
-        q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
-                               weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp, device=device,
-                               checkpoint=ckpt / comp if ckpt else None,
-                               first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
-                               true_sequential=recipe.true_sequential)
+        say(f"{comp}: {recipe.method} {recipe.components[comp].label()} over {len(blocks)} block(s)"
+            + (", from the weights alone (no calibration data)" if data_free else ""))
+        if data_free:
+            q, r = quantize_weights(blocks, CALIBRATOR[recipe.method], recipe.quant_config(comp), say,
+                                    component=comp, device=device)
+        else:
+            q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
+                                   weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp,
+                                   device=device, checkpoint=ckpt / comp if ckpt else None,
+                                   first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
+                                   true_sequential=recipe.true_sequential)
         layers += q
         records += r
         timings[comp] = time.perf_counter() - t0
     for r in records:
         r.method = recipe.method if r.bits else "float"
-    return CalibrationResult(layers, records, sal, cut + warnings, timings)
+    return CalibrationResult(layers, records, sal, warnings, timings)

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from . import outdir
-from .calibrate import CALIB_PROMPT_TOKENS, Recipe, calibrate, check_device_available
+from .calibrate import CALIB_PROMPT_TOKENS, DATA_FREE, Recipe, calibrate, check_device_available
 from .data.generated import generated_text_samples
 from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
@@ -205,7 +205,10 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
 
     # -- calibration
     comps = ", ".join(f"{c} {r.label()}" for c, r in recipe.components.items())
-    say.start("calibrate", f"{recipe.method} ({comps}) on {len(calib)} samples")
+    data_free = recipe.method in DATA_FREE  # RTN: the codes come from the weights alone, no data pass
+    manifest["calibration"]["data_pass"] = not data_free
+    say.start("calibrate", f"{recipe.method} ({comps}) "
+              + ("from the weights alone" if data_free else f"on {len(calib)} samples"))
     t0 = time.perf_counter()
     cal = calibrate(family, model, calib, recipe, work, say, device=opts.device, checkpoint=resume,
                     job_key={"model": manifest["source"], "calibration": manifest["calibration"]["sha256"]},

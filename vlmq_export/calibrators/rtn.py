@@ -1,5 +1,8 @@
 """Round to nearest: every group rounded on its own grid, calibration data unused for the codes.
 
+RTN is data-free (``data_free``): an export quantizes each Linear from its weight alone
+(:func:`calibrators.sequential.quantize_weights`), with no calibration sample and no forward pass; the
+codes and scales are the same as with data (``--clip-search`` scores clipped ranges by the weights too).
 Data given through ``add_batch`` is still accumulated so that ``QuantResult.error`` is the same
 measure as GPTQ's (the token-weighted output error); without data ``error`` is NaN (unknown, not
 zero). RTN does not damp, so ``damp_used`` is NaN.
@@ -14,6 +17,8 @@ from .base import QuantResult, WeightCalibrator, quantize_codes, static_grid
 
 
 class RTNCalibrator(WeightCalibrator):
+    data_free = True  # solve() reads the weight alone: exports skip the calibration data pass
+
     def solve(self) -> QuantResult:
         cfg = self.config
         W = self._weight_float()

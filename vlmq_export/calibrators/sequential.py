@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -348,6 +349,34 @@ def sink_weights(x: torch.Tensor, g: torch.Tensor | None, first_token_weight: fl
     return w
 
 
+def plan_blocks(blocks: list[tuple[str, nn.Module]], config: QuantConfig, say) -> list[list[LayerPlan]]:
+    """:func:`plan_layers` of every block's Linears, each distinct decision said once (not once per layer)."""
+    all_plans = [plan_layers(block_linears(block, name), config.bits, config.group_size) for name, block in blocks]
+    by_note: dict[str, list[str]] = {}
+    for p in (p for plans in all_plans for p in plans if p.note):
+        by_note.setdefault(p.note, []).append(p.name)
+    for note, names in by_note.items():
+        say(f"{names[0]}: {note}" if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]}): {note}")
+    return all_plans
+
+
+def float_record(p: LayerPlan, component: str) -> LayerRecord:
+    return LayerRecord(p.name, "float", None, None, note=p.note, shape=list(p.module.weight.shape), component=component)
+
+
+def layer_result(p: LayerPlan, res, key: str, shape: list[int], seconds: float, method: str,
+                 component: str) -> tuple[QuantizedLinear, LayerRecord]:
+    """The layer as the ONNX pass writes it and its record (error and damping None where not measured: NaN)."""
+    def measured(v):
+        return None if math.isnan(v) else float(v)
+
+    q = QuantizedLinear(name=p.name, codes=res.codes.cpu().numpy(), scales=res.scales.float().cpu().numpy(),
+                        bits=res.bits, group_size=res.group_size, key=key,
+                        zeros=None if res.zeros is None else res.zeros.cpu().numpy())
+    return q, LayerRecord(p.name, method, res.bits, res.group_size, measured(res.error), measured(res.damp_used),
+                          seconds, p.note, shape, component)
+
+
 def quantize_blocks(
     model: nn.Module,
     blocks: list[tuple[str, nn.Module]],
@@ -384,13 +413,7 @@ def quantize_blocks(
     device = torch.device(device) if device is not None else torch.device("cpu")
     ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
     say = progress or (lambda _msg: None)
-    # every layer's bits and block are decided before any calibration work
-    all_plans = [plan_layers(block_linears(block, name), config.bits, config.group_size) for name, block in blocks]
-    by_note: dict[str, list[str]] = {}
-    for p in (p for plans in all_plans for p in plans if p.note):
-        by_note.setdefault(p.note, []).append(p.name)
-    for note, names in by_note.items():  # one line per distinct decision, not per layer
-        say(f"{names[0]}: {note}" if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]}): {note}")
+    all_plans = plan_blocks(blocks, config, say)  # every layer's bits and block, before any calibration work
     quantized: list[QuantizedLinear] = []
     records: list[LayerRecord] = []
     start = ckpt.done(len(blocks)) if ckpt else 0
@@ -428,8 +451,7 @@ def quantize_blocks(
         cals = {}
         for p in plans:
             if p.bits is None:
-                records.append(LayerRecord(p.name, "float", None, None, note=p.note,
-                                           shape=list(p.module.weight.shape), component=component))
+                records.append(float_record(p, component))
                 continue
             cfg = QuantConfig(**{**config.__dict__, "group_size": p.group_size})
             cals[p.name] = (p, make_calibrator(method, p.module.weight.data, cfg, p.name))
@@ -499,13 +521,9 @@ def quantize_blocks(
                 h.remove()
 
         for name, (p, _cal) in cals.items():  # records in the block's layer order
-            res, key, shape, seconds = solved[name]
-            quantized.append(QuantizedLinear(
-                name=name, codes=res.codes.cpu().numpy(), scales=res.scales.float().cpu().numpy(),
-                bits=res.bits, group_size=res.group_size, key=key,
-                zeros=None if res.zeros is None else res.zeros.cpu().numpy()))
-            records.append(LayerRecord(name, method, res.bits, res.group_size, float(res.error),
-                                       float(res.damp_used), seconds, p.note, shape, component))
+            q, r = layer_result(p, *solved[name], method, component)
+            quantized.append(q)
+            records.append(r)
 
         if bi + 1 < len(blocks):  # propagate through the now-quantized block
             outs = _run_block(block, inputs, bname, device)
@@ -524,4 +542,34 @@ def quantize_blocks(
         eta = (time.perf_counter() - t_all) / (bi + 1 - start) * (len(blocks) - bi - 1)
         say(f"{component} block {bi + 1}/{len(blocks)}: {time.perf_counter() - t_block:.1f}s, "
             f"elapsed {time.perf_counter() - t_all:.0f}s, ETA {eta:.0f}s; errors: {per_layer or 'n/a'}")
+    return quantized, records
+
+
+def quantize_weights(blocks: list[tuple[str, nn.Module]], method: str, config: QuantConfig,
+                     progress: Callable[[str], None] | None = None, component: str = "llm",
+                     device: str | torch.device | None = None) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
+    """:func:`quantize_blocks` for a data-free ``method`` (RTN): every Linear of ``blocks`` quantized from its
+    weight alone, on ``device``, with no calibration sample and no forward pass; the same codes and scales as
+    the data pass gives (they never depended on it), the dequantized weights written back. The records'
+    error is None: without data it is not measured."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    quantized: list[QuantizedLinear] = []
+    records: list[LayerRecord] = []
+    for plans in plan_blocks(blocks, config, progress or (lambda _msg: None)):
+        for p in plans:
+            if p.bits is None:
+                records.append(float_record(p, component))
+                continue
+            t0 = time.perf_counter()
+            float_w = p.module.weight.data
+            cal = make_calibrator(method, float_w.to(device), QuantConfig(**{**config.__dict__, "group_size": p.group_size}),
+                                  p.name)
+            if not getattr(cal, "data_free", False):
+                raise ValueError(f"--method {method} needs calibration data: use quantize_blocks")
+            key = weight_key(float_w.detach().float().cpu().numpy())
+            res = cal.solve()
+            p.module.weight.data = res.dequantize().to(float_w.dtype).to(float_w.device)
+            q, r = layer_result(p, res, key, list(float_w.shape), time.perf_counter() - t0, method, component)
+            quantized.append(q)
+            records.append(r)
     return quantized, records
