@@ -201,9 +201,9 @@ def test_tensorrt_comparison_is_a_gate():
     assert [r["gate"] for r in gates.failed({"tensorrt_matches_onnxruntime": False})] == ["tensorrt_matches_onnxruntime"]
 
 
-def test_export_exits_1_when_a_gate_fails_and_keeps_the_output(tiny_dirs, tmp_path, monkeypatch, capsys):
-    """The export's exit code follows the report's verdict: a failed gate is exit 1 with the gate named in one
-    line, while the complete output stays for inspection (validate behaves the same)."""
+def test_export_names_failed_gates_and_validate_exits_1(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """A failed gate does not fail the export (it succeeded; a random tiny model's top-1 is noise), but it is named
+    in one warning line, and `validate` on the same output exits 1."""
     from vlmq_export import cli
     from vlmq_export.outdir import check_complete
     from vlmq_export.validate import gates
@@ -214,5 +214,6 @@ def test_export_exits_1_when_a_gate_fails_and_keeps_the_output(tiny_dirs, tmp_pa
     out = tmp_path / "out"
     rc = cli.main([str(tiny_dirs["qwen2_vl"]), "--method", "rtn", "--n-val", "1", "--gen-tokens", "2", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and err[-1].startswith("vlmq-export: validation failed: logits cosine vs full precision = ")
-    assert check_complete(out)["status"] == "complete"
+    assert rc == 0 and check_complete(out)["status"] == "complete"
+    assert err[-1].startswith("vlmq-export: warning: validation failed: logits cosine vs full precision = ")
+    assert cli.main(["validate", str(out), "--n-val", "1", "--gen-tokens", "2", "--quiet"]) == 1

@@ -221,11 +221,10 @@ def cmd_export(argv: list[str]) -> int:
             if k in v:
                 print(f"  {k}: {v[k]:.4f}" if isinstance(v[k], float) else f"  {k}: {v[k]}")
         print(f"  report: {out / 'report' / 'report.md'}")
-    if failed:  # the output is complete and kept for inspection; the exit code says it is not fit to ship
-        print("vlmq-export: validation failed: " + "; ".join(f"{g['label']} = {g['value']:.4g} ({g['threshold']})"
-                                                          if isinstance(g["value"], float) else g["label"]
-                                                          for g in failed), file=sys.stderr)
-        return 1
+    if failed:  # the export itself succeeded (exit 0); `vlmq-export validate OUT` exits 1 on the same gates
+        print("vlmq-export: warning: validation failed: " + "; ".join(
+            f"{g['label']} = {g['value']:.4g} ({g['threshold']})" if isinstance(g["value"], float) else g["label"]
+            for g in failed) + " (see the report before shipping)", file=sys.stderr)
     return 0
 
 
