@@ -38,8 +38,8 @@ def machine() -> dict:
     return info
 
 
-def why_not_here(target: str, info: dict) -> str | None:
-    """Why engines for ``target`` cannot be built in this process on this machine (None: they can)."""
+def tensorrt_missing() -> str | None:
+    """Why TensorRT cannot be used in this process (None: it can): the build's and the TensorRT runner's check."""
     try:
         import tensorrt  # noqa: F401
     except Exception as exc:  # not installed, or installed without its CUDA libraries
@@ -48,6 +48,14 @@ def why_not_here(target: str, info: dict) -> str | None:
         import polygraphy  # noqa: F401
     except ImportError:
         return "polygraphy is not installed (pip install 'vlmq-export[trt]')"
+    return None
+
+
+def why_not_here(target: str, info: dict) -> str | None:
+    """Why engines for ``target`` cannot be built in this process on this machine (None: they can)."""
+    why = tensorrt_missing()
+    if why:
+        return why
     board = info.get("board") or ""
     want = {"jetson-orin": "Orin", "jetson-thor": "Thor"}.get(target)
     if want and want not in board:

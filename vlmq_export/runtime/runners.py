@@ -191,15 +191,9 @@ class TrtRunner(Runner):
 
 def tensorrt_missing() -> str | None:
     """Why the TensorRT backend cannot run in this process (None: it can)."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # not installed, or installed without its CUDA libraries
-        return f"TensorRT is not importable here ({type(exc).__name__}: {exc})"
-    try:
-        import polygraphy  # noqa: F401
-    except ImportError:
-        return "polygraphy is not installed (pip install 'vlmq-export[trt]')"
-    return None
+    from ..engines.build import tensorrt_missing as missing
+
+    return missing()
 
 
 def engines(out: str | Path, graphs=None) -> dict[str, dict]:
