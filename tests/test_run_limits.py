@@ -150,3 +150,19 @@ def test_limits_check_range_refuses_non_finite_numbers():
             limits.check_range("temperature", bad, 0.0, 2.0)
     assert limits.check_range("temperature", 0.5, 0.0, 2.0) == 0.5
     assert np.isfinite(limits.check_range("top_p", 1.0, 1e-6, 1.0))
+
+
+def test_run_refuses_placeholders_that_do_not_match_the_images(tmp_path, capsys):
+    """SmolVLM's explicit <image> placeholders against the images given: one line, exit 2 (was an internal error)."""
+    from PIL import Image
+
+    from vlmq_export import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["builtin:tiny-smolvlm", "--method", "rtn", "--no-validate", "--quiet", "-o", str(out)]) == 0
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(img)
+    capsys.readouterr()
+    assert cli.main(["run", str(out), "--image", str(img), "--prompt", "<image> and <image>?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("vlmq-export: error: prompt has 2 <image> placeholders but 1 images")

@@ -21,3 +21,8 @@ class OutputDirError(VlmqError):
 
 class NumericalError(VlmqError):
     exit_code = 3
+
+
+class PromptError(VlmqError, ValueError):
+    """A prompt that does not fit the images given (e.g. <image> placeholders against images): one line and
+    exit 2 in `run`, a 400 in `serve` (which refuses any ValueError of a request)."""

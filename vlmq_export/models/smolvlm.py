@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import PromptError
 from .base import ExportSpec, Family, Prepared, Processor
 from .processing import Config, Normalization, Tokenizer, chat_template_from_dir, image_processor_config, resize, rgb_array
 
@@ -219,7 +220,7 @@ class SmolVLMFamily(Family):
         images = list(images or [])
         if IMAGE_TOKEN in prompt:  # placeholders where the caller put them
             if prompt.count(IMAGE_TOKEN) != len(images):
-                raise ValueError(
+                raise PromptError(
                     f"prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders but {len(images)} images were given"
                 )
             content = [{"type": "text", "text": prompt}]
