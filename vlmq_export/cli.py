@@ -1,11 +1,13 @@
 """Command line: a thin shell over the pipeline's functions.
 
-    vlmq-export MODEL --int4 [-o OUT] [--method gptq|rtn] [--calib DATA] ...
-    vlmq-export run OUT --image IMG --prompt "..."
-    vlmq-export validate OUT [--model DIR]
-    vlmq-export serve OUT [--host 127.0.0.1] [--port 8000]
+    vlmq-export MODEL --int4 [-o OUT] [--method gptq|rtn] [--target tensorrt] [--dtype fp16] [--calib DATA] ...
+    vlmq-export run OUT --image IMG --prompt "..." [--backend onnxruntime|tensorrt]
+    vlmq-export validate OUT [--model DIR] [--backend ...]
+    vlmq-export serve OUT [--host 127.0.0.1] [--port 8000] [--backend ...]
     vlmq-export lint OUT [--target onnxruntime|tensorrt|jetson-orin|jetson-thor]
-    vlmq-export inspect OUT
+    vlmq-export build OUT [--target tensorrt|jetson-orin|jetson-thor] [--max-context C] ...
+    vlmq-export eval OUT [--torch]
+    vlmq-export inspect OUT [--json]
 """
 from __future__ import annotations
 
