@@ -22,6 +22,21 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"qwen2_vl": make_tiny_qwen2_vl(root / "qwen2_vl"), "smolvlm": make_tiny_smolvlm(root / "smolvlm")}
 
 
+@pytest.fixture(scope="session")
+def rtn_exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Tiny RTN exports of both families (no validation), built once per session (per xdist worker) for the
+    tests that only read an output directory; a test that changes one works on a copy."""
+    from vlmq_export import cli
+
+    root = tmp_path_factory.mktemp("rtn_exports")
+    outs = {}
+    for fam in ("qwen2_vl", "smolvlm"):
+        outs[fam] = root / fam
+        assert cli.main([str(tiny_dirs[fam]), "--int4", "--method", "rtn", "--no-validate", "-o", str(outs[fam]),
+                         "--n-calib", "2", "--quiet"]) == 0
+    return outs
+
+
 def load_tool(name: str):
     """Import ``tools/<name>.py`` (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")

@@ -24,14 +24,8 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("build")
-    outs = {}
-    for fam in FAMILIES:
-        outs[fam] = root / fam
-        assert cli.main([str(tiny_dirs[fam]), "--int4", "--method", "rtn", "--no-validate", "-o", str(outs[fam]),
-                         "--n-calib", "2", "--quiet"]) == 0
-    return outs
+def exports(rtn_exports) -> dict[str, Path]:
+    return {fam: rtn_exports[fam] for fam in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,8 @@ from vlmq_export.runtime.generate import OnnxVLM
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_dirs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "smolvlm"
-    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "rtn", "--no-validate", "-o", str(out),
-                     "--n-calib", "2", "--quiet"]) == 0
-    return out
+def exported(rtn_exports) -> Path:
+    return rtn_exports["smolvlm"]
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +149,11 @@ def test_limits_check_range_refuses_non_finite_numbers():
     assert np.isfinite(limits.check_range("top_p", 1.0, 1e-6, 1.0))
 
 
-def test_run_refuses_placeholders_that_do_not_match_the_images(tmp_path, capsys):
+def test_run_refuses_placeholders_that_do_not_match_the_images(exported, tmp_path, capsys):
     """SmolVLM's explicit <image> placeholders against the images given: one line, exit 2 (was an internal error)."""
     from PIL import Image
 
-    from vlmq_export import cli
-
-    out = tmp_path / "out"
-    assert cli.main(["builtin:tiny-smolvlm", "--method", "rtn", "--no-validate", "--quiet", "-o", str(out)]) == 0
+    out = exported
     img = tmp_path / "a.png"
     Image.new("RGB", (32, 32), (9, 9, 9)).save(img)
     capsys.readouterr()

@@ -30,14 +30,8 @@ polygraphy = pytest.importorskip("polygraphy", reason="polygraphy is not install
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runners")
-    outs = {}
-    for fam in FAMILIES:
-        outs[fam] = root / fam
-        assert cli.main([str(tiny_dirs[fam]), "--int4", "--method", "rtn", "--no-validate", "-o", str(outs[fam]),
-                         "--n-calib", "2", "--quiet"]) == 0
-    return outs
+def exported(rtn_exports) -> dict[str, Path]:
+    return {fam: rtn_exports[fam] for fam in FAMILIES}
 
 
 @pytest.fixture(scope="module")
