@@ -1,4 +1,14 @@
-"""Language-model perplexity on a fixed English text (shipped as ``vlmq_export/assets/english.txt``)."""
+"""Language-model perplexity on a named English text shipped in ``vlmq_export/assets``, with a 95 % interval.
+
+``english``: ``english.txt``, 810 SmolLM2 tokens written for the project. ``heldout``: ``heldout_english.txt``,
+27k tokens of US State of the Union addresses (public domain, see ``assets/HELDOUT.md``) that no calibration,
+benchmark or default was ever tuned on.
+
+The text is scored in fixed non-overlapping windows (512 tokens): each window is one forward pass from scratch,
+its first token is context only. Perplexity = exp(sum of next-token NLLs / tokens scored). Its interval is a
+per-window bootstrap: resample the windows with replacement (``BOOTSTRAP_RESAMPLES`` times, fixed seed) and take
+the 2.5th and 97.5th percentiles of the resamples' perplexities.
+"""
 from __future__ import annotations
 
 import math
@@ -7,12 +17,21 @@ from importlib import resources
 import numpy as np
 import torch
 
+TEXTS = {"english": "assets/english.txt", "heldout": "assets/heldout_english.txt"}
+WINDOW = 512
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def named_text(name: str) -> str:
+    return resources.files("vlmq_export").joinpath(TEXTS[name]).read_text(encoding="utf-8")
+
 
 def english_text() -> str:
-    return resources.files("vlmq_export").joinpath("assets/english.txt").read_text(encoding="utf-8")
+    return named_text("english")
 
 
-def text_ids(tokenizer, text: str | None = None, max_tokens: int = 1024) -> np.ndarray:
+def text_ids(tokenizer, text: str | None = None, max_tokens: int | None = 1024) -> np.ndarray:
     ids = tokenizer(text or english_text(), add_special_tokens=False)["input_ids"][:max_tokens]
     return np.asarray(ids, dtype=np.int64)
 
@@ -24,33 +43,75 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
-def perplexity_torch(model, ids: np.ndarray, window: int = 512) -> float:
-    """exp(mean next-token NLL) of a causal LM (or a VLM called with text only), non-overlapping windows."""
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start:start + window]
-            if len(chunk) < 2:
-                break
-            logits = model(input_ids=torch.from_numpy(chunk)[None], use_cache=False).logits[0].float().numpy()
-            nll += _nll(logits, chunk) * (len(chunk) - 1)
-            count += len(chunk) - 1
-    return math.exp(nll / count)
+def torch_logits(model):
+    """A causal LM (or a VLM called with text only) as ``chunk -> logits``."""
+    def run(chunk: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(input_ids=torch.from_numpy(chunk)[None], use_cache=False).logits[0].float().numpy()
+    return run
 
 
-def perplexity_onnx(vlm, ids: np.ndarray, window: int = 512) -> float:
-    """The same through an exported OUT's embed_tokens.onnx + llm.onnx (``OnnxVLM``)."""
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start:start + window]
-        if len(chunk) < 2:
-            break
+def onnx_logits(vlm):
+    """An exported OUT's embed_tokens.onnx + llm.onnx (``OnnxVLM``) as ``chunk -> logits``."""
+    def run(chunk: np.ndarray) -> np.ndarray:
         x = chunk[None]
         emb = vlm.session("embed_tokens").run(["inputs_embeds"], {"input_ids": x})[0]
         pos = np.arange(len(chunk), dtype=np.int64)[None]
         if vlm.family.mrope:
             pos = np.broadcast_to(pos, (3, 1, len(chunk))).copy()
-        logits, _ = vlm.llm(emb, np.ones_like(x), pos, vlm.empty_past())
-        nll += _nll(logits[0], chunk) * (len(chunk) - 1)
-        count += len(chunk) - 1
-    return math.exp(nll / count)
+        return vlm.llm(emb, np.ones_like(x), pos, vlm.empty_past())[0][0]
+    return run
+
+
+def window_nlls(logits_of, ids: np.ndarray, window: int = WINDOW,
+                max_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per window: the sum of next-token NLLs and the number of tokens scored (the first ``max_windows``)."""
+    nll, count = [], []
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2 or (max_windows is not None and len(nll) >= max_windows):
+            break
+        nll.append(_nll(logits_of(chunk), chunk) * (len(chunk) - 1))
+        count.append(len(chunk) - 1)
+    return np.asarray(nll, dtype=np.float64), np.asarray(count, dtype=np.int64)
+
+
+def bootstrap_interval(nll: np.ndarray, count: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of exp(sum nll / sum tokens) over windows resampled with replacement."""
+    nll, count = np.asarray(nll, dtype=np.float64), np.asarray(count, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(nll), size=(resamples, len(nll)))
+    ppl = np.exp(nll[idx].sum(1) / count[idx].sum(1))
+    lo, hi = np.percentile(ppl, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def summarize(nll: np.ndarray, count: np.ndarray, text: str | None = None) -> dict:
+    """``{"perplexity", "ci95", "windows", "tokens"}`` (and the text's name) from per-window NLLs."""
+    res = {"text": text} if text else {}
+    return {**res, "perplexity": math.exp(float(nll.sum()) / int(count.sum())),
+            "ci95": list(bootstrap_interval(nll, count)), "windows": len(nll), "tokens": int(count.sum())}
+
+
+def text_perplexity(logits_of, tokenizer, text: str = "heldout", max_windows: int | None = None) -> dict:
+    """Perplexity with its 95 % interval on a named text (``TEXTS``), the whole text unless ``max_windows``."""
+    ids = text_ids(tokenizer, named_text(text), max_tokens=None)
+    return summarize(*window_nlls(logits_of, ids, max_windows=max_windows), text=text)
+
+
+def perplexities(logits_of, tokenizer, max_windows: int | None = None) -> dict:
+    """Both texts: ``{"english": {...}, "heldout": {...}}``; ``max_windows`` bounds the held-out text only."""
+    return {"english": text_perplexity(logits_of, tokenizer, "english"),
+            "heldout": text_perplexity(logits_of, tokenizer, "heldout", max_windows)}
+
+
+def perplexity_torch(model, ids: np.ndarray, window: int = WINDOW) -> float:
+    """exp(mean next-token NLL) of a causal LM (or a VLM called with text only), non-overlapping windows."""
+    nll, count = window_nlls(torch_logits(model), ids, window)
+    return math.exp(nll.sum() / count.sum())
+
+
+def perplexity_onnx(vlm, ids: np.ndarray, window: int = WINDOW) -> float:
+    """The same through an exported OUT's embed_tokens.onnx + llm.onnx (``OnnxVLM``)."""
+    nll, count = window_nlls(onnx_logits(vlm), ids, window)
+    return math.exp(nll.sum() / count.sum())
