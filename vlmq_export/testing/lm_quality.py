@@ -44,7 +44,7 @@ def text_samples(n: int, prompt_words: int = 100, answer_words: int = 500) -> li
 
 
 def smollm2_testbed_dir(root: Path) -> Path:
-    from .smolvlm_smollm2 import make_smolvlm_with_smollm2
+    from ..testbed.smolvlm_smollm2 import make_smolvlm_with_smollm2
 
     path = Path(root) / "smolvlm-smollm2"
     if not (path / "config.json").is_file():
