@@ -78,3 +78,19 @@ def test_heldout_text_is_at_least_20k_smollm2_tokens():
     tok = AutoTokenizer.from_pretrained(d)
     assert len(P.text_ids(tok, P.named_text("heldout"), max_tokens=None)) >= 20_000
     assert len(P.text_ids(tok)) == 810  # english.txt, unchanged
+
+
+def test_rtn_skips_calib_text_generation(tiny_dirs, tmp_path, monkeypatch):
+    """RTN is data-free: --calib-text must not sample text from the model that nothing would read."""
+    from vlmq_export import cli, pipeline
+    from vlmq_export.outdir import check_complete
+
+    def never(*a, **k):
+        raise AssertionError("generated calibration text for RTN")
+
+    monkeypatch.setattr(pipeline, "generated_text_samples", never)
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "rtn", "-o", str(out), "--n-calib", "2",
+                     "--calib-text", "3", "--calib-text-tokens", "24", "--no-validate", "--quiet"]) == 0
+    cal = check_complete(out)["calibration"]
+    assert cal["data_pass"] is False and cal["generated_text"] is None and cal["samples"] == 2

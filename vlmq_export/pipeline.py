@@ -108,6 +108,9 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     model = family.load_checked(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"loaded {n_params / 1e6:.1f}M parameters")
+    if opts.calib_text and recipe.method in DATA_FREE:
+        say(f"--calib-text ignored: {recipe.method} reads no calibration data")
+        opts = dataclasses.replace(opts, calib_text=0)
     if opts.calib_text:
         t0 = time.perf_counter()
         say(f"sampling {opts.calib_text} text sequences of {opts.calib_text_tokens} tokens from the model for calibration")
