@@ -45,7 +45,8 @@ def measure(family, model, ref_outputs, val, ids, n_eval: int) -> dict:
     from vlmq_export.validate.perplexity import perplexity_torch
 
     acc = evaluate_torch(family, model, n=n_eval)
-    row = {"accuracy": acc["accuracy"], "per_qtype": acc["per_qtype"], "n_eval": acc["n"],
+    row = {**{k: acc[k] for k in ("accuracy", "ci95", "per_qtype", "per_qtype_ci95", "correct", "n", "n_per_qtype")},
+           "n_eval": acc["n"],
            "perplexity": perplexity_torch(model, ids)}
     if ref_outputs is not None:
         c = compare(ref_outputs, torch_outputs(family, model, val))
@@ -60,7 +61,8 @@ def main() -> int:
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--scopes", default="llm,all")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--n-eval", type=int, default=200, help="ShapesVQA test samples per configuration")
+    ap.add_argument("--n-eval", type=int, default=1000,
+                    help="ShapesVQA test samples per configuration (default 1000: 95 %% Wilson interval about +-0.03)")
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--calib-text", type=int, default=0,
                     help="add this many text-only sequences sampled from the full-precision model (as --calib-text)")
@@ -83,7 +85,7 @@ def main() -> int:
     from vlmq_export.pipeline import prepare_all, validation_samples
     from vlmq_export.sources import resolve_model
     from vlmq_export.testing.machine import machine_stamp
-    from vlmq_export.testbed import format_accuracy
+    from vlmq_export.testbed import format_accuracy, format_interval
     from vlmq_export.validate.compare import torch_outputs
     from vlmq_export.validate.perplexity import text_ids
 
@@ -107,7 +109,7 @@ def main() -> int:
     ref = torch_outputs(family, base, val)
 
     fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, ids, args.n_eval)}
-    log(f"fp: {format_accuracy({**fp, 'correct': round(fp['accuracy'] * fp['n_eval']), 'n': fp['n_eval']})}, "
+    log(f"fp: {format_accuracy(fp)}, "
         f"ppl {fp['perplexity']:.2f}")
     rows = [fp]
     for scope in args.scopes.split(","):
@@ -123,7 +125,7 @@ def main() -> int:
                 row = {"scope": scope, "method": method, "bits": bits, "calib_s": calib_s,
                        **measure(family, model, ref, val, ids, args.n_eval)}
                 rows.append(row)
-                log(f"{scope} {method} W{bits}: acc {row['accuracy']:.3f} ppl {row['perplexity']:.2f} "
+                log(f"{scope} {method} W{bits}: acc {row['accuracy']:.3f} {format_interval(row['ci95'])} ppl {row['perplexity']:.2f} "
                     f"img cos {row.get('image_features_cosine') or float('nan'):.4f} ({calib_s:.0f}s calibration)")
                 del model
 
@@ -138,7 +140,7 @@ def main() -> int:
     qtypes = sorted(fp["per_qtype"])
     lines = [f"# Quality sweep: {args.model}", "",
              f"Commit {commit}{' (with uncommitted changes)' if dirty else ''}. ShapesVQA exact match on "
-             f"{args.n_eval} test samples (torch, fake-quantized weights), perplexity on the English text, cosines "
+             f"{args.n_eval} test samples (torch, fake-quantized weights; [95 % Wilson interval]), perplexity on the English text, cosines "
              f"against full precision on {args.n_val} validation prompts. Calibration: {args.n_calib} built-in "
              f"ShapesVQA samples"
              + (f" + {args.calib_text} text sequences of {args.calib_text_tokens} tokens sampled from the model"
@@ -153,8 +155,9 @@ def main() -> int:
              "|---|---|---|---|" + "---|" * len(qtypes) + "---|---|---|---|---|"]
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['scope']} | {r['method']} | {r['bits']} | {f(r['accuracy'])} | "
-                     + " | ".join(f(r["per_qtype"].get(q), 2) for q in qtypes)
+        lines.append(f"| {r['scope']} | {r['method']} | {r['bits']} | {f(r['accuracy'])} {format_interval(r['ci95'])} | "
+                     + " | ".join(f"{f(r['per_qtype'].get(q), 2)} {format_interval(r['per_qtype_ci95'].get(q))}"
+                                  for q in qtypes)
                      + f" | {f(r['perplexity'], 2)} | {f(r.get('image_features_cosine'), 4)} | "
                        f"{f(r.get('logits_cosine'), 4)} | {f(r.get('top1_agreement'))} | {r['calib_s']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

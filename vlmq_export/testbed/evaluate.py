@@ -6,20 +6,42 @@ Evaluation (any family, any exported OUT, so it also runs on the tiny random mod
     evaluate_onnx(out_dir, n=200, split="test", accuracy_level=4, ...) -> dict
 
 Both generate greedily on ShapesVQA samples and score normalised exact match (strip, lowercase, strip
-trailing punctuation), overall and per question type. The result dict::
+trailing punctuation), overall and per question type, each with its 95 % Wilson score interval
+(:func:`wilson_interval`; at 1000 samples and accuracy 0.5 it is about +-0.031, per question type of ~250 samples
+about +-0.06). The result dict::
 
-    {"accuracy": float, "overall": float (= accuracy), "per_qtype": {qtype: float}, "n": int, "n_per_qtype": {qtype: int},
-     "correct": int, "split": str, "backend": "torch" | "onnxruntime", "seconds": float,
+    {"accuracy": float, "overall": float (= accuracy), "ci95": [low, high],
+     "per_qtype": {qtype: float}, "per_qtype_ci95": {qtype: [low, high]}, "n": int, "n_per_qtype": {qtype: int},
+     "correct": int, "correct_per_qtype": {qtype: int}, "interval": "wilson 95%",
+     "split": str, "backend": "torch" | "onnxruntime", "seconds": float,
      "mistakes": [{"source", "qtype", "question", "answer", "prediction"}, ...]  (at most 20)}
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
 _PUNCT = ".,;:!?\"'`)( \t\n"
 
 ProgressFn = Callable[[int, int, dict], None]  # (done, total, running result) after each sample
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``correct / n`` (95 % by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0 or n successes. ``n == 0``:
+    ``(nan, nan)``.
+    """
+    if not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n, got {correct} of {n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def normalize_answer(text: str) -> str:
@@ -52,15 +74,20 @@ class _Scorer:
 
     def result(self) -> dict:
         allv = [v for vs in self.per.values() for v in vs]
-        n = len(allv)
-        acc = sum(allv) / n if n else float("nan")
+        n, correct = len(allv), sum(allv)
+        acc = correct / n if n else float("nan")
+        per = sorted(self.per.items())
         return {
             "accuracy": acc,
             "overall": acc,  # alias
-            "per_qtype": {k: sum(v) / len(v) for k, v in sorted(self.per.items())},
+            "ci95": list(wilson_interval(correct, n)),
+            "per_qtype": {k: sum(v) / len(v) for k, v in per},
+            "per_qtype_ci95": {k: list(wilson_interval(sum(v), len(v))) for k, v in per},
             "n": n,
-            "n_per_qtype": {k: len(v) for k, v in sorted(self.per.items())},
-            "correct": sum(allv),
+            "n_per_qtype": {k: len(v) for k, v in per},
+            "correct": correct,
+            "correct_per_qtype": {k: sum(v) for k, v in per},
+            "interval": "wilson 95%",
             "split": self.split,
             "backend": self.backend,
             "seconds": round(time.perf_counter() - self.t0, 2),
@@ -125,7 +152,13 @@ def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accura
     return out
 
 
+def format_interval(ci) -> str:
+    """``[0.50, 0.56]``, or ``""`` for a result without an interval (older reports)."""
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
 def format_accuracy(res: dict) -> str:
-    """One line: ``acc 0.950 (190/200) | color 0.96 count 0.90 ...``."""
-    per = " ".join(f"{k} {v:.2f}" for k, v in res["per_qtype"].items())
-    return f"acc {res['accuracy']:.3f} ({res['correct']}/{res['n']}) | {per}"
+    """One line: ``acc 0.950 [0.91, 0.97] (190/200) | color 0.96 [0.88, 0.99] count 0.90 [...] ...`` (95 % Wilson)."""
+    cis = res.get("per_qtype_ci95", {})
+    per = " ".join(f"{k} {v:.2f} {format_interval(cis.get(k))}".rstrip() for k, v in res["per_qtype"].items())
+    return f"acc {res['accuracy']:.3f} {format_interval(res.get('ci95'))} ({res['correct']}/{res['n']}) | {per}"

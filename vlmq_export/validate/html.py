@@ -164,12 +164,16 @@ def task_plot(task: dict) -> bytes | None:
     fig, (ax,) = _figure(1, 3.0)
     for i, (name, res) in enumerate(models.items()):
         vals = [res["per_qtype"].get(q, 0) for q in qtypes[:-1]] + [res.get("accuracy") or 0]
-        bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, label=name.replace("_", " "))
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        cis = [res.get("per_qtype_ci95", {}).get(q) for q in qtypes[:-1]] + [res.get("ci95")]
+        err = None  # 95 % Wilson intervals as error bars (asymmetric), where the result has them
+        if all(cis):
+            err = np.array([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]])
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, yerr=err, capsize=3, label=name.replace("_", " "))
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     ax.set_xticks(x, qtypes)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("exact match")
-    ax.set_title(f"task accuracy per question type ({task.get('samples')} samples)")
+    ax.set_title(f"task accuracy per question type ({task.get('samples')} samples; bars: 95 % Wilson intervals)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _png(fig)

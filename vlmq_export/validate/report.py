@@ -158,15 +158,20 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
                            rows=[[k, _fmt(v)] for k, v in stage.items()]))
     task = report.get("task")
     if task:
-        sec = Section(f"Task accuracy (ShapesVQA test split, {task['samples']} samples, exact match; "
-                      f"{_by(prov.get('task'))})", header=["model", "overall", "per question type"], plot="task")
+        from ..testbed.evaluate import format_interval
+
+        sec = Section(f"Task accuracy (ShapesVQA test split, {task['samples']} samples, exact match, 95 % Wilson "
+                      f"intervals; {_by(prov.get('task'))})", header=["model", "overall", "per question type"],
+                      plot="task")
         names = {"torch_full_precision": "full precision (torch)",
                  "onnx_quantized": "exported ONNX (ONNX Runtime, accuracy level {level})"}
         for key, res in task.items():
             if isinstance(res, dict):
-                per = ", ".join(f"{k} {_fmt(v)}" for k, v in res.get("per_qtype", {}).items())
+                cis, ns = res.get("per_qtype_ci95", {}), res.get("n_per_qtype", {})
+                per = ", ".join(f"{k} {_fmt(v)} {format_interval(cis.get(k))} (n={ns.get(k, '?')})".replace("  ", " ")
+                                for k, v in res.get("per_qtype", {}).items())
                 sec.rows.append([names.get(key, key).format(level=res.get("accuracy_level", "?")),
-                                 _fmt(res.get("accuracy")), per])
+                                 f"{_fmt(res.get('accuracy'))} {format_interval(res.get('ci95'))}".rstrip(), per])
         out.append(sec)
     comp = report.get("components")
     if comp:

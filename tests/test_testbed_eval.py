@@ -1,0 +1,122 @@
+"""Task accuracy with confidence: 95 % Wilson intervals, overall and per question type, in the result dict,
+`eval --json`, the report (markdown and the HTML plot) and format_accuracy."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vlmq_export import cli
+from vlmq_export.models import load_family
+from vlmq_export.testbed import eval_samples, evaluate_torch, format_accuracy, normalize_answer, wilson_interval
+
+
+def test_wilson_interval_known_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553 to 0.3662
+    lo, hi = wilson_interval(81, 263)
+    assert (round(lo, 4), round(hi, 4)) == (0.2553, 0.3662)
+    # closed forms at the edges: 0/n -> [0, z^2 / (n + z^2)], n/n -> [n / (n + z^2), 1]
+    z2 = 1.959963984540054 ** 2
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    # symmetric about 1/2 at p = 1/2; about +-0.031 at 1000 samples
+    lo, hi = wilson_interval(500, 1000)
+    assert lo + hi == pytest.approx(1.0) and hi - lo == pytest.approx(0.0619, abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+class _AlwaysYes:
+    """A model that answers 'Yes.' to everything (through the real tokenizer and stop token)."""
+
+    def __init__(self, family):
+        self.ids = family.tokenizer("Yes.", add_special_tokens=False)["input_ids"] + [family.stop_token_ids[0]]
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, **kwargs):
+        import torch
+
+        return torch.cat([input_ids, torch.tensor([self.ids])], dim=1)
+
+
+def test_result_has_intervals_per_question_type(tiny_dirs):
+    family = load_family(tiny_dirs["smolvlm"])
+    samples = eval_samples(40)
+    res = evaluate_torch(family, _AlwaysYes(family), samples=samples)
+    assert res["interval"] == "wilson 95%"
+    assert res["ci95"] == list(wilson_interval(res["correct"], res["n"]))
+    assert res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
+    assert res["per_qtype_ci95"].keys() == res["per_qtype"].keys() == res["correct_per_qtype"].keys()
+    for q, (lo, hi) in res["per_qtype_ci95"].items():
+        want = sum(s.meta["qtype"] == q and normalize_answer(s.answer) == "yes" for s in samples)
+        assert res["correct_per_qtype"][q] == want
+        assert [lo, hi] == list(wilson_interval(want, res["n_per_qtype"][q]))
+    assert sum(res["correct_per_qtype"].values()) == res["correct"]
+    json.dumps(res)  # plain JSON (lists, not tuples or numpy)
+    line = format_accuracy(res)
+    assert line.startswith(f"acc {res['accuracy']:.3f} [{res['ci95'][0]:.2f}, {res['ci95'][1]:.2f}] (")
+    # results written before the intervals existed still format
+    old = {k: res[k] for k in ("accuracy", "correct", "n", "per_qtype")}
+    assert "[" not in format_accuracy(old)
+
+
+def test_eval_json_has_intervals(rtn_exports, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", str(rtn_exports["smolvlm"]), "--n", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["onnx"]
+    assert res["n"] == 3 and res["interval"] == "wilson 95%"
+    assert res["ci95"] == pytest.approx(list(wilson_interval(res["correct"], 3)))
+    assert res["per_qtype_ci95"].keys() == res["per_qtype"].keys()
+
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_eval_n_below_one_is_a_one_line_error(tmp_path, capsys, n):
+    # checked before the output directory is even read
+    assert cli.main(["eval", str(tmp_path / "nowhere"), "--n", n]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmq-export: error: eval: --n must be at least 1") and err.count("\n") == 1
+
+
+def test_eval_defaults_to_1000_samples(rtn_exports, monkeypatch, capsys):
+    import vlmq_export.testbed as testbed
+    import vlmq_export.validate.perplexity as perplexity
+
+    seen = []
+    monkeypatch.setattr(testbed, "evaluate_onnx", lambda out, n, **kw: seen.append(n) or {"n": n})
+    monkeypatch.setattr(perplexity, "perplexity_onnx", lambda *a, **kw: 1.0)
+    assert cli.main(["eval", str(rtn_exports["smolvlm"]), "--json"]) == 0
+    assert seen == [1000] and json.loads(capsys.readouterr().out)["onnx"]["n"] == 1000
+
+
+def _manifest_and_report(with_ci: bool) -> tuple[dict, dict]:
+    res = {"accuracy": 0.5, "per_qtype": {"color": 0.6, "count": 0.3}, "n": 100, "n_per_qtype": {"color": 50, "count": 50}}
+    if with_ci:
+        res |= {"ci95": list(wilson_interval(50, 100)),
+                "per_qtype_ci95": {"color": list(wilson_interval(30, 50)), "count": list(wilson_interval(15, 50))}}
+    manifest = {"source": {"model": "m", "family": "smolvlm"}, "created": "2026-12-01T10:00:00Z", "opset": 21,
+                "recipe": {"method": "rtn", "components": {"llm": {"bits": 4, "group_size": 64, "sym": True}}},
+                "calibration": {"samples": 4, "source": "builtin"}, "components": {}, "layers": [], "validation": {}}
+    return manifest, {"stages": {}, "task": {"samples": 100, "torch_full_precision": res}}
+
+
+def test_report_shows_intervals(tmp_path):
+    from vlmq_export.validate.html import task_plot
+    from vlmq_export.validate.report import write_report
+
+    manifest, report = _manifest_and_report(with_ci=True)
+    write_report(tmp_path, manifest, report)
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| full precision (torch)"))
+    assert "0.5000 [0.40, 0.60]" in row and "color 0.6000 [0.46, 0.72] (n=50)" in row, row
+    assert "95 % Wilson intervals" in md
+    plain = _manifest_and_report(with_ci=False)[1]["task"]
+    assert task_plot(report["task"]) != task_plot(plain)  # the error bars are drawn
+    # a report without intervals (written before them) still renders, without brackets
+    write_report(tmp_path, *_manifest_and_report(with_ci=False))
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| full precision (torch)"))
+    assert "[" not in row and "color 0.6000 (n=50)" in row, row
