@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..export.ort_flavour import FLAVOUR_KEY, FLAVOUR_PORTABLE
 from ..models import Prepared, load_family
 from .limits import context_length, fit_to_context
 from .runners import Runner, check_backend, make_runner
@@ -30,6 +31,39 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         n = max(len(self.token_ids) - 1, 0)
         return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class SharedKV:
+    """The KV cache of an ORT-flavour llm graph (export/ort_flavour.py): per layer and kind one pre-allocated
+    buffer [batch, kv_heads, capacity, head_dim], an OrtValue bound as both ``past_*`` and ``present_*`` so that
+    GroupQueryAttention writes each step's keys and values in place; it never goes through numpy. ``length`` is
+    how many positions hold tokens. :meth:`OnnxVLM.llm` grows the buffers when a call needs more room."""
+
+    def __init__(self, family, batch: int = 1, capacity: int = 0):
+        self.family, self.batch, self.length = family, batch, 0
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int, keep: dict[str, np.ndarray] | None = None) -> None:
+        import onnxruntime as ort
+
+        f = self.family
+        self.capacity = capacity
+        self.arrays = {}  # the memory behind the OrtValues (which do not own it)
+        for i in range(f.num_layers):
+            for kind in ("key", "value"):
+                a = np.zeros((self.batch, f.num_kv_heads, capacity, f.head_dim), np.float32)
+                if keep is not None:
+                    a[:, :, :self.length] = keep[f"past_{kind}_{i}"][:, :, :self.length]
+                self.arrays[f"past_{kind}_{i}"] = a
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+
+    def reserve(self, capacity: int) -> None:
+        """Room for ``capacity`` positions, keeping what the cache holds."""
+        if capacity > self.capacity:
+            self._allocate(capacity, keep=self.arrays)
+
+    def bindings(self) -> dict[str, tuple[str, object]]:
+        return {n: (n.replace("past_", "present_"), v) for n, v in self.values.items()}
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -104,7 +138,8 @@ class OnnxVLM:
     def image_features(self, prepared: Prepared) -> np.ndarray:
         """[n_image_tokens, hidden] for the images in ``prepared``."""
         feats = self.runner("vision_encoder").infer(self.family.vision_feeds(prepared))["features"]
-        return self.runner("projector").infer({"features": feats})["image_embeds"]
+        embeds = self.runner("projector").infer({"features": feats})["image_embeds"]
+        return self.family.pack_image_features(prepared, embeds)  # numpy; the identity for most families
 
     def embeddings(self, prepared: Prepared) -> np.ndarray:
         emb = self.runner("embed_tokens").infer({"input_ids": prepared.input_ids})["inputs_embeds"]
@@ -117,8 +152,21 @@ class OnnxVLM:
             emb[0, mask] = img.astype(emb.dtype)
         return emb
 
-    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+    @property
+    def llm_flavour(self) -> str:
+        """"ort-gqa" when the llm graph is ONNX Runtime's flavour (export/ort_flavour.py), else "portable"."""
+        if self.backend != "onnxruntime":
+            return FLAVOUR_PORTABLE
+        return self.runner("llm").metadata.get(FLAVOUR_KEY, FLAVOUR_PORTABLE)
+
+    def empty_past(self, batch: int = 1, capacity: int | None = None) -> dict[str, np.ndarray] | SharedKV:
+        """An empty KV cache for :meth:`llm`. With ``capacity`` and an ORT-flavour graph: a :class:`SharedKV` with
+        room for that many positions (it grows when a call needs more). Otherwise arrays with 0 positions, which
+        both flavours take (ONNX Runtime's attention then copies past into a new present, as the portable graph's
+        Concat does)."""
         f = self.family
+        if capacity is not None and self.llm_flavour != FLAVOUR_PORTABLE:
+            return SharedKV(f, batch, capacity)
         shape = (batch, f.num_kv_heads, 0, f.head_dim)
         past = {}
         for i in range(f.num_layers):
@@ -127,7 +175,14 @@ class OnnxVLM:
         return past
 
     def llm(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            past: dict[str, np.ndarray] | SharedKV) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
+        """(logits, the cache after this call). A :class:`SharedKV` is updated in place and returned."""
+        if isinstance(past, SharedKV):
+            past.reserve(attention_mask.shape[1])
+            res = self.runner("llm").infer_bound({"inputs_embeds": embeds, "attention_mask": attention_mask,
+                                                  "position_ids": position_ids}, past.bindings(), ["logits"])
+            past.length = attention_mask.shape[1]
+            return res["logits"], past
         res = self.runner("llm").infer({"inputs_embeds": embeds, "attention_mask": attention_mask,
                                         "position_ids": position_ids, **past})
         present = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
@@ -162,7 +217,7 @@ class OnnxVLM:
         emb = self.embeddings(prepared)
         seq = prepared.seq_len
         mask = np.ones((1, seq), np.int64)
-        logits, past = self.llm(emb, mask, prepared.position_ids, self.empty_past())
+        logits, past = self.llm(emb, mask, prepared.position_ids, self.empty_past(capacity=seq + max_new_tokens))
         t_prefill = time.perf_counter() - t0
         tokens: list[int] = []
         text_so_far = ""

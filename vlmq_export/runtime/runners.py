@@ -131,6 +131,30 @@ class OrtRunner(Runner):
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The graph's custom metadata (e.g. ``vlmq.flavour``)."""
+        self._check_active()
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def infer_bound(self, feeds: dict[str, np.ndarray], inout: dict[str, tuple[str, object]],
+                    outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run with IO binding: ``feeds`` (numpy, cast as :meth:`infer` casts them) as inputs; each
+        ``inout[input] = (output, OrtValue)`` bound as that input *and* that output, so the graph updates the
+        value in place and it never leaves ONNX Runtime (the ORT-flavour KV cache); only ``outputs`` come back,
+        as numpy."""
+        binding = self.session.io_binding()
+        for name, value in self.cast_feeds(feeds).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        for name, (out, value) in inout.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(out, value)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: values[i].numpy() for i, name in enumerate(outputs)}
+
 
 def select_profile(profiles: list[dict], feeds: dict[str, np.ndarray], graph: str = "graph") -> int:
     """The index of the first optimization profile (as in OUT/engines/profiles.json) whose min..max range holds

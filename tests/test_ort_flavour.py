@@ -1,0 +1,185 @@
+"""The ONNX Runtime flavour of the llm graph (export/ort_flavour.py) and its in-place KV cache (runtime SharedKV):
+the same greedy tokens and logits as the portable graph, float and Q/DQ; merged weights exact; the flag."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from vlmq_export import cli
+from vlmq_export.export.ort_flavour import FLAVOUR_ORT, FLAVOUR_PORTABLE, Weight, choose_llm_graph, merge, write_ort_llm
+from vlmq_export.models import load_family
+from vlmq_export.runtime.generate import SharedKV, OnnxVLM
+
+PROMPT = "Write one sentence about the sea."
+TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """One portable RTN export of the tiny SmolVLM (float graphs kept), and copies whose llm.onnx is the ORT flavour
+    of its Q/DQ graph ("ort") and of its float graph ("ort_float", beside a "float" directory of float graphs)."""
+    root = tmp_path_factory.mktemp("ort_flavour")
+    out = root / "portable"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "rtn", "--no-validate", "--llm-graph",
+                     "portable", "--keep-float", "--n-calib", "2", "-o", str(out), "--quiet"]) == 0
+    text_config = load_family(out / "processor", torch_free=True).text_config
+    dirs = {"portable": out}
+    for name, src in (("ort", out), ("float", out / "float"), ("ort_float", out / "float")):
+        d = root / name
+        shutil.copytree(out, d, ignore=shutil.ignore_patterns("float"))
+        for g in ("vision_encoder", "projector", "embed_tokens", "llm"):
+            shutil.copy(src / f"{g}.onnx", d / f"{g}.onnx")
+        if name.startswith("ort"):
+            write_ort_llm(src / "llm.onnx", d / "llm.onnx", text_config)
+        dirs[name] = d
+    return dirs
+
+
+def _step_logits(vlm: OnnxVLM, prepared, tokens: list[int]) -> list[np.ndarray]:
+    """Last-row logits of the prefill and of each decode step fed ``tokens`` (teacher forcing)."""
+    emb = vlm.embeddings(prepared)
+    seq = prepared.seq_len
+    logits, past = vlm.llm(emb, np.ones((1, seq), np.int64), prepared.position_ids,
+                           vlm.empty_past(capacity=seq + len(tokens)))
+    rows = [logits[0, -1]]
+    for k, tok in enumerate(tokens):
+        e = vlm.runner("embed_tokens").infer({"input_ids": np.array([[tok]], np.int64)})["inputs_embeds"]
+        logits, past = vlm.llm(e, np.ones((1, seq + k + 1), np.int64), np.array([[seq + k]], np.int64), past)
+        rows.append(logits[0, -1])
+    return rows
+
+
+@pytest.mark.parametrize("pair", [("portable", "ort"), ("float", "ort_float")], ids=["qdq", "float"])
+def test_ort_flavour_gives_the_portable_graphs_tokens_and_logits(dirs, pair):
+    portable, ort = (OnnxVLM(dirs[d], accuracy_level=0) for d in pair)
+    assert (portable.llm_flavour, ort.llm_flavour) == (FLAVOUR_PORTABLE, FLAVOUR_ORT)
+    prepared = portable.family.prepare([], PROMPT)
+    want = portable.generate_prepared(prepared, max_new_tokens=TOKENS, stop=False)
+    got = ort.generate_prepared(prepared, max_new_tokens=TOKENS, stop=False)
+    assert len(want.token_ids) == TOKENS and got.token_ids == want.token_ids
+    a, b = _step_logits(portable, prepared, want.token_ids[:33]), _step_logits(ort, prepared, want.token_ids[:33])
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-3
+    assert np.abs(portable.prompt_logits(prepared) - ort.prompt_logits(prepared)).max() < 1e-3  # every prompt row
+
+
+def test_ort_flavour_with_an_image_and_at_the_served_accuracy_level(dirs):
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    portable, ort = OnnxVLM(dirs["portable"]), OnnxVLM(dirs["ort"])  # level 4, as `run` serves them
+    prepared = portable.family.prepare([img], "Describe the image.")
+    assert ort.generate_prepared(prepared, max_new_tokens=16, stop=False).token_ids == \
+        portable.generate_prepared(prepared, max_new_tokens=16, stop=False).token_ids
+
+
+def test_the_kv_cache_stays_in_place_and_grows_when_needed(dirs):
+    vlm = OnnxVLM(dirs["ort"], accuracy_level=0)
+    prepared = vlm.family.prepare([], PROMPT)
+    seq = prepared.seq_len
+    cache = vlm.empty_past(capacity=seq)
+    assert isinstance(cache, SharedKV)
+    buffer = cache.arrays["past_key_0"]
+    _, past = vlm.llm(vlm.embeddings(prepared), np.ones((1, seq), np.int64), prepared.position_ids, cache)
+    assert past is cache and cache.arrays["past_key_0"] is buffer and cache.length == seq
+    assert np.abs(buffer[:, :, :seq]).min(axis=-1).max() > 0  # GroupQueryAttention wrote the keys in place
+    keys = buffer[:, :, :seq].copy()
+    e = vlm.runner("embed_tokens").infer({"input_ids": np.array([[7]], np.int64)})["inputs_embeds"]
+    vlm.llm(e, np.ones((1, seq + 1), np.int64), np.array([[seq]], np.int64), cache)  # one past the capacity
+    assert cache.capacity == seq + 1 and np.array_equal(cache.arrays["past_key_0"][:, :, :seq], keys)
+    assert np.abs(cache.arrays["past_key_0"][:, :, seq]).max() > 0
+
+
+def test_plain_arrays_still_work_on_the_ort_graph(dirs):
+    """Callers that feed numpy caches (0 positions, then the presents back) get the same logits from the ORT graph:
+    ONNX Runtime's attention copies past into a new present when the two are not one buffer."""
+    portable, ort = OnnxVLM(dirs["portable"], accuracy_level=0), OnnxVLM(dirs["ort"], accuracy_level=0)
+    prepared = portable.family.prepare([], PROMPT)
+    seq, emb = prepared.seq_len, portable.embeddings(prepared)
+    outs = []
+    for vlm in (portable, ort):
+        past = vlm.empty_past()
+        assert isinstance(past, dict) and past["past_key_0"].shape[2] == 0
+        _, past = vlm.llm(emb, np.ones((1, seq), np.int64), prepared.position_ids, past)
+        logits, past = vlm.llm(emb[:, -1:], np.ones((1, seq + 1), np.int64), np.array([[seq]], np.int64), past)
+        assert past["past_key_0"].shape[2] == seq + 1
+        outs.append(logits)
+    assert np.abs(outs[0] - outs[1]).max() < 1e-3
+
+
+def test_the_graph_is_fused_and_the_weights_merged_exactly(dirs):
+    ort = onnx.load(str(dirs["ort"] / "llm.onnx"))
+    ops = [n.op_type for n in ort.graph.node]
+    layers = load_family(dirs["ort"] / "processor", torch_free=True).num_layers
+    assert ops.count("GroupQueryAttention") == layers and "Concat" not in ops and "Expand" not in ops
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers  # every residual add but the embeddings'
+    assert ops.count("DequantizeLinear") == 4 * layers  # q|k|v, o, gate|up, down (the lm_head stays float)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in ort.graph.initializer}
+    src = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(dirs["portable"] / "llm.onnx")).graph.initializer}
+    base = "model_text_model_layers_1_self_attn_"
+    for part in ("q", "scale"):
+        merged = inits[f"layers.1.qkv_proj_{part}"]
+        assert np.array_equal(merged, np.concatenate([src[f"{base}{p}_proj_{part}"] for p in "qkv"], axis=1))
+
+
+def test_merge_refuses_weights_of_different_formats():
+    w = Weight(np.zeros((4, 2), np.float32))
+    assert merge([w, w]).value.shape == (4, 4)
+    with pytest.raises(ValueError):
+        merge([w, Weight(np.zeros((4, 2), np.int8), np.ones((1, 2), np.float32))])
+
+
+def test_the_flavour_choice(tiny_dirs):
+    smol = load_family(tiny_dirs["smolvlm"]).text_config
+    qwen = load_family(tiny_dirs["qwen2_vl"]).text_config
+    assert choose_llm_graph(None, "onnxruntime", "fp32", smol) == FLAVOUR_ORT
+    assert choose_llm_graph(None, "onnxruntime", "fp32", qwen) == FLAVOUR_PORTABLE  # M-RoPE: not written yet
+    assert choose_llm_graph(None, "tensorrt", "fp16", smol) == FLAVOUR_PORTABLE
+    assert choose_llm_graph(None, "onnxruntime", "fp16", smol) == FLAVOUR_PORTABLE
+    assert choose_llm_graph("portable", "onnxruntime", "fp32", smol) == FLAVOUR_PORTABLE
+
+
+@pytest.mark.parametrize("fam, flags, message", [
+    ("smolvlm", ["--target", "tensorrt"], "--llm-graph ort: --target tensorrt runs the portable graph"),
+    ("smolvlm", ["--dtype", "fp16"], "--llm-graph ort: the ORT flavour is built for float32"),
+    ("qwen2_vl", [], "--llm-graph ort: the ORT flavour covers the Llama decoder, not qwen2"),
+])
+def test_an_ort_request_that_cannot_be_met_is_a_user_error(tiny_dirs, tmp_path, capsys, fam, flags, message):
+    out = tmp_path / "out"
+    assert cli.main([str(tiny_dirs[fam]), "--int4", "--method", "rtn", "--llm-graph", "ort", *flags,
+                     "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlmq-export: error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_the_default_export_holds_the_ort_flavour_and_says_so(rtn_exports):
+    manifest = json.loads((rtn_exports["smolvlm"] / "manifest.json").read_text())
+    assert manifest["components"]["llm"]["flavour"] == FLAVOUR_ORT
+    assert manifest["recipe"]["runtimes"] == ["onnxruntime"]  # TensorRT takes the portable graph only
+    assert OnnxVLM(rtn_exports["smolvlm"]).llm_flavour == FLAVOUR_ORT
+    qwen = json.loads((rtn_exports["qwen2_vl"] / "manifest.json").read_text())
+    assert qwen["components"]["llm"]["flavour"] == FLAVOUR_PORTABLE
+
+
+def test_step_time_against_context(dirs, capsys):
+    """Measured, not asserted (a loaded 2-core machine): the ORT flavour's step at a long context against a short
+    one, and the portable graph's."""
+    res = {}
+    for name in ("portable", "ort"):
+        vlm = OnnxVLM(dirs[name])
+        prepared = vlm.family.prepare([], PROMPT)
+        times = []
+        for n in (16, 400):
+            r = vlm.generate_prepared(prepared, max_new_tokens=n, stop=False)
+            times.append(r.decode_s / max(len(r.token_ids) - 1, 1) * 1e3)
+        res[name] = times
+    with capsys.disabled():
+        print("\nms/step at 16 and 400 new tokens (tiny SmolVLM): " +
+              ", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, (a, b) in res.items()))
+    assert all(t > 0 for ts in res.values() for t in ts)

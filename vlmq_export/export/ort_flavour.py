@@ -1,0 +1,307 @@
+"""The ONNX Runtime flavour of the language-model graph (``--target onnxruntime``, ``--llm-graph ort``).
+
+Built from the portable ``llm.onnx`` that the export wrote (float or Q/DQ), so it holds the same weights, the same
+INT4 codes and scales, bit for bit; only the graph around them changes, into ONNX Runtime's own contrib operators::
+
+    x ─SkipSimplifiedLayerNormalization─▶ MatMul(DQ(q|k|v)) ─▶ GroupQueryAttention ─▶ MatMul(DQ(o)) ─▶ ...
+      ─SkipSimplifiedLayerNormalization─▶ MatMul(DQ(gate|up)) ─▶ Split ─▶ SiLU·up ─▶ MatMul(DQ(down)) ─▶ ...
+
+- ``com.microsoft.GroupQueryAttention`` per layer, with packed q|k|v and one pre-allocated past/present buffer
+  per layer and kind (``past_key_i`` and ``present_key_i`` are the same memory, [batch, kv_heads, capacity,
+  head_dim]): the cache is written in place, no Concat, no repeat_kv Expand, and the step cost does not grow with
+  the context. ``seqlens_k`` and ``total_sequence_length`` are computed inside the graph from ``attention_mask``
+  (as ONNX Runtime GenAI's builder does), so the graph keeps the portable graph's inputs.
+- RoPE inside GQA (``do_rotary``) from cos/sin caches that are initializers computed from the exported
+  ``rotary_emb.inv_freq`` (so any 1-D RoPE variant that transformers folds into ``inv_freq`` is kept), indexed by
+  the ``position_ids`` input. Why not rotate before GQA from numpy-fed cos/sin: the fused rotation is cheaper, and
+  M-RoPE families (Qwen2-VL) stay possible without it: GQA reads its cos/sin caches by the position it is given,
+  so an M-RoPE graph can take the caches as *inputs* holding each token's 3-section cos/sin at the token's own
+  slot (position_ids = the slot index), computed in numpy by the runtime. That is the plan for Qwen2-VL; until
+  it is written (it also needs the q/k/v biases merged) those families keep the portable graph.
+- ``SkipSimplifiedLayerNormalization`` fuses each residual add into the next RMSNorm.
+- q/k/v and gate/up are merged into one MatMul each by concatenating the weights along the output dimension: for
+  INT4 that concatenates codes and per-block scales (blocks run along K), which is exact. Weights stay
+  ``DequantizeLinear -> MatMul`` so that ONNX Runtime fuses them into ``MatMulNBits`` at session creation with the
+  session's accuracy level (``runtime/session.py``), exactly as for the portable graph.
+
+Supported: the Llama decoder (SmolVLM / Idefics3, the testbed, SmolLM2) in float32. :func:`unsupported` says why
+another graph is not, and the pipeline then keeps the portable graph. Torch-free.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+FLAVOUR_ORT = "ort-gqa"
+FLAVOUR_PORTABLE = "portable"
+FLAVOUR_KEY = "vlmq.flavour"  # the graph's metadata entry that names its flavour (absent: portable)
+MS = "com.microsoft"
+
+_LINEAR = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
+_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+
+
+@dataclass
+class Weight:
+    """One MatMul's right-hand side as the portable graph holds it, in ONNX layout [K, N]: a float array, or
+    codes + DequantizeLinear scale (zero point) and attributes."""
+
+    value: np.ndarray
+    scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None
+    attrs: tuple = ()  # the DequantizeLinear's attributes, sorted (name, value) pairs
+
+    @property
+    def n(self) -> int:
+        return self.value.shape[1]
+
+
+def merge(weights: list[Weight]) -> Weight:
+    """The weights side by side along N (output features). Exact: blocks run along K, so the codes and each
+    block's scale (zero point) of every output column are unchanged."""
+    first = weights[0]
+    if any(w.attrs != first.attrs or w.value.dtype != first.value.dtype or (w.scale is None) != (first.scale is None)
+           or (w.zero_point is None) != (first.zero_point is None) for w in weights):
+        raise ValueError("weights of different formats cannot be merged")
+
+    def cat(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays, axis=-1)  # N is the last axis of every part
+
+    return Weight(cat([w.value for w in weights]), cat([w.scale for w in weights]),
+                  cat([w.zero_point for w in weights]), first.attrs)
+
+
+def _module(node: onnx.NodeProto) -> str | None:
+    """The torch module a node was traced in (the dynamo exporter's name scopes), e.g.
+    ``text_model.layers.0.self_attn.q_proj``."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(p.value)
+            return scopes[-2] if len(scopes) >= 2 else None
+    return None
+
+
+def read_weights(model: onnx.ModelProto) -> dict:
+    """{"layers": {i: {"q_proj"...: Weight, "input_layernorm"...: array}}, "norm": array, "lm_head": Weight,
+    "inv_freq": array | None} from a portable llm graph."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layers: dict[int, dict] = {}
+    out = {"layers": layers, "norm": None, "lm_head": None, "inv_freq": None}
+
+    def const(name):
+        return nh.to_array(inits[name]) if name in inits else None
+
+    def rhs(name) -> Weight | None:
+        if name in inits:
+            return Weight(const(name))
+        dq = producers.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or any(i and i not in inits for i in dq.input):
+            return None
+        parts = [const(i) if i else None for i in dq.input] + [None] * (3 - len(dq.input))
+        return Weight(parts[0], parts[1], parts[2], tuple(sorted((a.name, helper.get_attribute_value(a))
+                                                                 for a in dq.attribute)))
+
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = rhs(node.input[1])
+        module = _module(node)
+        if w is None or module is None:
+            continue
+        m = _LINEAR.search(module)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2).split(".")[1]] = w
+        elif module.split(".")[-1] == "lm_head" and node.output[0] == "logits":
+            out["lm_head"] = w
+    for name in inits:
+        m = _NORM.search(name)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = const(name)
+        elif name.endswith("rotary_emb.inv_freq"):
+            out["inv_freq"] = const(name).astype(np.float32)
+        elif name.endswith("norm.weight") and ".layers." not in name:
+            out["norm"] = const(name)
+    return out
+
+
+def unsupported(text_config, dtype: str = "fp32") -> str | None:
+    """Why the ORT flavour cannot be built for a language model (None: it can)."""
+    if dtype != "fp32":
+        return "the ORT flavour is built for float32 graphs (ONNX Runtime CPU)"
+    if getattr(text_config, "model_type", None) != "llama":
+        return f"the ORT flavour covers the Llama decoder, not {getattr(text_config, 'model_type', '?')}"
+    if getattr(text_config, "attention_bias", False) or getattr(text_config, "mlp_bias", False):
+        return "biased attention / MLP projections are not merged yet"
+    if getattr(text_config, "hidden_act", "silu") != "silu":
+        return f"activation {text_config.hidden_act} is not written yet"
+    return None
+
+
+LLM_GRAPHS = ("ort", "portable")
+
+
+def choose_llm_graph(requested: str | None, target: str, dtype: str = "fp32", text_config=None) -> str:
+    """The llm graph's flavour for an export: ``requested`` ("ort" / "portable", None: "ort" where it can be built
+    for ``target`` onnxruntime, else "portable"). An "ort" request that cannot be met is a one-line VlmqError;
+    without ``text_config`` only the target and dtype are checked (argv alone)."""
+    from ..errors import VlmqError
+
+    if requested not in (None, *LLM_GRAPHS):
+        raise VlmqError(f"unknown --llm-graph '{requested}'; valid: {', '.join(LLM_GRAPHS)}")
+    if target != "onnxruntime":
+        why = f"--target {target} runs the portable graph (ONNX Runtime's contrib operators are ONNX Runtime's only)"
+    elif text_config is None:
+        why = unsupported(None, dtype) if dtype != "fp32" else None
+    else:
+        why = unsupported(text_config, dtype)
+    if why and requested == "ort":
+        raise VlmqError(f"--llm-graph ort: {why}; use --llm-graph portable")
+    return FLAVOUR_PORTABLE if why or requested == "portable" else FLAVOUR_ORT
+
+
+def _rope_caches(inv_freq: np.ndarray, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_pos, head_dim/2] as transformers computes them (float32 positions x inv_freq)."""
+    freqs = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(nh.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, domain: str = "", **attrs) -> list[str]:
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}",
+                                           domain=domain, **attrs))
+        return outputs
+
+    def matmul(self, x: str, w: Weight, name: str) -> str:
+        """``x @ w``; a quantized ``w`` stays DequantizeLinear -> MatMul (ONNX Runtime fuses it into MatMulNBits)."""
+        if w.scale is None:
+            b = self.init(f"{name}.weight", w.value)
+        else:
+            ins = [self.init(f"{name}_q", w.value), self.init(f"{name}_scale", w.scale)]
+            if w.zero_point is not None:
+                ins.append(self.init(f"{name}_zero_point", w.zero_point))
+            b = self.node("DequantizeLinear", ins, f"{name}_dq", **dict(w.attrs))[0]
+        return self.node("MatMul", [x, b], f"{name}_out")[0]
+
+
+def build_llm(src: onnx.ModelProto, *, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int,
+              rms_norm_eps: float, max_positions: int, rope_theta: float = 10000.0) -> onnx.ModelProto:
+    """The ORT-flavour graph of a portable Llama-decoder llm graph ``src`` (inputs ``inputs_embeds``,
+    ``attention_mask``, ``position_ids``, ``past_key_i``/``past_value_i``; outputs ``logits``,
+    ``present_key_i``/``present_value_i``, names as the portable graph's). Raises ValueError when ``src`` does
+    not hold every weight the graph needs."""
+    w = read_weights(src)
+    n_layers = len(w["layers"])
+    need = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
+            "post_attention_layernorm")
+    missing = [f"layer {i} {k}" for i in range(n_layers) for k in need if k not in w["layers"].get(i, {})]
+    missing += [k for k in ("norm", "lm_head") if w[k] is None]
+    if missing or n_layers == 0:
+        raise ValueError(f"the llm graph lacks weights the ORT flavour needs: {', '.join(missing[:4]) or 'layers'}")
+    inv_freq = w["inv_freq"]
+    if inv_freq is None:
+        inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    cos, sin = _rope_caches(inv_freq, max_positions)
+
+    b = _Builder()
+    b.init("cos_cache", cos)
+    b.init("sin_cache", sin)
+    # seqlens_k = tokens in the cache after this step - 1 (per row), total_sequence_length = the mask's width
+    b.init("one_i64", np.array([1], np.int64))
+    b.init("axis1", np.array([1], np.int64))
+    b.node("ReduceSum", ["attention_mask", "axis1"], "mask_sum", keepdims=0)
+    b.node("Sub", ["mask_sum", "one_i64"], "seqlens_k_i64")
+    b.node("Cast", ["seqlens_k_i64"], "seqlens_k", to=TensorProto.INT32)
+    b.node("Shape", ["attention_mask"], "mask_shape", start=1, end=2)
+    b.node("Squeeze", ["mask_shape"], "total_len_i64")
+    b.node("Cast", ["total_len_i64"], "total_sequence_length", to=TensorProto.INT32)
+
+    x, residual = "inputs_embeds", None
+    for i in range(n_layers):
+        lw = w["layers"][i]
+        ln1 = b.init(f"layers.{i}.input_layernorm.weight", lw["input_layernorm"])
+        if residual is None:
+            h = b.node("SimplifiedLayerNormalization", [x, ln1], f"l{i}_ln1", epsilon=rms_norm_eps, axis=-1,
+                       stash_type=1)[0]
+            residual = x
+        else:
+            h, _, _, residual = b.node("SkipSimplifiedLayerNormalization", [x, residual, ln1],
+                                       [f"l{i}_ln1", "", "", f"l{i}_res1"], domain=MS, epsilon=rms_norm_eps)
+        qkv = b.matmul(h, merge([lw["q_proj"], lw["k_proj"], lw["v_proj"]]), f"layers.{i}.qkv_proj")
+        attn = b.node("GroupQueryAttention",
+                      [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                       "cos_cache", "sin_cache", "position_ids"],
+                      [f"l{i}_attn", f"present_key_{i}", f"present_value_{i}"], domain=MS,
+                      num_heads=num_heads, kv_num_heads=num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
+        o = b.matmul(attn, lw["o_proj"], f"layers.{i}.o_proj")
+        ln2 = b.init(f"layers.{i}.post_attention_layernorm.weight", lw["post_attention_layernorm"])
+        h, _, _, residual = b.node("SkipSimplifiedLayerNormalization", [o, residual, ln2],
+                                   [f"l{i}_ln2", "", "", f"l{i}_res2"], domain=MS, epsilon=rms_norm_eps)
+        gu = b.matmul(h, merge([lw["gate_proj"], lw["up_proj"]]), f"layers.{i}.gate_up_proj")
+        gate, up = b.node("Split", [gu], [f"l{i}_gate", f"l{i}_up"], axis=-1, num_outputs=2)
+        sig = b.node("Sigmoid", [gate], f"l{i}_sig")[0]
+        act = b.node("Mul", [gate, sig], f"l{i}_silu")[0]
+        act = b.node("Mul", [act, up], f"l{i}_act")[0]
+        x = b.matmul(act, lw["down_proj"], f"layers.{i}.down_proj")
+    norm = b.init("norm.weight", w["norm"])
+    h = b.node("SkipSimplifiedLayerNormalization", [x, residual, norm], ["final_norm"], domain=MS,
+               epsilon=rms_norm_eps)[0]
+    logits = b.matmul(h, w["lm_head"], "lm_head")
+    b.nodes[-1].output[0] = "logits"  # the lm_head MatMul writes the graph output directly
+    del logits
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv_shape = ["batch", num_kv_heads, "capacity", head_dim]
+    inputs = [helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "sequence", hidden_size]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", w["lm_head"].n])]
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32, kv_shape))
+    graph = helper.make_graph(b.nodes, "llm_ort_gqa", inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                              producer_name="vlmq-export")
+    model.ir_version = src.ir_version
+    helper.set_model_props(model, {FLAVOUR_KEY: FLAVOUR_ORT})  # what the runtime reads to pick its KV cache
+    return model
+
+
+def write_ort_llm(portable: str | Path, out: str | Path, text_config) -> Path:
+    """Build the ORT flavour of the portable graph at ``portable`` into ``out`` (may be the same path). Saved
+    without onnx's checker, which knows no SimplifiedLayerNormalization (ONNX Runtime's own, in the default
+    domain); ONNX Runtime checks the graph when a session opens it."""
+    from .onnx_export import _EXTERNAL_THRESHOLD, model_bytes
+
+    tc = text_config
+    src = onnx.load(str(portable))
+    model = build_llm(src, num_heads=tc.num_attention_heads, num_kv_heads=tc.num_key_value_heads,
+                      head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+                      hidden_size=tc.hidden_size, rms_norm_eps=float(tc.rms_norm_eps),
+                      max_positions=int(tc.max_position_embeddings),
+                      rope_theta=float(getattr(tc, "rope_theta", None)
+                                       or getattr(getattr(tc, "rope_parameters", None), "rope_theta", 10000.0)))
+    out = Path(out)
+    data = out.with_name(out.name + ".data")
+    if data.exists():
+        data.unlink()
+    big = model_bytes(model) > _EXTERNAL_THRESHOLD
+    onnx.save_model(model, out, save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
+    return out
