@@ -106,6 +106,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", metavar="fp16|fp32",
                    help="the graphs' float type (activations, INT4 scales, float inputs and outputs); default: fp16 "
                         "for the TensorRT targets, fp32 for onnxruntime (its CPU kernels run FP16 slowly)")
+    p.add_argument("--llm-graph", choices=("ort", "portable"),
+                   help="the language model's graph: ort (ONNX Runtime's fused attention with an in-place KV cache, "
+                        "merged q/k/v and gate/up; --target onnxruntime, Llama decoders) or portable (standard ops, "
+                        "what TensorRT takes); default: ort where it can be built, else portable")
     _output_flags(p)
     return p
 
@@ -134,6 +138,7 @@ def _check_export_args(args) -> tuple[dict, Path]:
     from .outdir import check_writable
     from .recipe import (COMPONENTS, ComponentRecipe, check_device, check_group_size, check_recipe_values,
                          check_saliency_values, check_target, default_out, parse_component_recipe)
+    from .export.ort_flavour import choose_llm_graph
 
     bits = args.bits or 4
     if bits in (8, "fp8"):
@@ -163,6 +168,7 @@ def _check_export_args(args) -> tuple[dict, Path]:
         print(f"vlmq-export: warning: {w}", file=sys.stderr)
     check_saliency_values(args.saliency_floor, args.saliency_exponent)
     check_device(args.device)
+    choose_llm_graph(args.llm_graph, args.target, args.dtype)  # the family is checked once its config is read
     out = Path(args.output) if args.output else default_out(args.model, args.method, components, not args.asym)
     check_writable(out)
     return components, out
@@ -194,7 +200,7 @@ def cmd_export(argv: list[str]) -> int:
                    calib_text_tokens=args.calib_text_tokens, calib_prompt_tokens=args.calib_prompt_tokens,
                    n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
-                   eval_task=args.eval_task, dtype=args.dtype, target=args.target)
+                   eval_task=args.eval_task, dtype=args.dtype, target=args.target, llm_graph=args.llm_graph)
     head = components.get("lm_head")
     if head is not None and head.bits == 8:
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "

@@ -24,6 +24,7 @@ from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
+from .export.ort_flavour import FLAVOUR_ORT, choose_llm_graph, write_ort_llm
 from .export.qdq import QuantizedLinear, apply_qdq, half_key, weight_key
 from .models import Family, Prepared, load_family
 from .progress import Progress
@@ -50,6 +51,7 @@ class Options:
     eval_task: int | None = None  # ShapesVQA test samples for task accuracy (None: 100 for builtin:shapes-*)
     target: str = "onnxruntime"  # a name in targets.TARGETS: what the graphs must follow
     dtype: str | None = None  # the graphs' float type, "fp16" or "fp32" (None: the target's default)
+    llm_graph: str | None = None  # "ort" (ONNX Runtime's flavour) or "portable"; None: ort where it can be built
     extra: dict = field(default_factory=dict)
 
 
@@ -102,6 +104,8 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
 
     model_dir = resolve_model(model_spec)
     family = load_family(model_dir)
+    opts = dataclasses.replace(opts, llm_graph=choose_llm_graph(opts.llm_graph, opts.target, opts.dtype,
+                                                                family.text_config))
     calib = load_samples(opts.calib, limit=opts.n_calib)
     say.start("load", f"model {model_spec}")
     say(f"{family.name}: {len(calib)} calibration samples from {opts.calib or 'built-in set'}")
@@ -250,11 +254,15 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         by_name[q.name].__dict__.update({"onnx_weight": f"{base}_q", "onnx_scale": f"{base}_scale",
                                          **({"onnx_zero_point": f"{base}_zero_point"} if q.zeros is not None else {})})
     manifest["layers"] = [r.as_dict() for r in records]
+    if opts.llm_graph == FLAVOUR_ORT:  # the same weights and codes in ONNX Runtime's fused operators
+        write_ort_llm(work / "llm.onnx", work / "llm.onnx", family.text_config)
+        manifest["recipe"]["runtimes"] = ["onnxruntime"]
     for g in GRAPHS:
         f = work / f"{g}.onnx"
         manifest["components"][g] = {"file": f.name, "bytes": f.stat().st_size,
                                      "float_bytes": ((half_dir if half else float_dir) / f.name).stat().st_size,
                                      "sha256": outdir.sha256_file(f), **graph_io(f)}
+    manifest["components"]["llm"]["flavour"] = opts.llm_graph
 
     # -- validation of the quantized graphs
     report.update(int4_form([work / f"{g}.onnx" for g in GRAPHS], recipe.sym))
