@@ -18,7 +18,9 @@ import torch
 from .calibrators import QuantConfig
 from .calibrators import METHODS as CALIBRATOR_METHODS
 from .calibrators.saliency import Saliency, SaliencyConfig, compute_saliency, mbq_factors, self_label
-from .calibrators.sequential import CHECKPOINT_FORMAT, load_tree, quantize_blocks, quantize_weights, save_tree
+from .calibrators.activation import ACT_CALIBRATORS, fp8_weight, make_activation_calibrator
+from .calibrators.sequential import (CHECKPOINT_FORMAT, block_linears, load_tree, quantize_blocks, quantize_weights,
+                                     save_tree)
 from .data.samples import Sample
 from .errors import CalibrationDataError, VlmqError
 from .export.qdq import QuantizedLinear
@@ -43,10 +45,13 @@ class Recipe:
     sink_weight: float = 1.0  # weight of each sequence's first token (the attention sink) in the LM's Hessians
     true_sequential: bool = False  # inside a block, later layer groups see earlier groups quantized (sequential.py)
     sym: bool = True  # False: 2- to 4-bit components on an unsigned grid with zero points (ONNX Runtime only)
+    act_calibrator: str = "minmax"  # W8A8 components: the activation ranges' calibrator (calibrators/activation.py)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
         check_recipe_values(self.method, self.components, self.sym, self.damp, self.gptaq_alpha, self.sink_weight)
+        if self.act_calibrator not in ACT_CALIBRATORS:
+            raise VlmqError(f"unknown --act-calibrator '{self.act_calibrator}'; valid: {', '.join(ACT_CALIBRATORS)}")
         if CALIBRATOR[self.method] not in CALIBRATOR_METHODS:
             raise VlmqError(f"--method {self.method} is not available in this build")
 
@@ -64,7 +69,9 @@ class Recipe:
                 "symmetric": self.sym,
                 "sink_weight": self.sink_weight, "true_sequential": self.true_sequential,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
-                "components": {k: {"bits": v.bits, "group_size": v.group_size, "sym": self.sym_for(k)}
+                **({"act_calibrator": self.act_calibrator} if any(c.act for c in self.components.values()) else {}),
+                "components": {k: {"bits": v.bits, "group_size": v.group_size, "sym": self.sym_for(k),
+                                   **({"act": v.act} if v.act else {})}
                                for k, v in self.components.items()},
                 "saliency": dict(self.saliency.__dict__) if self.method in NEEDS_SALIENCY else None}
 
@@ -76,6 +83,41 @@ class CalibrationResult:
     saliency: Saliency | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+
+
+class ActRanges:
+    """W8A8 (``ComponentRecipe.act``): one activation calibrator per Linear of a component, fed by
+    ``quantize_blocks``' ``observe`` with the inputs and token weights its weight calibrators get (the saliency
+    for vlmq / mbq, none otherwise). FP8 components: the weights become per-channel E4M3, rounded to nearest
+    from the float weights (the weight calibrator's INT8 result only fed the later blocks' calibration inputs)."""
+
+    def __init__(self, fmt: str, method: str, blocks) -> None:
+        self.fmt, self.method, self.cals = fmt, method, {}
+        self.float_w = {n: m.weight.detach().clone() for b, blk in blocks for n, m in block_linears(blk, b)} \
+            if fmt == "fp8" else {}
+
+    def observe(self, name: str, x: torch.Tensor, g: torch.Tensor | None) -> None:
+        if name not in self.cals:
+            self.cals[name] = make_activation_calibrator(self.method, name, self.fmt)
+        self.cals[name].observe(x, g)
+
+    def finish(self, model, layers: list[QuantizedLinear], records: list) -> list[QuantizedLinear]:
+        """``layers`` with their input ranges (and FP8 weights, written back into ``model``); ``records`` noted."""
+        by_name, out = {r.name: r for r in records}, []
+        for q in layers:
+            if q.name not in self.cals:
+                raise CalibrationDataError(f"{q.name}: no calibration input reached it, so it has no activation range")
+            q = replace(q, act_fmt=self.fmt, act_amax=self.cals[q.name].compute_range())
+            rec = by_name[q.name]
+            if self.fmt == "fp8":
+                codes, scales = fp8_weight(self.float_w[q.name])
+                q = replace(q, codes=codes, scales=scales)
+                w = model.get_submodule(q.name).weight
+                w.data = torch.from_numpy(q.dequantize()).to(dtype=w.dtype, device=w.device)
+                rec.error, rec.note = None, "FP8 E4M3 weights, per channel, rounded to nearest"
+            rec.act = {"format": self.fmt, "calibrator": self.method, "amax": q.act_amax}
+            out.append(q)
+        return out
 
 
 def context_length(family: Family) -> int:
@@ -313,11 +355,15 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
             q, r = quantize_weights(blocks, CALIBRATOR[recipe.method], recipe.quant_config(comp), say,
                                     component=comp, device=device)
         else:
+            act = recipe.components[comp].act
+            acts = ActRanges(act, recipe.act_calibrator, blocks) if act else None
             q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
                                    weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp,
-                                   device=device, checkpoint=ckpt / comp if ckpt else None,
+                                   device=device, checkpoint=ckpt / comp if ckpt and not acts else None,
                                    first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
-                                   true_sequential=recipe.true_sequential)
+                                   true_sequential=recipe.true_sequential, observe=acts.observe if acts else None)
+            if acts:
+                q = acts.finish(model, q, r)
         layers += q
         records += r
         timings[comp] = time.perf_counter() - t0

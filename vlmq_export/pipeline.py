@@ -25,7 +25,9 @@ from .data.samples import Sample
 from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
 from .export.ort_flavour import FLAVOUR_ORT, choose_llm_graph, write_ort_llm
-from .export.qdq import QuantizedLinear, apply_qdq, half_key, weight_key
+from .calibrators.activation import activation_fake_quant
+from .export.qdq import FP8, QuantizedLinear, apply_qdq, half_key, weight_key
+
 from .models import Family, Prepared, load_family
 from .progress import Progress
 from .recipe import check_target, default_out
@@ -149,7 +151,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         "source": {"model": model_spec, "path": str(Path(model_dir).resolve()), "family": family.name,
                    "model_type": family.config.model_type,
                    "config_sha256": outdir.sha256_file(Path(model_dir) / "config.json")},
-        "recipe": {**recipe.as_dict(), "format": "qdq-weight-only", "target": opts.target, "dtype": opts.dtype,
+        "recipe": {**recipe.as_dict(), "target": opts.target, "dtype": opts.dtype,
+                   "format": "qdq-w8a8" if any(c.act for c in recipe.components.values()) else "qdq-weight-only",
                    "runtimes": runtimes(opts.target, recipe.sym),
                    "lm_head": recipe.components["lm_head"].label() if "lm_head" in recipe.components else "float",
                    "embeddings": "float", "patch_embedding": "float"},
@@ -270,9 +273,11 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     served = OnnxVLM(work)  # as `run` serves the graphs; its sessions open on first use
     if opts.validate:
         say.start("validate", "Q/DQ ONNX vs torch fake-quant, and vs full precision")
-        ref_fq = torch_outputs(family, model, val, opts.gen_tokens)
+        with activation_fake_quant(model, layers):  # W8A8 layers' inputs as their Q/DQ (none otherwise)
+            ref_fq = torch_outputs(family, model, val, opts.gen_tokens)
         if half:
-            ref_fq16 = torch_outputs(family, fake_quant_half(model, work, manifest), val, opts.gen_tokens)
+            with activation_fake_quant(fake_quant_half(model, work, manifest), layers) as model16:
+                ref_fq16 = torch_outputs(family, model16, val, opts.gen_tokens)
         outputs: dict = {}
         report["stages"].update(quantized_stages(work, ref_float, ref_fq16 if half else ref_fq, val, opts.gen_tokens,
                                                  served, keep=outputs, dtype=opts.dtype))
@@ -418,7 +423,8 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
         if wname not in found or rec["onnx_scale"] not in found or (zname and zname not in found):
             raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
 
-        layer = QuantizedLinear(name=rec["name"], codes=found[wname].astype(np.int8).T,
+        codes = found[wname]
+        layer = QuantizedLinear(name=rec["name"], codes=(codes if codes.dtype == FP8 else codes.astype(np.int8)).T,
                                 scales=_per_row(found[rec["onnx_scale"]]), bits=rec["bits"],
                                 group_size=rec["group_size"], key="",
                                 zeros=_per_row(found[zname]).astype(np.int8) if zname else None)

@@ -17,13 +17,17 @@ COMPONENTS = ("vision", "projector", "llm", "lm_head")  # execution order
 CALIB_PROMPT_TOKENS = 2048  # default budget of a calibration prompt's text, in tokens (calibrate.fit_prompts)
 
 
+ACT_FORMATS = ("int8", "fp8")  # W8A8: per-channel 8-bit weights and per-tensor 8-bit activations
+
+
 @dataclass
 class ComponentRecipe:
     bits: int = 4
     group_size: int = 128  # -1: per output channel
+    act: str | None = None  # "int8" / "fp8": W8A8 (weights per channel in that format, inputs per tensor)
 
     def label(self) -> str:
-        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
+        return self.act or f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
 
 
 def check_group_size(group: int, what: str = "--group-size") -> int:
@@ -35,10 +39,13 @@ def check_group_size(group: int, what: str = "--group-size") -> int:
 
 
 def parse_component_recipe(text: str, default_group: int = 128) -> ComponentRecipe:
-    """``w4``, ``w4g64``, ``w8pc`` (per-channel), ``w3g128`` ..."""
+    """``w4``, ``w4g64``, ``w8pc`` (per-channel), ``w3g128`` ... (weight-only), or ``int8`` / ``fp8`` (W8A8)."""
+    if text.strip().lower() in ACT_FORMATS:
+        return ComponentRecipe(8, -1, text.strip().lower())
     m = re.fullmatch(r"w([2348])(?:g(\d+)|(pc))?", text.strip().lower())
     if not m:
-        raise VlmqError(f"bad component precision '{text}': use w<bits>[g<group>|pc], bits 2, 3, 4 or 8 (e.g. w4, w8pc, w4g64)")
+        raise VlmqError(f"bad component precision '{text}': use w<bits>[g<group>|pc], bits 2, 3, 4 or 8 (e.g. w4, w8pc, "
+                        "w4g64), or int8 / fp8 (W8A8: 8-bit weights and activations)")
     bits = int(m.group(1))
     group = -1 if m.group(3) else int(m.group(2)) if m.group(2) else (-1 if bits == 8 else default_group)
     return ComponentRecipe(bits, check_group_size(group, f"the block of '{text}'"))
@@ -65,6 +72,10 @@ def check_recipe_values(method: str, components: dict, sym: bool, damp: float, g
         raise VlmqError(f"--gptaq-alpha must be between 0 and 1, got {gptaq_alpha}")
     if not (_finite(sink_weight) and sink_weight >= 0.0):
         raise VlmqError(f"--sink-weight must be a finite number >= 0, got {sink_weight}")
+    w8a8 = [comp for comp, c in components.items() if c.act]
+    if w8a8 and method == "rtn":
+        raise VlmqError(f"{w8a8[0]} {components[w8a8[0]].act}: activation ranges need calibration data, and --method "
+                        "rtn reads none; use --method gptq, vlmq or mbq")
     if not sym and all(c.bits > 4 for c in components.values()):
         raise VlmqError("--asym applies to 2- to 4-bit weights and no component has them (8-bit weights stay symmetric)")
 
@@ -86,6 +97,8 @@ def check_target(target: str, dtype: str | None, components: dict, sym: bool) ->
                         "points (use --target onnxruntime for --asym)")
     blocks = t.int4_blocks or ()
     for comp, c in components.items():
+        if c.act == "fp8" and not t.fp8:
+            raise VlmqError(f"{comp} fp8 cannot go to --target {t.name}: {t.what} has no FP8 (use int8)")
         if blocks and c.bits <= 4 and c.group_size not in blocks:
             block = "per channel" if c.group_size == -1 else str(c.group_size)
             raise VlmqError(f"INT4 block {block} ({comp}) cannot go to --target {t.name}: it takes blocks "

@@ -390,6 +390,7 @@ def quantize_blocks(
     checkpoint: Path | None = None,
     first_token_weight: float = 1.0,
     true_sequential: bool = False,
+    observe: Callable[[str, torch.Tensor, "torch.Tensor | None"], None] | None = None,
 ) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
     """Calibrate every Linear of ``blocks`` (named, in execution order), writing the dequantized weights
     back into the model.
@@ -409,6 +410,9 @@ def quantize_blocks(
     read the same tensor (:func:`input_groups`) is calibrated on inputs that come through the block's
     already-quantized earlier groups: one forward pass over the samples per group instead of one per
     block. Off, every layer of a block sees the inputs of the block with all its weights still float.
+
+    ``observe(layer_name, x, g)``: also called with every input a weight calibrator gets and its token weights
+    (the activation calibrators of W8A8, calibrators/activation.py); not called for resumed blocks.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
@@ -474,6 +478,9 @@ def quantize_blocks(
                 g = weight_fn(bi, name, si) if weight_fn else None
                 if first_token_weight != 1.0:
                     g = sink_weights(x, g, first_token_weight)
+                if observe is not None:
+                    observe(name, x, g)
+
                 if getattr(cal, "needs_float_inputs", False):
                     cal.add_pair(x, state["fp"].pop((name, si)), g)
                 else:

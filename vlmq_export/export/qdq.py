@@ -46,6 +46,7 @@ def half_key(weight_nk: np.ndarray) -> str:
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-5
 FP16_MIN_SUBNORMAL = 2.0**-24  # 6e-8
 FP16_MAX = float(np.finfo(np.float16).max)
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 def fp16_scales(codes: np.ndarray, scales: np.ndarray, bits: int, sym: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
@@ -58,7 +59,7 @@ def fp16_scales(codes: np.ndarray, scales: np.ndarray, bits: int, sym: bool = Tr
     low, high = scales < floor, scales > FP16_MAX
     moved = int(low.sum() + high.sum())
     new = np.clip(scales, floor, FP16_MAX)
-    if not moved or not sym:
+    if not moved or not sym or codes.dtype == FP8:  # FP8 codes are not integers: only the scales move
         return codes, new.astype(np.float16), moved
     rep = codes.shape[1] // scales.shape[1]
     ratio = np.repeat((scales / new).astype(np.float32), rep, axis=1)
@@ -77,6 +78,9 @@ class QuantizedLinear:
     group_size: int  # block along K; group == K means one block per output channel
     key: str  # weight_key of the float weight that the exported graph holds
     zeros: np.ndarray | None = None  # int8 [N, K // group] zero points (asymmetric, unsigned codes); None: symmetric
+    # W8A8 (export/act_qdq.py): ``codes`` are float8_e4m3fn for "fp8"; the input's per-tensor range
+    act_fmt: str | None = None  # "int8" or "fp8": the layer's input gets a QuantizeLinear -> DequantizeLinear
+    act_amax: float | None = None  # its symmetric range (scale = amax / 127 or / 448)
 
     def dequantize(self) -> np.ndarray:
         """``(codes - zeros) * scales`` float32 [N, K], each scale (zero) repeated over its group."""
@@ -85,6 +89,25 @@ class QuantizedLinear:
         if self.zeros is not None:
             c = c - np.repeat(self.zeros.astype(np.float32), rep, axis=1)
         return c * np.repeat(self.scales.astype(np.float32), rep, axis=1)
+
+
+def linear_weight_key(node: ir.Node) -> str | None:
+    """The :func:`weight_key` (torch layout [N, K]) of a plain MatMul's or Gemm's constant 2-D float input B,
+    or None when ``node`` is not such a node."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        return None
+    b = node.inputs[1]
+    if b is None or b.const_value is None:
+        return None
+    w = b.const_value.numpy()
+    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
+        return None
+    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+    if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) != 0
+                                   or node.attributes.get_float("alpha", 1.0) != 1.0
+                                   or node.attributes.get_float("beta", 1.0) != 1.0):
+        return None
+    return weight_key(w if trans_b else w.T)
 
 
 class QDQWeightPass(ir.passes.InPlacePass):
@@ -109,24 +132,11 @@ class QDQWeightPass(ir.passes.InPlacePass):
         modified = False
         cache: dict[str, ir.Value] = {}  # one DQ per quantized weight even if used twice
         for node in list(graph):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
-            b = node.inputs[1]
-            if b is None or b.const_value is None:
-                continue
-            w = b.const_value.numpy()
-            if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
-                continue
-            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
-            if node.op_type == "Gemm" and (
-                node.attributes.get_int("transA", 0) != 0
-                or node.attributes.get_float("alpha", 1.0) != 1.0
-                or node.attributes.get_float("beta", 1.0) != 1.0
-            ):
-                continue
-            layer = self.by_key.get(weight_key(w if trans_b else w.T))
+            key = linear_weight_key(node)
+            layer = self.by_key.get(key) if key else None
             if layer is None:
                 continue
+            w = node.inputs[1].const_value.numpy()
             dq_out = cache.get(layer.key)
             if dq_out is None:
                 dq_out = self._dequantize(graph, node, layer, w.dtype)
@@ -161,7 +171,8 @@ class QDQWeightPass(ir.passes.InPlacePass):
         asym = layer.zeros is not None
         if asym and layer.bits > 4:
             raise NotImplementedError(f"{layer.name}: asymmetric {layer.bits}-bit weights are not supported")
-        container = (ml_dtypes.uint4 if asym else ml_dtypes.int4) if layer.bits <= 4 else np.int8
+        fp8 = layer.codes.dtype == FP8
+        container = FP8 if fp8 else (ml_dtypes.uint4 if asym else ml_dtypes.int4) if layer.bits <= 4 else np.int8
         base = layer.name.replace(".", "_") or "w"
         codes, scales = layer.codes, layer.scales.astype(np.float32)
         if dtype == np.float16:
@@ -218,7 +229,10 @@ def apply_qdq(model_path, out_path, layers: list[QuantizedLinear]) -> tuple[list
     scales were moved into float16's normal range (0 for a float32 graph)."""
     from .onnx_export import save_model
 
+    from .act_qdq import ActQDQPass
+
     model = ir.load(str(model_path))
+    ActQDQPass([q for q in layers if q.act_fmt])(model)  # on the float weights' MatMuls, before they change
     qpass = QDQWeightPass(layers)
     qpass(model)
     save_model(ir.to_proto(model), out_path)

@@ -26,6 +26,26 @@ The four ONNX graphs every family exports (names and roles are fixed, see ``../s
 
 Image embeddings replace the embeddings of the image placeholder tokens, in order
 (``Prepared.image_mask``), which is done by the caller (torch or numpy) between the graphs.
+
+The contract between the graphs, at inference, without torch (``runtime/generate.py``)::
+
+    features = vision_encoder(**family.vision_feeds(prepared))
+    embeds   = family.pack_image_features(prepared, projector(features))   # numpy, torch-free half
+    inputs_embeds = embed_tokens(input_ids); inputs_embeds[image_mask] = embeds
+    logits, presents = llm(inputs_embeds, attention_mask, position_ids, pasts)
+
+``pack_image_features`` is the identity for families whose projector output is already one row per image
+token (Qwen2-VL, SmolVLM, LLaVA-1.5). Families whose tokens are a data-dependent arrangement of the
+projected tiles do it here in numpy, a mirror of transformers: LLaVA-NeXT / OneVision
+(``llava_next.py``) cut the anyres tiles back into the image's grid, unpad it to the aspect ratio,
+(OneVision) downscale it, and add ``image_newline`` (a weight, which their projector graph emits as
+the last row of ``image_embeds``). What a family's torch reference ``image_features`` returns is the
+packed result, so the validation compares the whole path. Not implemented yet, but the contract leaves
+room for them: Qwen3-VL's deepstack features would be projector outputs that the family's numpy half
+turns into further ``llm`` inputs (one per deepstack layer, zero rows off the image tokens); Gemma3's
+bidirectional attention among the image tokens and its sliding/global layers would stay inside the
+``llm`` graph, which builds each layer's mask from ``attention_mask`` and one more input the family
+computes from ``Prepared.image_mask``.
 """
 from __future__ import annotations
 
@@ -208,8 +228,51 @@ class Family:
         raise NotImplementedError
 
     def image_features(self, model, prepared: Prepared):
-        """torch reference of vision_encoder + projector: [num_image_tokens_total, hidden]."""
+        """torch reference of vision_encoder + projector (+ ``pack_image_features``): [num_image_tokens_total, hidden]."""
         raise NotImplementedError
+
+    def pack_image_features(self, prepared: Prepared, image_embeds: np.ndarray) -> np.ndarray:
+        """numpy, torch-free: the ``projector`` graph's output -> one row per image token of ``prepared``, in
+        order (see the module doc). The identity unless the family arranges its tiles' embeddings."""
+        return image_embeds
+
+    # ---------------------------------------------------------------- export spec helpers (torch)
+    @staticmethod
+    def export_spec(name, module, args, input_names, output_names, dynamic_shapes, attention=None) -> ExportSpec:
+        return ExportSpec(name=name, module=module.eval(), args=tuple(args), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_shapes=dynamic_shapes, attention=attention)
+
+    def embed_tokens_spec(self, module) -> ExportSpec:
+        """``embed_tokens``: ``input_ids`` [B, S] -> ``inputs_embeds``, example batch 2."""
+        import torch
+
+        Dim = torch.export.Dim
+        ids = torch.randint(0, int(self.text_config.vocab_size), (2, 5), generator=torch.Generator().manual_seed(0))
+        return self.export_spec("embed_tokens", module, (ids,), ["input_ids"], ["inputs_embeds"],
+                                ({0: Dim("batch"), 1: Dim("seq")},))
+
+    def llm_spec(self, module, attention=None, batch: int = 2, seq: int = 5, past: int = 3) -> ExportSpec:
+        """``llm`` for a ``module(inputs_embeds, attention_mask, position_ids, *flat_past)`` returning
+        ``(logits, *flat_present)``; position ids [B, S] or, with ``mrope``, [3, B, S]."""
+        import torch
+
+        Dim = torch.export.Dim
+        b, s, p = Dim("batch"), Dim("seq"), Dim("past")
+        g = torch.Generator().manual_seed(0)
+        n = self.num_layers
+        kv = [torch.randn(batch, self.num_kv_heads, past, self.head_dim, generator=g) for _ in range(2 * n)]
+        pos = (torch.arange(past, past + seq).view(1, seq).expand(batch, seq) + 1).contiguous()
+        pos = pos[None].expand(3, batch, seq).contiguous() if self.mrope else pos
+        args = (torch.randn(batch, seq, self.hidden_size, generator=g), torch.ones(batch, past + seq, dtype=torch.long),
+                pos, *kv)
+        names = [f"{{}}_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
+        return self.export_spec(
+            "llm", module, args, ["inputs_embeds", "attention_mask", "position_ids"] + [x.format("past") for x in names],
+            ["logits"] + [x.format("present") for x in names],
+            {"inputs_embeds": {0: b, 1: s}, "attention_mask": {0: b, 1: Dim("past_plus_seq")},
+             "position_ids": {1: b, 2: s} if self.mrope else {0: b, 1: s},
+             "past": tuple({0: b, 2: p} for _ in kv)},
+            attention=attention)
 
     def export_specs(self, model) -> list[ExportSpec]:
         """One :class:`ExportSpec` per graph, in the order vision_encoder, projector, embed_tokens, llm."""
