@@ -43,7 +43,8 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="comma-separated components to quantize: vision, projector, llm, lm_head (default: llm)")
     for comp, default in (("vision", "w8"), ("projector", "w8"), ("llm", None), ("lm_head", None)):
         p.add_argument(f"--{comp.replace('_', '-')}", dest=comp, metavar="wB[gG|pc]",
-                       help=f"{comp} precision, e.g. w4, w4g64, w8pc (implies --components {comp}; "
+                       help=f"{comp} precision, e.g. w4, w4g64, w8pc, or int8 / fp8 for W8A8 (implies --components {comp}; "
+
                             f"default {default or 'from --intN'})"
                             + ("; float unless asked (ONNX Runtime runs w4 fast at any accuracy level, "
                                "w8g<G> only at the default --accuracy-level 4)" if comp == "lm_head" else ""))
@@ -72,6 +73,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptaq-alpha", type=float, default=0.25,
                    help="--method gptaq: weight of the asymmetric correction (0 = GPTQ, 1 = the exact least-squares "
                         "target, which over-fits on models with massive activations; default 0.25 as in GPTAQ's code)")
+    p.add_argument("--act-calibrator", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
+                   help="W8A8 components (--vision int8, --projector fp8, ...): how each Linear input's per-tensor range "
+                        "is chosen, token-weighted by the saliency for vlmq / mbq (default minmax; percentile 99.999, "
+                        "entropy: KL as ONNX Runtime / TensorRT, mse: least squared error on the format's grid)")
     s = p.add_argument_group("saliency (vlmq, mbq)")
     s.add_argument("--saliency-norm", default="l2", choices=("l2", "l1", "linf"), help="per-token gradient norm (default l2)")
     s.add_argument("--saliency-scope", default="sample", choices=("sample", "layer"),
@@ -193,7 +198,9 @@ def cmd_export(argv: list[str]) -> int:
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
                     true_sequential=args.true_sequential, sym=not args.asym,
+                    act_calibrator=args.act_calibrator,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
+
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,
                                             site=args.saliency_site, checkpointing=args.grad_checkpointing))
     opts = Options(calib=args.calib, n_calib=args.n_calib, calib_text=args.calib_text,

@@ -27,22 +27,18 @@ means ones and goes through the very same code path, so g == 1 reproduces the un
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
 import torch
 
+from ..export.act_qdq import QMAX, act_scale  # noqa: F401 (the formats' grids live with the export)
 from .base import WeightCalibrator
 
 ACT_CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
-ACT_FORMATS = ("int8", "fp8")
-QMAX = {"int8": 127.0, "fp8": float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)}  # 448
-
-
-def act_scale(amax: float, fmt: str) -> float:
-    """The per-tensor scale of a symmetric activation Q/DQ of range ``amax`` (1.0 for an all-zero tensor)."""
-    return float(amax) / QMAX[fmt] if amax > 0 else 1.0
+ACT_FORMATS = tuple(QMAX)  # int8, fp8
 
 
 def fake_quant(x: torch.Tensor, scale, fmt: str) -> torch.Tensor:
@@ -54,6 +50,33 @@ def fake_quant(x: torch.Tensor, scale, fmt: str) -> torch.Tensor:
     else:
         q = torch.clamp(y, -QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn).float()
     return (q * scale).to(x.dtype)
+
+
+def fp8_weight(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel FP8 E4M3 weights of ``w`` [N, K], rounded to nearest: codes float8_e4m3fn [N, K] and
+    scales float32 [N, 1] = max|w_row| / 448 (1.0 for an all-zero row)."""
+    w = w.detach().float().cpu()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / QMAX["fp8"], torch.ones_like(amax))
+    codes = torch.clamp(w / scale, -QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)
+    return codes.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), scale.numpy()
+
+
+@contextlib.contextmanager
+def activation_fake_quant(model: torch.nn.Module, layers):
+    """Inside, the input of every layer of ``layers`` (``QuantizedLinear``s) with ``act_fmt`` set is
+    fake-quantized as its graph's QuantizeLinear -> DequantizeLinear does: the torch reference of a W8A8 graph."""
+    hooks = []
+    for q in layers:
+        if q.act_fmt:
+            s = act_scale(q.act_amax, q.act_fmt)
+            hooks.append(model.get_submodule(q.name).register_forward_pre_hook(
+                lambda _m, args, s=s, f=q.act_fmt: (fake_quant(args[0], s, f), *args[1:])))
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 class ActivationCalibrator:
