@@ -192,3 +192,48 @@ def test_bad_w8a8_arguments_are_one_line_errors(tiny_dirs, tmp_path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlmq-export: error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- smoothing (smooth.py)
+def outlier_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, :4] *= 50  # a few outlier channels, as in transformer activations
+    return x, torch.randn(32, 64, generator=gen) * 0.1
+
+
+@pytest.mark.parametrize("norm_cls", [torch.nn.LayerNorm, torch.nn.RMSNorm])
+def test_smoothing_folds_exactly_into_the_norm(norm_cls):
+    from vlmq_export.calibrators.smooth import choose_smoothing, fold_into_norm
+
+    torch.manual_seed(0)
+    norm, q, k = norm_cls(64), torch.nn.Linear(64, 32), torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.uniform_(-1, 1)
+    x, _ = outlier_inputs()
+    with torch.no_grad():
+        h = norm(x)
+        before = (q(h), k(h))
+        sm = choose_smoothing(h, q.weight)
+        assert sm.alpha is not None and not torch.allclose(sm.scales, torch.ones(64))
+        fold_into_norm(norm, [q, k], sm.scales)
+        h2 = norm(x)
+        assert not torch.allclose(h2, h)  # the norm really changed
+        for a, b in zip(before, (q(h2), k(h2))):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothed_linear_is_exact_and_helps_int8():
+    from vlmq_export.calibrators.smooth import SmoothedLinear, choose_smoothing
+
+    x, w = outlier_inputs(1)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    lin.weight.data = w.clone()
+    sm = choose_smoothing(x, w)
+    assert sm.errors[sm.alpha] < 0.5 * sm.errors["none"]  # smoothing halves the W8A8 output error at least
+    with torch.no_grad():
+        ref = lin(x)
+        torch.testing.assert_close(SmoothedLinear(lin, sm.scales)(x), ref, rtol=1e-5, atol=1e-5)
+    assert choose_smoothing(x, w, torch.ones(256)).errors == sm.errors  # g == 1 is the unweighted choice
