@@ -145,6 +145,10 @@ def parse_args(argv=None):
     p.add_argument("--export-assets", default=None, help="write the committed parts to this folder and exit")
     p.add_argument("--from", dest="from_", default=None,
                    help="weights for --export-assets: OUT/best.safetensors (default) or OUT/last.pt (the last step)")
+    p.add_argument("--layout", default="free", choices=("free", "grid"),
+                   help="ShapesVQA's layout (vlmq_export.data.shapes): free (the committed testbed's) or grid (each shape "
+                        "centred in its own cell of an 8x8 grid: with --patch-size 32 --scale-factor 1 at 256 px, one "
+                        "shape per image token); recorded in meta.json")
     for k, v in (("image_size", 256), ("patch_size", 16), ("scale_factor", 2), ("vision_hidden_size", 256),
                  ("vision_intermediate_size", 1024), ("vision_layers", 4), ("vision_heads", 4)):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=v)
@@ -245,7 +249,7 @@ def make_batch(family, samples, pad_id: int):
     }
 
 
-def packed_batch(family, seeds, k: int, image_size: int, pad_id: int):
+def packed_batch(family, seeds, k: int, image_size: int, pad_id: int, layout: str = "free"):
     """One scene per row with ``k`` questions packed after its image: the prompt up to the end of the image
     block is shared, each question+answer segment attends to it and (causally) to itself only, and its
     positions continue from the shared part, so each segment sees exactly what it sees alone. The image
@@ -257,7 +261,7 @@ def packed_batch(family, seeds, k: int, image_size: int, pad_id: int):
 
     rows = []
     for seed in seeds:
-        scene = make_scene(seed, image_size)
+        scene = make_scene(seed, image_size, layout)
         img = render(scene)
         qs = [make_question(scene, np.random.default_rng([int(seed), 1]))]  # the split's own question first
         rng = np.random.default_rng([int(seed), 7])
@@ -368,7 +372,7 @@ def cell_labels(seed: int, args):
 
     from vlmq_export.data.shapes import make_scene, shape_polygon
 
-    scene = make_scene(seed, args.image_size)
+    scene = make_scene(seed, args.image_size, getattr(args, "layout", "free"))
     S = args.image_size
     lab = Image.new("L", (S, S), 0)
     d = ImageDraw.Draw(lab)
@@ -492,7 +496,7 @@ def image_batch(family, seeds, args, device):
 
     from vlmq_export.data.shapes import make_scene, render
 
-    pix = [family.prepare([render(make_scene(sd, args.image_size))], "?").pixel for sd in seeds]
+    pix = [family.prepare([render(make_scene(sd, args.image_size, getattr(args, "layout", "free")))], "?").pixel for sd in seeds]
     pv = torch.from_numpy(np.concatenate([p["pixel_values"] for p in pix])).to(device)
     pam = torch.from_numpy(np.concatenate([p["pixel_attention_mask"] for p in pix])).bool().to(device)
     return pv, pam
@@ -587,7 +591,7 @@ class TrainBatches:
 
         a = self.args
         seeds = [SPLITS["train"][a.data_offset + step * a.batch + i] for i in range(a.batch)]
-        b = packed_batch(self.family, seeds, a.questions, a.image_size, self.pad_id)
+        b = packed_batch(self.family, seeds, a.questions, a.image_size, self.pad_id, a.layout)
         if self.with_aux:
             b["cell_labels"], b["kind_counts"] = aux_batch(seeds, a)
         return b
@@ -744,6 +748,9 @@ def main(argv=None) -> int:
     step, best, train_s, last_eval = 0, -1.0, 0.0, -1
     if args.resume and (out / "last.pt").is_file():
         ck = torch.load(out / "last.pt", weights_only=False, map_location=device)
+        if ck.get("config", {}).get("layout", "free") != args.layout:
+            raise SystemExit(f"--resume: {out} was trained on the {ck['config'].get('layout', 'free')!r} layout, "
+                             f"not {args.layout!r}; pass the run's own --layout")
         load_trainable(model, ck["weights"])
         if aux is not None and "aux" in ck:
             aux.load_state_dict(ck["aux"])
@@ -761,7 +768,7 @@ def main(argv=None) -> int:
         load_trainable(model, init, new_lora_ok=True)
         print(f"initialised from {args.init}", flush=True)
 
-    val = make_split("val", args.n_val, args.image_size)
+    val = make_split("val", args.n_val, args.image_size, layout=args.layout)
     probe_check = probe_batch(family, args, device) if aux is not None else None
     log_f = open(out / "log.jsonl", "a")
 
@@ -804,6 +811,7 @@ def main(argv=None) -> int:
                     "lora_scale": 1.0 if args.lora_rank else None,  # alpha = rank
                     "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip, "bf16": args.bf16,
                     "geometry": {k: getattr(args, k) for k in GEOMETRY_KEYS},
+                    "data": {"dataset": "shapesvqa", "layout": args.layout},
                     "image_seq_len": family.image_seq_len,
                     "train_samples_seen": step * args.batch, "train_split_seeds": [SPLITS["train"][0], SPLITS["train"][0] + step * args.batch],
                     "val": {"n": len(val), "split": "val", "metric": "teacher-forced exact match",

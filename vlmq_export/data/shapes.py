@@ -8,15 +8,23 @@ Everything is a pure function of the seed (``numpy.random.default_rng``; no
 global random state), so the same seed always gives the same image bytes,
 question and answer.
 
+Layouts (``layout=``): ``"free"`` (the default, and the only layout before there
+were two: shapes anywhere, radius 6-13 % of the image, so a large one spans
+several 32-pixel cells) and ``"grid"``: every shape centred in its own cell of
+an 8x8 grid (radius 30-46 % of a cell), so with 32-pixel patches at 256 pixels
+each vision patch holds at most one whole shape. A seed gives the same
+background in both layouts (the shapes differ), and ``"free"`` scenes are
+byte-for-byte those of before there were layouts.
+
 Public API::
 
-    make_scene(seed, image_size=256) -> Scene
+    make_scene(seed, image_size=256, layout="free") -> Scene
     render(scene) -> PIL.Image.Image                      # RGB, image_size x image_size
     make_question(scene, rng) -> (question, answer, qtype)
     answer_scene(scene, question) -> answer               # independent re-derivation
-    sample(seed, image_size=256) -> Sample
-    make_split(split, n, image_size=256, start=0) -> list[Sample]
-    SPLITS, KINDS, COLORS, QTYPES, Scene, Shape, Background
+    sample(seed, image_size=256, layout="free") -> Sample
+    make_split(split, n, image_size=256, start=0, layout="free") -> list[Sample]
+    SPLITS, KINDS, COLORS, QTYPES, LAYOUTS, Scene, Shape, Background
 """
 from __future__ import annotations
 
@@ -65,6 +73,10 @@ SIZES = {"small": (0.06, 0.08), "large": (0.10, 0.13)}  # radius as a fraction o
 _GAP = 0.03  # min free space between two shapes' bounding circles (fraction of image_size)
 _MARGIN = 0.02  # min space between a bounding circle and the canvas edge
 _SIDE_BAND = 0.4  # a shape is "left" when cx < 0.4*S, "right" when cx > 0.6*S (same for y)
+
+LAYOUTS = ("free", "grid")
+GRID_CELLS = 8  # "grid" layout: cells per side (the testbed's 8x8 image tokens)
+GRID_SIZES = {"small": (0.30, 0.36), "large": (0.40, 0.46)}  # "grid": radius as a fraction of the cell side
 
 QTYPES = ("color", "count", "position", "presence")
 
@@ -128,11 +140,15 @@ def allowed_colors(bg_rgb) -> list[str]:
     return [c for c, rgb in COLORS.items() if _rgb_dist(rgb, bg_rgb) >= _MIN_CONTRAST]
 
 
-def make_scene(seed: int, image_size: int = 256) -> Scene:
-    """The scene of ``seed``: deterministic, 1-4 non-overlapping shapes."""
+def make_scene(seed: int, image_size: int = 256, layout: str = "free") -> Scene:
+    """The scene of ``seed``: deterministic, 1-4 non-overlapping shapes, placed as ``layout`` says."""
     image_size = int(image_size)
     if image_size < 32:
         raise ValueError(f"ShapesVQA image_size must be >= 32, got {image_size}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown ShapesVQA layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == "grid" and image_size % GRID_CELLS:
+        raise ValueError(f"the grid layout needs image_size a multiple of {GRID_CELLS}, got {image_size}")
     rng = np.random.default_rng([int(seed), 0])
     S = image_size
 
@@ -153,7 +169,10 @@ def make_scene(seed: int, image_size: int = 256) -> Scene:
     colors = allowed_colors(base)
     n = int(rng.integers(1, 5))
     shapes: list[Shape] = []
-    for _ in range(n):
+    if layout == "grid":
+        cell = S // GRID_CELLS
+        cells = rng.choice(GRID_CELLS * GRID_CELLS, size=n, replace=False)
+    for i in range(n):
         # Repeat an existing kind fairly often so that counts of 2-4 occur.
         if shapes and rng.random() < 0.35:
             kind = shapes[int(rng.integers(len(shapes)))].kind
@@ -161,6 +180,13 @@ def make_scene(seed: int, image_size: int = 256) -> Scene:
             kind = KINDS[int(rng.integers(len(KINDS)))]
         color = colors[int(rng.integers(len(colors)))]
         size = ("small", "large")[int(rng.integers(2))]
+        if layout == "grid":
+            lo, hi = GRID_SIZES[size]
+            r = max(3, int(round(cell * float(rng.uniform(lo, hi)))))
+            angle = 0.0 if kind == "circle" else round(float(rng.uniform(-15.0, 15.0)), 2)
+            row, col = divmod(int(cells[i]), GRID_CELLS)
+            shapes.append(Shape(kind, color, size, col * cell + cell // 2, row * cell + cell // 2, r, angle))
+            continue
         lo, hi = SIZES[size]
         r = max(3, int(round(S * float(rng.uniform(lo, hi)))))
         angle = 0.0 if kind == "circle" else round(float(rng.uniform(-15.0, 15.0)), 2)
@@ -414,12 +440,12 @@ def answer_scene(scene: Scene, question: str) -> str:
 # --------------------------------------------------------------------------- samples & splits
 
 
-def sample(seed: int, image_size: int = 256) -> Sample:
-    """One ShapesVQA sample: image, question (prompt), answer."""
-    scene = make_scene(seed, image_size)
+def sample(seed: int, image_size: int = 256, layout: str = "free") -> Sample:
+    """One ShapesVQA sample: image, question (prompt), answer. ``meta["layout"]`` only for a layout other than "free"."""
+    scene = make_scene(seed, image_size, layout)
     question, answer, qtype = make_question(scene, np.random.default_rng([int(seed), 1]))
-    return Sample(images=[render(scene)], prompt=question, answer=answer,
-                  source=f"shapesvqa:{int(seed)}", meta={"qtype": qtype, "scene": scene.to_dict()})
+    meta = {"qtype": qtype, "scene": scene.to_dict(), **({"layout": layout} if layout != "free" else {})}
+    return Sample(images=[render(scene)], prompt=question, answer=answer, source=f"shapesvqa:{int(seed)}", meta=meta)
 
 
 def split_seeds(split: str, n: int, start: int = 0) -> range:
@@ -434,15 +460,15 @@ def split_seeds(split: str, n: int, start: int = 0) -> range:
     return seeds[start:start + n]
 
 
-def make_split(split: str, n: int, image_size: int = 256, start: int = 0) -> list[Sample]:
+def make_split(split: str, n: int, image_size: int = 256, start: int = 0, layout: str = "free") -> list[Sample]:
     """``n`` samples of a split (``"train"``, ``"val"``, ``"test"``, ``"calib"``)."""
-    return [sample(s, image_size) for s in split_seeds(split, n, start)]
+    return [sample(s, image_size, layout) for s in split_seeds(split, n, start)]
 
 
-def iter_split(split: str, n: int, image_size: int = 256, start: int = 0):
+def iter_split(split: str, n: int, image_size: int = 256, start: int = 0, layout: str = "free"):
     """Like make_split, but yields the samples one at a time."""
     for s in split_seeds(split, n, start):
-        yield sample(s, image_size)
+        yield sample(s, image_size, layout)
 
 
 # --------------------------------------------------------------------------- command line

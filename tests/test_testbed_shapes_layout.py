@@ -1,0 +1,73 @@
+"""ShapesVQA's layouts: "free" (the committed testbed's data, unchanged) and "grid" (one shape per 8x8 cell,
+centred, so that with 32-pixel patches at 256 px each image token carries at most one shape)."""
+from __future__ import annotations
+
+import hashlib
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+from vlmq_export.data import shapes as sv
+from conftest import load_tool
+
+# sha256 over the free layout's images, questions and answers of five seeds (train, val, test), computed before
+# the layouts existed: the committed testbed's training and evaluation data stay what they were
+FREE_DIGEST = "f7c0471bbaa42124d93d59558b263b0a153607146bf7028bac7f171754999f8c"
+
+
+def test_free_layout_is_unchanged():
+    h = hashlib.sha256()
+    for seed in (0, 1, 2, 1_000_000, 2_000_000):
+        h.update(np.asarray(sv.render(sv.make_scene(seed, 256))).tobytes())
+        s = sv.sample(seed)
+        h.update((s.prompt + s.answer).encode())
+        assert "layout" not in s.meta
+    assert h.hexdigest() == FREE_DIGEST
+    assert sv.make_scene(7, 256, "free") == sv.make_scene(7, 256)
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 7))
+def test_grid_layout_one_shape_per_cell(seed):
+    scene = sv.make_scene(seed, 256, "grid")
+    cell = 256 // sv.GRID_CELLS
+    cells = [(sh.cy // cell, sh.cx // cell) for sh in scene.shapes]
+    assert 1 <= len(scene.shapes) <= 4 and len(set(cells)) == len(cells)
+    for sh, (row, col) in zip(scene.shapes, cells):
+        assert (sh.cx, sh.cy) == (col * cell + cell // 2, row * cell + cell // 2)  # centred
+        assert sh.radius <= cell // 2  # inside its cell
+    s = sv.sample(seed, 256, "grid")
+    assert s.meta["layout"] == "grid"
+    assert sv.answer_scene(sv.Scene.from_dict(s.meta["scene"]), s.prompt) == s.answer
+
+
+def test_grid_layout_is_seeded_and_differs_from_free():
+    a, b = sv.make_split("val", 3, layout="grid"), sv.make_split("val", 3, layout="grid")
+    assert [np.asarray(x.images[0]).tobytes() for x in a] == [np.asarray(x.images[0]).tobytes() for x in b]
+    free = sv.make_split("val", 3)
+    assert [x.meta["scene"]["background"] for x in a] == [x.meta["scene"]["background"] for x in free]
+    assert [x.meta["scene"]["shapes"] for x in a] != [x.meta["scene"]["shapes"] for x in free]
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="unknown ShapesVQA layout"):
+        sv.make_scene(0, 256, "spiral")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sv.make_scene(0, 100, "grid")
+
+
+def test_trainer_labels_one_token_per_shape_on_the_grid():
+    """With patch 32 and pixel-shuffle scale 1 at 256 px (64 image tokens), each shape's kind lands on exactly
+    one token, its own cell; on the free layout large shapes spread over several."""
+    tool = load_tool("train_shapes_vlm")
+    args = Namespace(image_size=256, patch_size=32, scale_factor=1, aux_extended=False, aux_scene=False, layout="grid")
+    for seed in range(20):
+        lab, _ = tool.cell_labels(seed, args)
+        scene = sv.make_scene(seed, 256, "grid")
+        assert lab.shape[0] == 64
+        assert (lab[:, 1] > 0).sum() == len(scene.shapes)
+        for sh in scene.shapes:
+            assert lab[(sh.cy // 32) * 8 + sh.cx // 32, 1] == tool.KIND_IDS[sh.kind]
+    free = Namespace(**{**vars(args), "layout": "free"})
+    assert any((tool.cell_labels(seed, free)[0][:, 1] > 0).sum() > len(sv.make_scene(seed, 256).shapes)
+               for seed in range(20))
