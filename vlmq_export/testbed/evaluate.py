@@ -50,11 +50,12 @@ def normalize_answer(text: str) -> str:
     return t.strip(_PUNCT)
 
 
-def eval_samples(n: int = 200, split: str = "test", image_size: int = 256, start: int = 0) -> list:
-    """The first ``n`` ShapesVQA samples of ``split`` (deterministic)."""
+def eval_samples(n: int = 200, split: str = "test", image_size: int = 256, start: int = 0,
+                 layout: str = "free") -> list:
+    """The first ``n`` ShapesVQA samples of ``split`` (deterministic), in ``layout`` (the testbed's ``data.layout``)."""
     from ..data.shapes import make_split
 
-    return make_split(split, n, image_size, start=start)
+    return make_split(split, n, image_size, start=start, layout=layout)
 
 
 class _Scorer:
@@ -96,7 +97,7 @@ class _Scorer:
 
 
 def evaluate_torch(family, model, n: int = 200, split: str = "test", *, max_new_tokens: int = 6,
-                   image_size: int = 256, samples: list | None = None,
+                   image_size: int = 256, layout: str = "free", samples: list | None = None,
                    progress: ProgressFn | None = None) -> dict:
     """Greedy exact-match accuracy of a torch model (``family.load_model``) on ShapesVQA ``split``.
 
@@ -104,7 +105,7 @@ def evaluate_torch(family, model, n: int = 200, split: str = "test", *, max_new_
     """
     import torch
 
-    samples = samples if samples is not None else eval_samples(n, split, image_size)
+    samples = samples if samples is not None else eval_samples(n, split, image_size, layout=layout)
     sc = _Scorer(split, "torch")
     stop = list(family.stop_token_ids)
     pad = family.tokenizer.pad_token_id
@@ -125,7 +126,7 @@ def evaluate_torch(family, model, n: int = 200, split: str = "test", *, max_new_
 
 
 def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accuracy_level: int | None = None, *,
-                  max_new_tokens: int = 6, image_size: int = 256, samples: list | None = None,
+                  max_new_tokens: int = 6, image_size: int = 256, layout: str = "free", samples: list | None = None,
                   progress: ProgressFn | None = None, vlm=None) -> dict:
     """Greedy exact-match accuracy of an exported OUT in ONNX Runtime on ShapesVQA ``split``.
 
@@ -140,7 +141,7 @@ def evaluate_onnx(out_dir: str | Path, n: int = 200, split: str = "test", accura
         vlm = OnnxVLM(out_dir, accuracy_level=DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
     elif accuracy_level is not None and accuracy_level != vlm.accuracy_level:
         raise ValueError(f"accuracy_level {accuracy_level} differs from the open session's {vlm.accuracy_level}")
-    samples = samples if samples is not None else eval_samples(n, split, image_size)
+    samples = samples if samples is not None else eval_samples(n, split, image_size, layout=layout)
     sc = _Scorer(split, "onnxruntime")
     for i, s in enumerate(samples):
         res = vlm.generate_prepared(vlm.family.prepare(s.images, s.prompt), max_new_tokens=max_new_tokens)
