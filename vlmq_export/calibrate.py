@@ -26,7 +26,7 @@ from .errors import CalibrationDataError, VlmqError
 from .export.qdq import QuantizedLinear
 from .models import Family, Prepared
 from .recipe import (CALIB_PROMPT_TOKENS, COMPONENTS, METHODS, ComponentRecipe,  # noqa: F401
-                     check_recipe_values, parse_component_recipe)
+                     check_recipe_values, check_sym_grid, parse_component_recipe)
 
 # which weight calibrator each method drives (mbq and vlmq: GPTQ fed per-token weights)
 CALIBRATOR = {"rtn": "rtn", "gptq": "gptq", "gptaq": "gptaq", "mbq": "gptq", "vlmq": "vlmq"}
@@ -45,11 +45,13 @@ class Recipe:
     sink_weight: float = 1.0  # weight of each sequence's first token (the attention sink) in the LM's Hessians
     true_sequential: bool = False  # inside a block, later layer groups see earlier groups quantized (sequential.py)
     sym: bool = True  # False: 2- to 4-bit components on an unsigned grid with zero points (ONNX Runtime only)
+    sym_grid: str = "half"  # the symmetric grid's scale: half, extreme or search (calibrators/base.py)
     act_calibrator: str = "minmax"  # W8A8 components: the activation ranges' calibrator (calibrators/activation.py)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
         check_recipe_values(self.method, self.components, self.sym, self.damp, self.gptaq_alpha, self.sink_weight)
+        check_sym_grid(self.sym_grid)
         if self.act_calibrator not in ACT_CALIBRATORS:
             raise VlmqError(f"unknown --act-calibrator '{self.act_calibrator}'; valid: {', '.join(ACT_CALIBRATORS)}")
         if CALIBRATOR[self.method] not in CALIBRATOR_METHODS:
@@ -58,7 +60,7 @@ class Recipe:
     def quant_config(self, comp: str) -> QuantConfig:
         c = self.components[comp]
         return QuantConfig(bits=c.bits, group_size=c.group_size, sym=self.sym_for(comp), damp=self.damp, act_order=self.act_order,
-                           asym_alpha=self.gptaq_alpha, clip_search=self.clip_search)
+                           asym_alpha=self.gptaq_alpha, clip_search=self.clip_search, sym_grid=self.sym_grid)
 
     def sym_for(self, comp: str) -> bool:
         """Whether ``comp`` is quantized symmetrically: always at 8 bits (TensorRT's INT8 form), else as asked."""
@@ -66,7 +68,7 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "damp": self.damp, "act_order": self.act_order, "clip_search": self.clip_search,
-                "symmetric": self.sym,
+                "symmetric": self.sym, "sym_grid": self.sym_grid,
                 "sink_weight": self.sink_weight, "true_sequential": self.true_sequential,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 **({"act_calibrator": self.act_calibrator} if any(c.act for c in self.components.values()) else {}),

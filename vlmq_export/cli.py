@@ -53,19 +53,24 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="GPTQ-family column order by decreasing diag(H), group scales static from the original weight "
                         "(default on; SmolLM2-135M W4 perplexity GPTQ 30.8 -> 26.5, VLMQ 32.4 -> 27.4, FP 22.2; "
                         "--no-act-order: the original column order)")
-    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction,
                    help="GPTQ-family: inside each block, calibrate the layers that read one tensor (q/k/v, o, "
                         "gate/up, down) one group after the other, each on inputs through the already-quantized "
                         "groups (default off: all layers of a block see the float block's inputs)")
-    p.add_argument("--clip-search", action="store_true",
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction,
                    help="choose each group's scale by a search over clipped ranges instead of max|w|, scored by "
                         "sum_j H_jj (w_j - w_hat_j)^2 for the GPTQ-family methods (the Hessian diagonal: columns the "
                         "calibration data drives hardest count most), sum |w - w_hat|^2.4 for rtn")
-    p.add_argument("--asym", action="store_true",
+    p.add_argument("--asym", action=argparse.BooleanOptionalAction,
                    help="2- to 4-bit weights on an unsigned grid with a zero point per group (UINT4 + zero point in the "
                         "ONNX): ONNX Runtime only, TensorRT takes symmetric INT4 only (default: symmetric; 8-bit weights "
                         "stay symmetric)")
-    p.add_argument("--sink-weight", type=float, default=1.0,
+    p.add_argument("--sym-grid", choices=("half", "extreme", "search"),
+                   help="the symmetric INT4 scale of each block: half (max|w| / (qmax + 1/2): both extremes half a "
+                        "step off a code), extreme (the larger of max(w+) / qmax and max(w-) / (qmax + 1): the "
+                        "block's extreme exactly on a code, positive scale, no zero point) or search (the extreme's "
+                        "scale x 0.90..1.10, the smallest block error); default: the target's (see --target)")
+    p.add_argument("--sink-weight", type=float,
                    help="weight of each sequence's first token (the attention sink) in the language model's Hessians "
                         "(default 1: every token alike; 10 took SmolLM2-135M GPTQ W4 from perplexity 30.8 to 28.0 in the "
                         "original column order, 26.5 to 25.9 with act-order, FP 22.2; mixed on the ShapesVQA testbed, "
@@ -145,6 +150,7 @@ def _check_export_args(args) -> tuple[dict, Path]:
                          check_saliency_values, check_target, default_out, parse_component_recipe)
     from .export.ort_flavour import choose_llm_graph
 
+    args.target_defaults = apply_target_defaults(args)
     bits = args.bits or 4
     if bits in (8, "fp8"):
         raise VlmqError(f"--{'fp8' if bits == 'fp8' else 'int8'} is not available yet; use --int4, --int3 or --int2")
@@ -179,6 +185,17 @@ def _check_export_args(args) -> tuple[dict, Path]:
     return components, out
 
 
+def apply_target_defaults(args) -> dict:
+    """Fill the recipe options left unset on the command line with ``--target``'s measured defaults
+    (``targets.RECIPE_DEFAULTS``); explicit flags win. Returns what was filled."""
+    from .targets import recipe_defaults
+
+    filled = {k: v for k, v in recipe_defaults(args.target).items() if getattr(args, k) is None}
+    for k, v in filled.items():
+        setattr(args, k, v)
+    return filled
+
+
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     components, out = _check_export_args(args)
@@ -197,7 +214,7 @@ def cmd_export(argv: list[str]) -> int:
 
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
-                    true_sequential=args.true_sequential, sym=not args.asym,
+                    true_sequential=args.true_sequential, sym=not args.asym, sym_grid=args.sym_grid,
                     act_calibrator=args.act_calibrator,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
 
@@ -208,6 +225,11 @@ def cmd_export(argv: list[str]) -> int:
                    n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
                    eval_task=args.eval_task, dtype=args.dtype, target=args.target, llm_graph=args.llm_graph)
+    if args.target_defaults and not (args.quiet or args.json):
+        flags = (f"--{'' if v is not False else 'no-'}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+                 for k, v in args.target_defaults.items())
+        print(f"recipe: --target {args.target} defaults {' '.join(flags)} (measured: benchmarks/grid.md; "
+              "explicit flags override)", file=sys.stderr)
     head = components.get("lm_head")
     if head is not None and head.bits == 8:
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "

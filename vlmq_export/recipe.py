@@ -80,6 +80,14 @@ def check_recipe_values(method: str, components: dict, sym: bool, damp: float, g
         raise VlmqError("--asym applies to 2- to 4-bit weights and no component has them (8-bit weights stay symmetric)")
 
 
+SYM_GRIDS = ("half", "extreme", "search")  # the symmetric grid's scale (calibrators/base.py group_scales)
+
+
+def check_sym_grid(grid: str) -> None:
+    if grid not in SYM_GRIDS:
+        raise VlmqError(f"unknown --sym-grid '{grid}'; valid: {', '.join(SYM_GRIDS)}")
+
+
 DTYPES = ("fp16", "fp32")  # the exported graphs' float type (bf16: ONNX Runtime's CPU kernels barely take it)
 
 

@@ -47,6 +47,20 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 )}
 TRT_TARGETS = tuple(n for n, t in TARGETS.items() if t.tensorrt)
 
+# The weight recipe each runtime defaults to, measured on SmolLM2-135M (benchmarks/grid.md, issue 25); explicit
+# export flags override it. Keys are the export options' argparse names; every option here defaults to None.
+RECIPE_DEFAULTS = {
+    "onnxruntime": {"asym": False, "true_sequential": False, "sink_weight": 1.0, "clip_search": False,
+                    "sym_grid": "half"},
+    "tensorrt": {"asym": False, "true_sequential": False, "sink_weight": 1.0, "clip_search": False,
+                 "sym_grid": "half"},
+}
+
+
+def recipe_defaults(target: str) -> dict:
+    """:data:`RECIPE_DEFAULTS` of ``target``'s runtime (a copy)."""
+    return dict(RECIPE_DEFAULTS[get_target(target).runtime])
+
 
 def get_target(name: str) -> Target:
     try:

@@ -16,11 +16,14 @@ reproduces unweighted GPTQ bit for bit.
 
 Quantization grid, per group of ``group_size`` input columns of one output row (per-channel when
 ``group_size == -1``: one scale per output row). Symmetric (the default; signed codes, no zero point,
-the form TensorRT accepts)::
+positive scales: the form TensorRT accepts), its scale chosen by ``sym_grid``::
 
     qmax  = 2**(bits-1) - 1          qmin = -2**(bits-1)
-    scale = max|w| / (qmax + 1/2)    (8 bits: max|w| / 127; 1.0 where the group is all zeros: any
-                                      positive scale represents zeros exactly and stays finite in fp16)
+    "half":    scale = max|w| / (qmax + 1/2)    (8 bits: max|w| / 127)
+    "extreme": scale = max(max(w+) / qmax, max(w-) / (qmax + 1))   (w+ = max(w, 0), w- = max(-w, 0)):
+               the group's extreme lands exactly on code qmax or qmin, the other side inside the range
+    "search":  the "extreme" scale times the factor in 0.90 ... 1.10 with the smallest clip_error
+    (1.0 where the group is all zeros: any positive scale represents zeros exactly and stays finite in fp16)
     code  = clamp(round(w / scale), qmin, qmax)       (round half to even, like ONNX)
     w_hat = code * scale             (float32; exactly what ONNX DequantizeLinear computes)
 
@@ -33,8 +36,8 @@ reference GPTQ quantizer's ``sym=False``; ONNX Runtime only)::
     code  = clamp(round(w / scale) + zero, 0, qmax)
     w_hat = (code - zero) * scale    (exactly what DequantizeLinear computes with a zero point)
 
-In the symmetric grid ``qmin`` is one level beyond ``-qmax``: plain rounding never reaches it,
-GPTQ's error feedback can. The stored ``codes``/``scales``/``zeros`` are the truth:
+In the symmetric grid ``qmin`` is one level beyond ``-qmax``: the "extreme" grid puts a dominant negative
+extreme there, GPTQ's error feedback can reach it on any grid. The stored ``codes``/``scales``/``zeros`` are the truth:
 :meth:`QuantResult.dequantize` is the only definition of ``W_hat``, and the reported ``error`` is
 computed from it.
 """
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CalibrationDataError, NumericalError
+from ..recipe import SYM_GRIDS  # the symmetric scale of a group (see group_scales)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -61,6 +65,7 @@ class QuantConfig:
     asym_alpha: float = 0.25  # GPTAQ: weight of the asymmetric correction W C H^-1 (see gptaq.py); 0 = GPTQ
     clip_search: bool = False  # each group's scale by a grid search over clipped ranges (group_scales; the
     #   Hessian methods score it by the Hessian diagonal, see clip_error)
+    sym_grid: str = "half"  # the symmetric scale: "half", "extreme" or "search" (see SYM_GRIDS, group_scales)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -75,6 +80,8 @@ class QuantConfig:
             raise ValueError(f"asym_alpha (GPTAQ) must be in [0, 1], got {self.asym_alpha}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.sym_grid not in SYM_GRIDS:
+            raise ValueError(f"sym_grid must be one of {SYM_GRIDS}, got {self.sym_grid!r}")
 
     @property
     def qmin(self) -> int:
@@ -127,6 +134,7 @@ def expand_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor:
 
 CLIP_RANGES = tuple(1.0 - i / 100 for i in range(80))  # clip search: 1.00, 0.99, ... 0.21 of max|w|
 CLIP_NORM = 2.4  # ... scored by sum |w - w_hat|^2.4 (the reference GPTQ quantizer's norm)
+SEARCH_FACTORS = tuple(1 + i / 100 for i in sorted(range(-10, 11), key=abs))  # sym_grid "search": 1.00, 0.99, 1.01, ...
 
 
 def clip_error(w: torch.Tensor, w_hat: torch.Tensor, col_weight: torch.Tensor | None) -> torch.Tensor:
@@ -138,29 +146,39 @@ def clip_error(w: torch.Tensor, w_hat: torch.Tensor, col_weight: torch.Tensor | 
     return ((w_hat - w).square() * col_weight).sum(dim=1)
 
 
-def group_scales(w: torch.Tensor, qmax: int, clip: bool = False, col_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric scale of each row of ``w`` [N, g] (one group per row), > 0.
+def sym_scale(w: torch.Tensor, qmax: int, grid: str = "half") -> torch.Tensor:
+    """The symmetric scale of each row of ``w`` [N, g] on ``grid`` before any search, > 0 (see the module doc).
 
-    Low bit widths (<= 4) use the reference GPTQ's symmetric grid: scale = 2·max|w| / (2^b - 1) over the
-    signed codes [-2^(b-1), 2^(b-1) - 1] (no zero point), so all 2^b levels are used; at 2 bits
-    max|w| / qmax would leave the code -2 unreachable by rounding. 8 bits use max|w| / 127 (TensorRT's
-    symmetric INT8 convention).
-
-    ``clip``: instead of the full range, the range ``p·max|w|`` for p in 1.00, 0.99, ... 0.21 that gives
-    the row the smallest :func:`clip_error` (the reference GPTQ quantizer's ``mse`` option: clipping a
-    few outliers buys a finer grid for the rest; with ``col_weight`` the columns the data drives hardest
-    count most). p = 1 is among the candidates, so the row's score never exceeds the unclipped one's;
-    ties keep the larger range.
+    "half" (the reference GPTQ's grid at <= 4 bits): max|w| / (qmax + 1/2), so all 2^b levels are used and
+    both extremes sit half a step off a code; 8 bits use max|w| / 127 (TensorRT's symmetric INT8 convention).
+    "extreme" (and "search"'s centre): the larger of max(w+) / qmax and max(w-) / (qmax + 1), so the side
+    that needs it maps its extreme exactly onto code qmax or qmin (ONNX Runtime's RTN with a positive scale).
     """
-    levels = qmax if qmax >= 127 else (2 * qmax + 1) / 2
-    amax = w.abs().amax(dim=1)
-    scale = amax / levels
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if not clip:
+    if grid == "half":
+        scale = w.abs().amax(dim=1) / (qmax if qmax >= 127 else qmax + 0.5)
+    else:
+        scale = torch.maximum(w.amax(dim=1).clamp(min=0) / qmax, (-w.amin(dim=1)).clamp(min=0) / (qmax + 1))
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def group_scales(w: torch.Tensor, qmax: int, clip: bool = False, col_weight: torch.Tensor | None = None,
+                 grid: str = "half") -> torch.Tensor:
+    """Symmetric scale of each row of ``w`` [N, g] (one group per row), > 0: :func:`sym_scale` on ``grid``,
+    times the factor with the smallest :func:`clip_error` among the candidates, 1 first (ties keep it):
+
+    - ``grid="search"``: 1.00, 0.99, 1.01, ... 0.90, 1.10 (a finer or coarser step than the extreme's);
+    - ``clip``: 1.00, 0.99, ... 0.21 (the reference GPTQ quantizer's ``mse`` option: clipping a few outliers
+      buys a finer grid for the rest; with ``col_weight`` the columns the data drives hardest count most).
+
+    The unscaled scale is among the candidates, so the row's score never exceeds the unsearched one's.
+    """
+    scale = sym_scale(w, qmax, grid)
+    factors = (SEARCH_FACTORS if grid == "search" else (1.0,)) + (CLIP_RANGES if clip else ())
+    if len(factors) == 1:
         return scale
     qmin = -qmax - 1
     best, best_err = scale, torch.full_like(scale, float("inf"))
-    for p in CLIP_RANGES:
+    for p in dict.fromkeys(factors):  # in order, duplicates once
         s = p * scale
         err = clip_error(w, quantize_codes(w, s.unsqueeze(1), qmin, qmax) * s.unsqueeze(1), col_weight)
         better = err < best_err
@@ -200,13 +218,13 @@ def group_grid(w: torch.Tensor, config: QuantConfig,
     """``(scale, zero)`` of each row of ``w`` [N, g] on ``config``'s grid; zero is None when symmetric.
     ``col_weight``: the clip search's column weights (see :func:`clip_error`), broadcast against ``w``."""
     if config.sym:
-        return group_scales(w, config.qmax, config.clip_search, col_weight), None
+        return group_scales(w, config.qmax, config.clip_search, col_weight, config.sym_grid), None
     return group_zero_scales(w, config.qmax, config.clip_search, col_weight)
 
 
-def static_scales(W: torch.Tensor, group: int, qmax: int, clip: bool = False) -> torch.Tensor:
+def static_scales(W: torch.Tensor, group: int, qmax: int, clip: bool = False, grid: str = "half") -> torch.Tensor:
     """Symmetric scales of every group of ``W`` [N, K] in column order: [N, K // group]."""
-    return group_scales(W.reshape(-1, group), qmax, clip).reshape(W.shape[0], -1)
+    return group_scales(W.reshape(-1, group), qmax, clip, grid=grid).reshape(W.shape[0], -1)
 
 
 def static_grid(W: torch.Tensor, group: int, config: QuantConfig,
