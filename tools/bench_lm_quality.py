@@ -12,6 +12,7 @@ those layers use block 64 (the pipeline's fallback), the 1536-wide down_proj blo
 
     python tools/bench_lm_quality.py [--methods rtn,gptq,gptaq,vlmq] [--bits 4,3] [--clip-search] [--sink-weight W] [--no-act-order]
                                      [--no-layer-errors] [--data generated|pydoc] [--out benchmarks/lm_quality]
+                                     [--sym-grid half|extreme|search] [--seed S]
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def main() -> int:
     ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
                     help="inside each block, calibrate q/k/v, o, gate/up, down one group after the other")
     ap.add_argument("--asym", action="store_true", help="unsigned codes with a zero point per group (ONNX Runtime only)")
+    ap.add_argument("--sym-grid", choices=("half", "extreme", "search"), default="half",
+                    help="the symmetric grid's scale (calibrators/base.py; default half, the historical grid)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated calibration text")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--no-layer-errors", action="store_true", help="skip the RTN / GPTQ layer-error table")
     args = ap.parse_args()
@@ -50,7 +54,8 @@ def main() -> int:
                               bits=tuple(int(b) for b in args.bits.split(",")), n_calib=args.n_calib,
                               progress=lambda m: print(m, file=sys.stderr, flush=True), data=args.data,
                               clip_search=args.clip_search, sink_weight=args.sink_weight, act_order=args.act_order,
-                              true_sequential=args.true_sequential, sym=not args.asym)
+                              true_sequential=args.true_sequential, sym=not args.asym,
+                              sym_grid=args.sym_grid, seed=args.seed)
         names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
                  for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
         errors = {} if args.no_layer_errors else layer_errors(model_dir, names, bits=4, n_calib=16)
@@ -69,7 +74,9 @@ def main() -> int:
              + ("; columns in activation order (`--act-order`, the default)" if args.act_order
                 else "; original column order (`--no-act-order`)")
              + ("; layer groups calibrated in turn inside each block (`--true-sequential`)" if args.true_sequential else "")
-             + ("; asymmetric grid, unsigned codes and a zero point per group (`--asym`)" if args.asym else "")
+             + ("; asymmetric grid, unsigned codes and a zero point per group (`--asym`)" if args.asym
+                else f"; symmetric grid `--sym-grid {args.sym_grid}`")
+             + (f"; calibration seed {args.seed}" if args.seed else "")
              + ".",
              "", "| method | bits | perplexity | vs FP | calibration s |", "|---|---|---|---|---|"]
     for r in table["rows"]:

