@@ -129,6 +129,17 @@ def test_prepare_matches_transformers_processor(fams, dirs, name):
     assert len(counts) >= (2 if name == "llava" else len(cases) - 2)  # anyres: the count follows the size
 
 
+def test_clip_processor_reads_int_sizes_as_transformers_does():
+    """Older checkpoints give ``size`` and ``crop_size`` as ints (shortest edge, square crop)."""
+    from transformers import CLIPImageProcessorPil
+
+    from vlmq_export.models.llava import ClipImageProcessor
+
+    images = [_image(50, 90), _image(90, 31)]
+    ref = CLIPImageProcessorPil(size=40, crop_size=32)(images, return_tensors="np")["pixel_values"]
+    assert _maxdiff(ClipImageProcessor({"size": 40, "crop_size": 32})(images)["pixel_values"], ref) == 0.0
+
+
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
 def test_numpy_packing_matches_transformers_pack_image_features(fams, hf_models, name):
     """The numpy ``pack_image_features`` against transformers' on random tile features, over the sizes."""

@@ -106,8 +106,8 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
 
     model_dir = resolve_model(model_spec)
     family = load_family(model_dir)
-    opts = dataclasses.replace(opts, llm_graph=choose_llm_graph(opts.llm_graph, opts.target, opts.dtype,
-                                                                family.text_config))
+    opts = dataclasses.replace(opts, llm_graph=choose_llm_graph(w8a8_llm_graph(recipe, opts.llm_graph), opts.target,
+                                                                opts.dtype, family.text_config))
     calib = load_samples(opts.calib, limit=opts.n_calib)
     say.start("load", f"model {model_spec}")
     say(f"{family.name}: {len(calib)} calibration samples from {opts.calib or 'built-in set'}")
@@ -138,7 +138,19 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     return final
 
 
+def w8a8_llm_graph(recipe: Recipe, requested: str | None) -> str | None:
+    """The llm graph a W8A8 language model needs: the portable one (the ORT flavour rebuilds the MatMuls from the
+    weight codes and would drop the activation Q/DQ); ``requested`` otherwise."""
+    if not any(recipe.components[c].act for c in ("llm", "lm_head") if c in recipe.components):
+        return requested
+    if requested == "ort":
+        raise VlmqError("--llm-graph ort cannot carry a W8A8 language model (int8 / fp8 activations): "
+                        "use --llm-graph portable")
+    return "portable"
+
+
 def resume_dir(out: Path) -> Path:
+
     """Where calibration keeps finished blocks until the export is published."""
     return out.parent / f".{out.name}.resume"
 

@@ -69,8 +69,10 @@ class ClipImageProcessor:
 
     def __init__(self, cfg: dict):
         self.config = dict(cfg)
-        self.size = dict(cfg.get("size") or {"shortest_edge": 224})
-        self.crop_size = dict(cfg.get("crop_size") or {})
+        size, crop = cfg.get("size") or {"shortest_edge": 224}, cfg.get("crop_size") or {}
+        # older configs give ints, which transformers reads as the shortest edge and a square crop
+        self.size = {"shortest_edge": size} if isinstance(size, int) else dict(size)
+        self.crop_size = {"height": crop, "width": crop} if isinstance(crop, int) else dict(crop)
         self.do_resize = bool(cfg.get("do_resize", True))
         self.do_center_crop = bool(cfg.get("do_center_crop", True)) and bool(self.crop_size)
         self.resample = int(cfg.get("resample", 3))  # bicubic
