@@ -237,3 +237,14 @@ def test_smoothed_linear_is_exact_and_helps_int8():
         ref = lin(x)
         torch.testing.assert_close(SmoothedLinear(lin, sm.scales)(x), ref, rtol=1e-5, atol=1e-5)
     assert choose_smoothing(x, w, torch.ones(256)).errors == sm.errors  # g == 1 is the unweighted choice
+
+
+def test_w8a8_language_model_keeps_its_activation_qdq(exports):
+    """SmolVLM's Llama decoder would get ONNX Runtime's fused flavour, which rebuilds the MatMuls from the codes:
+    a W8A8 language model stays on the portable graph, its activation Q/DQ in place."""
+    out = exports["smolvlm", "fp8"]
+    m = onnx.load(str(out / "llm.onnx"), load_external_data=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_act = sum(1 for r in manifest["layers"] if r.get("act") and r["component"] == "llm")
+    assert n_act and manifest["components"]["llm"]["flavour"] == "portable"
+    assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) >= n_act // 2  # q/k/v share one input's Q/DQ
