@@ -56,6 +56,7 @@ class SharedKV:
                     a[:, :, :self.length] = keep[f"past_{kind}_{i}"][:, :, :self.length]
                 self.arrays[f"past_{kind}_{i}"] = a
         self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+        self._bindings = {n: (n.replace("past_", "present_"), v) for n, v in self.values.items()}
 
     def reserve(self, capacity: int) -> None:
         """Room for ``capacity`` positions, keeping what the cache holds."""
@@ -63,7 +64,8 @@ class SharedKV:
             self._allocate(capacity, keep=self.arrays)
 
     def bindings(self) -> dict[str, tuple[str, object]]:
-        return {n: (n.replace("past_", "present_"), v) for n, v in self.values.items()}
+        """{past name: (present name, OrtValue)}: one dict until the buffers grow (the runner keeps its binding)."""
+        return self._bindings
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
