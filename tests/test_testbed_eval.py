@@ -20,6 +20,10 @@ def test_wilson_interval_known_values():
     z2 = 1.959963984540054 ** 2
     assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
     assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 10)[0] == 0.0  # exactly: never inside the point
+    for k, n in ((1, 1), (3, 3), (7, 7), (0, 3), (1, 3), (999, 1000)):
+        lo, hi = wilson_interval(k, n)
+        assert lo <= k / n <= hi
     # symmetric about 1/2 at p = 1/2; about +-0.031 at 1000 samples
     lo, hi = wilson_interval(500, 1000)
     assert lo + hi == pytest.approx(1.0) and hi - lo == pytest.approx(0.0619, abs=1e-4)
@@ -115,6 +119,9 @@ def test_report_shows_intervals(tmp_path):
     assert "95 % Wilson intervals" in md
     plain = _manifest_and_report(with_ci=False)[1]["task"]
     assert task_plot(report["task"]) != task_plot(plain)  # the error bars are drawn
+    perfect = {"samples": 4, "onnx": {"accuracy": 1.0, "ci95": list(wilson_interval(4, 4)), "per_qtype": {"color": 1.0},
+                                      "per_qtype_ci95": {"color": list(wilson_interval(4, 4))}}}
+    assert task_plot(perfect)  # an interval that ends at the accuracy itself (all right) draws too
     # a report without intervals (written before them) still renders, without brackets
     write_report(tmp_path, *_manifest_and_report(with_ci=False))
     md = (tmp_path / "report" / "report.md").read_text()

@@ -41,7 +41,9 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     p, z2 = correct / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exactly 0 / 1 at the edges (rounding would leave 1 - 1e-16, below an accuracy of 1.0)
+    return (0.0 if correct == 0 else max(0.0, min(p, centre - half)),
+            1.0 if correct == n else min(1.0, max(p, centre + half)))
 
 
 def normalize_answer(text: str) -> str:

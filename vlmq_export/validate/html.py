@@ -167,7 +167,7 @@ def task_plot(task: dict) -> bytes | None:
         cis = [res.get("per_qtype_ci95", {}).get(q) for q in qtypes[:-1]] + [res.get("ci95")]
         err = None  # 95 % Wilson intervals as error bars (asymmetric), where the result has them
         if all(cis):
-            err = np.array([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]])
+            err = np.clip([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]], 0, None)
         bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, yerr=err, capsize=3, label=name.replace("_", " "))
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     ax.set_xticks(x, qtypes)
