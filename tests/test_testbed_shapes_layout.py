@@ -79,3 +79,30 @@ def test_evaluation_takes_the_layout():
     grid = eval_samples(3, layout="grid")
     assert [s.meta["layout"] for s in grid] == ["grid"] * 3
     assert [s.meta["scene"] for s in eval_samples(3)] == [s.meta["scene"] for s in sv.make_split("test", 3)]
+
+
+def test_testbed_layout_reads_testbed_json(tmp_path):
+    import json
+
+    from vlmq_export.testbed import testbed_layout
+
+    assert testbed_layout(tmp_path) == "free"  # not a testbed
+    (tmp_path / "testbed.json").write_text(json.dumps({"seed": 0}))
+    assert testbed_layout(tmp_path) == "free"  # assembled before layouts existed
+    (tmp_path / "testbed.json").write_text(json.dumps({"data": {"dataset": "shapesvqa", "layout": "grid"}}))
+    assert testbed_layout(tmp_path) == "grid"
+
+
+def test_eval_evaluates_on_the_sources_layout(rtn_exports, monkeypatch, capsys):
+    import json
+
+    import vlmq_export.testbed as testbed
+    import vlmq_export.validate.perplexity as perplexity
+    from vlmq_export import cli
+
+    seen = []
+    monkeypatch.setattr(testbed, "testbed_layout", lambda path: "grid")
+    monkeypatch.setattr(testbed, "evaluate_onnx", lambda out, n, layout="free", **kw: seen.append(layout) or {"n": n})
+    monkeypatch.setattr(perplexity, "perplexity_onnx", lambda *a, **kw: 1.0)
+    assert cli.main(["eval", str(rtn_exports["smolvlm"]), "--n", "2", "--json"]) == 0
+    assert seen == ["grid"] and json.loads(capsys.readouterr().out)["onnx"]["n"] == 2

@@ -39,12 +39,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SCOPES = {"llm": ("llm",), "llm+head": ("llm", "lm_head"), "all": ("vision", "projector", "llm")}
 
 
-def measure(family, model, ref_outputs, val, ids, n_eval: int) -> dict:
+def measure(family, model, ref_outputs, val, ids, n_eval: int, layout: str = "free") -> dict:
     from vlmq_export.testbed import evaluate_torch
     from vlmq_export.validate.compare import compare, torch_outputs
     from vlmq_export.validate.perplexity import perplexity_torch
 
-    acc = evaluate_torch(family, model, n=n_eval)
+    acc = evaluate_torch(family, model, n=n_eval, layout=layout)
     row = {**{k: acc[k] for k in ("accuracy", "ci95", "per_qtype", "per_qtype_ci95", "correct", "n", "n_per_qtype")},
            "n_eval": acc["n"],
            "perplexity": perplexity_torch(model, ids)}
@@ -85,7 +85,7 @@ def main() -> int:
     from vlmq_export.pipeline import prepare_all, validation_samples
     from vlmq_export.sources import resolve_model
     from vlmq_export.testing.machine import machine_stamp
-    from vlmq_export.testbed import format_accuracy, format_interval
+    from vlmq_export.testbed import format_accuracy, format_interval, testbed_layout
     from vlmq_export.validate.compare import torch_outputs
     from vlmq_export.validate.perplexity import text_ids
 
@@ -97,6 +97,7 @@ def main() -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.time()
     path = resolve_model(args.model)
+    layout = testbed_layout(path)  # the ShapesVQA layout the testbed was trained on
     family = load_family(path)
     base = family.load_model(path)
     ids = text_ids(family.tokenizer)
@@ -108,7 +109,7 @@ def main() -> int:
     val = prepare_all(family, validation_samples(args.n_val), with_answer=False)
     ref = torch_outputs(family, base, val)
 
-    fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, ids, args.n_eval)}
+    fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, ids, args.n_eval, layout)}
     log(f"fp: {format_accuracy(fp)}, "
         f"ppl {fp['perplexity']:.2f}")
     rows = [fp]
@@ -123,7 +124,7 @@ def main() -> int:
                 calibrate(family, model, calib, recipe, device="cpu")
                 calib_s = time.perf_counter() - t0
                 row = {"scope": scope, "method": method, "bits": bits, "calib_s": calib_s,
-                       **measure(family, model, ref, val, ids, args.n_eval)}
+                       **measure(family, model, ref, val, ids, args.n_eval, layout)}
                 rows.append(row)
                 log(f"{scope} {method} W{bits}: acc {row['accuracy']:.3f} {format_interval(row['ci95'])} ppl {row['perplexity']:.2f} "
                     f"img cos {row.get('image_features_cosine') or float('nan'):.4f} ({calib_s:.0f}s calibration)")

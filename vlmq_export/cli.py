@@ -456,19 +456,20 @@ def cmd_eval(argv: list[str]) -> int:
     from .outdir import check_complete
     from .runtime.generate import OnnxVLM
     from .sources import resolve_model
-    from .testbed import evaluate_onnx, evaluate_torch
+    from .testbed import evaluate_onnx, evaluate_torch, testbed_layout
     from .validate.perplexity import perplexity_onnx, perplexity_torch, text_ids
 
     out = Path(args.out)
     manifest = check_complete(out, verify_hashes=not args.no_verify)
     vlm = OnnxVLM(out, accuracy_level=args.accuracy_level, backend=args.backend)
-    res = {"onnx": {**evaluate_onnx(out, n=args.n, accuracy_level=args.accuracy_level, vlm=vlm),
+    layout = testbed_layout(manifest["source"]["path"])  # the ShapesVQA layout the source was trained on
+    res = {"onnx": {**evaluate_onnx(out, n=args.n, accuracy_level=args.accuracy_level, vlm=vlm, layout=layout),
                     "perplexity": perplexity_onnx(vlm, text_ids(vlm.family.tokenizer))}}
     if args.torch:
         model_dir = resolve_model(args.model) if args.model else Path(manifest["source"]["path"])
         family = load_family(model_dir)
         model = family.load_checked(model_dir)
-        res["torch"] = {**evaluate_torch(family, model, n=args.n),
+        res["torch"] = {**evaluate_torch(family, model, n=args.n, layout=layout),
                         "perplexity": perplexity_torch(model, text_ids(family.tokenizer))}
     print(json.dumps(res, indent=None if args.json else 2))
     return 0

@@ -220,10 +220,11 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
 
     n_task = opts.eval_task if opts.eval_task is not None else (100 if model_spec.startswith("builtin:shapes") else 0)
     if n_task:
-        from .testbed import evaluate_torch
+        from .testbed import evaluate_torch, testbed_layout
 
         say.start("evaluate", f"ShapesVQA accuracy of the full-precision model on {n_task} test samples")
-        report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task)}
+        report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task,
+                                                                                    layout=testbed_layout(model_dir))}
 
     # -- calibration
     comps = ", ".join(f"{c} {r.label()}" for c, r in recipe.components.items())
@@ -305,10 +306,11 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                 fp32_vlm, OnnxVLM(work, accuracy_level=PARITY_ACCURACY_LEVEL), val, None, max_abs=True)
             del fp32_vlm
     if n_task:
-        from .testbed import evaluate_onnx
+        from .testbed import evaluate_onnx, testbed_layout
 
         say.start("evaluate", f"ShapesVQA accuracy of the exported ONNX in ONNX Runtime on {n_task} test samples")
-        report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task, vlm=served)
+        report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task, vlm=served,
+                                                        layout=testbed_layout(model_dir))
     del served
     report["layers"] = {}
     for comp in recipe.components:

@@ -63,6 +63,18 @@ def make_shapes_smolvlm(path: str | Path, *, assets: str | Path | None = None) -
     return path
 
 
+def testbed_layout(model_dir: str | Path) -> str:
+    """The ShapesVQA layout a model directory was trained on: its ``testbed.json``'s ``data.layout`` ("free" for
+    other models and for testbeds assembled before layouts existed)."""
+    stamp = Path(model_dir) / "testbed.json"
+    if not stamp.is_file():
+        return "free"
+    try:
+        return json.loads(stamp.read_text()).get("data", {}).get("layout", "free")
+    except (ValueError, AttributeError):
+        return "free"
+
+
 def _merge_lora(weights: Path, lora: dict, scale: float) -> None:
     """W += scale * B @ A for every ``<prefix>.lora_A`` / ``<prefix>.lora_B`` pair, in float32, in place."""
     from safetensors.torch import load_file, save_file
