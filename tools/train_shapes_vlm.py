@@ -54,6 +54,19 @@ loss, is what learns slowly. Both call for GPU-scale training, vision first: the
 vision-only pretraining takes ``--workers`` like the main loop, and costs ~0.04 s per image here against ~0.5 s
 per scene with the LM in the loop.
 
+The lever (2026-12-06): ``--layout grid --patch-size 32 --scale-factor 1`` puts every shape centred in its own
+32-pixel cell of ShapesVQA's 8x8 grid and gives the ViT one patch per cell (still 64 image tokens, connector in
+256 -> 576; the exporter takes the geometry: float ONNX = torch, image-feature cosine 1.0 on a tiny model). One token
+then sees one whole shape, and the kind probe (``tools/vision_kind_probe.py --layout grid --patch-size 32``) reaches
+0.975 kind accuracy at step 50 instead of 0.31-0.33 at step 300. The long run on it::
+
+    nohup nice -n 19 python tools/train_shapes_vlm.py --layout grid --patch-size 32 --scale-factor 1 --lora-rank 8 \
+        --aux-weight 0.5 --pretrain-steps 60 --steps 2400 --eval-every 50 --n-val 160 --max-minutes 1000 \
+        --threads 2 --out /work/train_shapes/grid32 [--resume] &
+
+(``--resume`` needs the same flags; a different ``--layout`` is refused.) A grid testbed is evaluated on grid scenes:
+``meta.json``'s ``data.layout`` reaches ``testbed.json`` and every evaluation (``testbed_layout``).
+
 ``--export-assets DIR`` writes the committed parts from ``best.safetensors`` (or ``--from``):
 ``vision_connector.safetensors``, ``lora.safetensors`` (when LoRA was trained) and ``meta.json``.
 
