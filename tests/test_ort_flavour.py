@@ -134,6 +134,21 @@ def test_merge_refuses_weights_of_different_formats():
         merge([w, Weight(np.zeros((4, 2), np.int8), np.ones((1, 2), np.float32))])
 
 
+def test_a_graph_that_quantizes_activations_is_refused():
+    """W8A8 graphs carry activation QuantizeLinears that rebuilt MatMuls would silently drop."""
+    from onnx import TensorProto, helper
+
+    from vlmq_export.export.ort_flavour import build_llm
+
+    node = helper.make_node("QuantizeLinear", ["x", "s"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8, [2])],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [1.0])])
+    with pytest.raises(ValueError, match="QuantizeLinear"):
+        build_llm(helper.make_model(graph), num_heads=1, num_kv_heads=1, head_dim=2, hidden_size=2,
+                  rms_norm_eps=1e-5, max_positions=4)
+
+
 def test_the_flavour_choice(tiny_dirs):
     smol = load_family(tiny_dirs["smolvlm"]).text_config
     qwen = load_family(tiny_dirs["qwen2_vl"]).text_config

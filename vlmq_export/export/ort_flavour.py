@@ -206,6 +206,8 @@ def build_llm(src: onnx.ModelProto, *, num_heads: int, num_kv_heads: int, head_d
     ``attention_mask``, ``position_ids``, ``past_key_i``/``past_value_i``; outputs ``logits``,
     ``present_key_i``/``present_value_i``, names as the portable graph's). Raises ValueError when ``src`` does
     not hold every weight the graph needs."""
+    if any(n.op_type == "QuantizeLinear" for n in src.graph.node):
+        raise ValueError("the llm graph quantizes activations (QuantizeLinear), which the ORT flavour does not carry")
     w = read_weights(src)
     n_layers = len(w["layers"])
     need = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
