@@ -7,7 +7,9 @@ a width is not a multiple of 128), and measured in torch with the fake-quantized
 Q/DQ ONNX reproduces these to ~1e-5, which the pipeline's validation checks on every export):
 
 * ShapesVQA exact-match accuracy on the held-out test split, overall and per question type;
-* perplexity of the language model on ``vlmq_export/assets/english.txt``;
+* perplexity of the language model on ``vlmq_export/assets/english.txt`` and on the held-out English text
+  (27k tokens, ``vlmq_export/assets/HELDOUT.md``; about 1 min per row on 2 cores, ``--no-heldout`` skips it),
+  each with a 95 % per-window bootstrap interval;
 * image-feature cosine, prompt-logits cosine and top-1 agreement against full precision on validation
   prompts (``validation_samples``);
 * calibration wall time.
@@ -18,7 +20,7 @@ Writes ``OUT.json`` and ``OUT.md`` stamped with the commit measured.
 
     python tools/quality_sweep.py [--model builtin:shapes-smolvlm] [--methods rtn,gptq,vlmq]
                                   [--bits 4,3,2] [--scopes llm,all] [--n-eval 200] [--n-calib 32]
-                                  [--calib-text 0] [--sink-weight 1] [--no-act-order]
+                                  [--calib-text 0] [--sink-weight 1] [--no-act-order] [--no-heldout]
                                   [--out benchmarks/quality]
 """
 from __future__ import annotations
@@ -39,15 +41,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SCOPES = {"llm": ("llm",), "llm+head": ("llm", "lm_head"), "all": ("vision", "projector", "llm")}
 
 
-def measure(family, model, ref_outputs, val, ids, n_eval: int, layout: str = "free") -> dict:
+def measure(family, model, ref_outputs, val, heldout: bool, n_eval: int, layout: str = "free") -> dict:
     from vlmq_export.testbed import evaluate_torch
     from vlmq_export.validate.compare import compare, torch_outputs
-    from vlmq_export.validate.perplexity import perplexity_torch
+    from vlmq_export.validate.perplexity import lm_perplexity
 
     acc = evaluate_torch(family, model, n=n_eval, layout=layout)
     row = {**{k: acc[k] for k in ("accuracy", "ci95", "per_qtype", "per_qtype_ci95", "correct", "n", "n_per_qtype")},
            "n_eval": acc["n"],
-           "perplexity": perplexity_torch(model, ids)}
+           **lm_perplexity(model, family.tokenizer, heldout)}
     if ref_outputs is not None:
         c = compare(ref_outputs, torch_outputs(family, model, val))
         row.update({k: c.get(k) for k in ("image_features_cosine", "logits_cosine", "top1_agreement")})
@@ -73,6 +75,8 @@ def main() -> int:
                     help="GPTQ-family columns by decreasing Hessian diagonal (default on, as the pipeline)")
     ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
                     help="inside each block, calibrate the layer groups (q/k/v, o, gate/up, down) one after the other")
+    ap.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the perplexity on the held-out English text (default on)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args()
@@ -87,7 +91,7 @@ def main() -> int:
     from vlmq_export.testing.machine import machine_stamp
     from vlmq_export.testbed import format_accuracy, format_interval, testbed_layout
     from vlmq_export.validate.compare import torch_outputs
-    from vlmq_export.validate.perplexity import text_ids
+    from vlmq_export.validate.perplexity import format_perplexity
 
     torch.set_num_threads(args.threads)
     # the code measured: stamped before the (long) run, so edits made meanwhile do not count
@@ -100,7 +104,6 @@ def main() -> int:
     layout = testbed_layout(path)  # the ShapesVQA layout the testbed was trained on
     family = load_family(path)
     base = family.load_model(path)
-    ids = text_ids(family.tokenizer)
     calib = load_samples("builtin:shapes", limit=args.n_calib)
     if args.calib_text:
         from vlmq_export.data.generated import generated_text_samples
@@ -109,7 +112,8 @@ def main() -> int:
     val = prepare_all(family, validation_samples(args.n_val), with_answer=False)
     ref = torch_outputs(family, base, val)
 
-    fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, ids, args.n_eval, layout)}
+    fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, args.heldout, args.n_eval,
+                                                                                  layout)}
     log(f"fp: {format_accuracy(fp)}, "
         f"ppl {fp['perplexity']:.2f}")
     rows = [fp]
@@ -124,7 +128,7 @@ def main() -> int:
                 calibrate(family, model, calib, recipe, device="cpu")
                 calib_s = time.perf_counter() - t0
                 row = {"scope": scope, "method": method, "bits": bits, "calib_s": calib_s,
-                       **measure(family, model, ref, val, ids, args.n_eval, layout)}
+                       **measure(family, model, ref, val, args.heldout, args.n_eval, layout)}
                 rows.append(row)
                 log(f"{scope} {method} W{bits}: acc {row['accuracy']:.3f} {format_interval(row['ci95'])} ppl {row['perplexity']:.2f} "
                     f"img cos {row.get('image_features_cosine') or float('nan'):.4f} ({calib_s:.0f}s calibration)")
@@ -141,7 +145,9 @@ def main() -> int:
     qtypes = sorted(fp["per_qtype"])
     lines = [f"# Quality sweep: {args.model}", "",
              f"Commit {commit}{' (with uncommitted changes)' if dirty else ''}. ShapesVQA exact match on "
-             f"{args.n_eval} test samples (torch, fake-quantized weights; [95 % Wilson interval]), perplexity on the English text, cosines "
+             f"{args.n_eval} test samples (torch, fake-quantized weights; [95 % Wilson interval]), perplexity on the English text"
+             + (" and on the held-out English text (95 % per-window bootstrap interval)" if args.heldout else "")
+             + ", cosines "
              f"against full precision on {args.n_val} validation prompts. Calibration: {args.n_calib} built-in "
              f"ShapesVQA samples"
              + (f" + {args.calib_text} text sequences of {args.calib_text_tokens} tokens sampled from the model"
@@ -151,15 +157,17 @@ def main() -> int:
              + (", layer groups calibrated in turn inside each block (`--true-sequential`)" if args.true_sequential else "")
              + ". Scope `llm`: decoder only; `llm+head`: "
              "decoder and lm_head; `all`: vision encoder + projector + decoder.", "",
-             "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | image cos | logits cos "
-             "| top-1 | calibration s |",
-             "|---|---|---|---|" + "---|" * len(qtypes) + "---|---|---|---|---|"]
+             "| scope | method | bits | accuracy | " + " | ".join(qtypes) + " | perplexity | "
+             + ("held-out perplexity [95 %] | " if args.heldout else "") + "image cos | logits cos | top-1 | calibration s |",
+             "|---|---|---|---|" + "---|" * len(qtypes) + "---|" * (6 if args.heldout else 5)]
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['scope']} | {r['method']} | {r['bits']} | {f(r['accuracy'])} {format_interval(r['ci95'])} | "
                      + " | ".join(f"{f(r['per_qtype'].get(q), 2)} {format_interval(r['per_qtype_ci95'].get(q))}"
                                   for q in qtypes)
-                     + f" | {f(r['perplexity'], 2)} | {f(r.get('image_features_cosine'), 4)} | "
+                     + f" | {f(r['perplexity'], 2)} | "
+                     + (f"{format_perplexity(r['perplexity_texts']['heldout'], detail=False)} | " if args.heldout else "")
+                     + f"{f(r.get('image_features_cosine'), 4)} | "
                        f"{f(r.get('logits_cosine'), 4)} | {f(r.get('top1_agreement'))} | {r['calib_s']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

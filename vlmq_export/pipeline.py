@@ -36,6 +36,7 @@ from .runtime.session import PARITY_ACCURACY_LEVEL
 from .sources import resolve_model
 from .validate.compare import compare, component_fidelity, onnx_outputs, torch_outputs
 from .validate.graphs import ort_fusion, portable_int4_problems
+from .validate.perplexity import REPORT_HELDOUT_WINDOWS, onnx_logits, perplexities, torch_logits
 from .validate.report import write_report
 
 @dataclass
@@ -225,6 +226,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         say.start("evaluate", f"ShapesVQA accuracy of the full-precision model on {n_task} test samples")
         report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task,
                                                                                     layout=testbed_layout(model_dir))}
+        report["perplexity"] = {"heldout_windows": REPORT_HELDOUT_WINDOWS, "torch_full_precision": perplexities(
+            torch_logits(model), family.tokenizer, REPORT_HELDOUT_WINDOWS)}
 
     # -- calibration
     comps = ", ".join(f"{c} {r.label()}" for c, r in recipe.components.items())
@@ -311,6 +314,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         say.start("evaluate", f"ShapesVQA accuracy of the exported ONNX in ONNX Runtime on {n_task} test samples")
         report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task, vlm=served,
                                                         layout=testbed_layout(model_dir))
+        report["perplexity"]["onnx_quantized"] = perplexities(onnx_logits(served), family.tokenizer,
+                                                              REPORT_HELDOUT_WINDOWS)
     del served
     report["layers"] = {}
     for comp in recipe.components:

@@ -16,7 +16,7 @@ from ..calibrate import ComponentRecipe, Recipe, calibrate
 from ..data.generated import generated_text_samples
 from ..data.samples import Sample
 from ..models import load_family
-from ..validate.perplexity import perplexity_torch, text_ids
+from ..validate.perplexity import lm_perplexity, text_ids
 
 def text_samples(n: int, prompt_words: int = 100, answer_words: int = 500) -> list[Sample]:
     """Calibration text that is not the evaluation text: the prose of the Python reference manual that
@@ -81,8 +81,10 @@ def calibrated_copy(family, base, samples: list[Sample], recipe: Recipe) -> tupl
 def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3), n_calib: int = 64,
                   progress=print, samples: list[Sample] | None = None, data: str = "generated",
                   clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True,
-                  true_sequential: bool = False, sym: bool = True, sym_grid: str = "half", seed: int = 0) -> dict:
-    """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times.
+                  true_sequential: bool = False, sym: bool = True, sym_grid: str = "half", seed: int = 0,
+                  heldout: bool = False) -> dict:
+    """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times; with
+    ``heldout`` also on the held-out English text, both with 95 % intervals (``perplexity_texts``).
 
     Calibration: ``samples`` if given, else ``n_calib`` samples of ``data``: ``"generated"`` (sampled
     from the model itself, :func:`generated_text_samples`) or ``"pydoc"`` (:func:`text_samples`).
@@ -101,7 +103,7 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
         samples = calibration_samples(family, base, data, n_calib, seed)
         gen_s = time.perf_counter() - t0
         progress(f"calibration data: {len(samples)} {data} samples ({gen_s:.0f}s)")
-    rows = [{"method": "fp", "bits": 16, "perplexity": perplexity_torch(base, ids), "calib_s": 0.0}]
+    rows = [{"method": "fp", "bits": 16, **lm_perplexity(base, family.tokenizer, heldout), "calib_s": 0.0}]
     progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
     for b in bits:
         for method in methods:
@@ -109,7 +111,7 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
                 method=method, components={"llm": ComponentRecipe(b, 128)}, clip_search=clip_search,
                 sink_weight=sink_weight, act_order=act_order, true_sequential=true_sequential, sym=sym,
                 sym_grid=sym_grid))
-            row = {"method": method, "bits": b, "calib_s": calib_s, "perplexity": perplexity_torch(model, ids)}
+            row = {"method": method, "bits": b, "calib_s": calib_s, **lm_perplexity(model, family.tokenizer, heldout)}
             rows.append(row)
             progress(f"{method} W{b}: perplexity {row['perplexity']:.3f} ({row['calib_s']:.0f}s)")
             del model

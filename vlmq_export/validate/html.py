@@ -179,6 +179,24 @@ def task_plot(task: dict) -> bytes | None:
     return _png(fig)
 
 
+def perplexity_plot(ppl: dict) -> bytes | None:
+    models = {k: v for k, v in ppl.items() if isinstance(v, dict)}
+    if not models:
+        return None
+    fig, axes = _figure(2, 0.45 * len(models) + 0.9)
+    for ax, text in zip(axes, ("english", "heldout")):
+        rows = [(name.replace("_", " "), res[text]) for name, res in models.items()]
+        vals = [r["perplexity"] for _, r in rows]
+        err = [[v - r["ci95"][0] for v, (_, r) in zip(vals, rows)], [r["ci95"][1] - v for v, (_, r) in zip(vals, rows)]]
+        ax.barh(range(len(rows)), vals, xerr=err, capsize=4, color="#4a7fb5")
+        ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"perplexity on {'english.txt' if text == 'english' else 'the held-out English text'} "
+                     f"({rows[0][1]['tokens']:,} tokens; bars: 95 % bootstrap interval)")
+        ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
 def plots(manifest: dict, report: dict, outliers: list[dict]) -> dict[str, bytes]:
     figs = {"layers": layer_errors_plot(manifest.get("layers", []), outliers)}
     if report.get("saliency"):
@@ -187,4 +205,6 @@ def plots(manifest: dict, report: dict, outliers: list[dict]) -> dict[str, bytes
         figs["components"] = components_plot(report["components"])
     if report.get("task"):
         figs["task"] = task_plot(report["task"])
+    if report.get("perplexity"):
+        figs["perplexity"] = perplexity_plot(report["perplexity"])
     return {k: v for k, v in figs.items() if v}

@@ -39,7 +39,8 @@ def measured(manifest: dict, report: dict) -> dict:
     """Who measured each section's numbers and when: the export (at the manifest's date) unless `validate`
     re-measured it (``report["measured"]``, written by ``validate_output``)."""
     present = [f"stages.{k}" for k in report.get("stages", {})]
-    present += [k for k in ("task", "components", "components_fp16_vs_fp32", "saliency", "ort_fusion") if report.get(k)]
+    present += [k for k in ("task", "perplexity", "components", "components_fp16_vs_fp32", "saliency", "ort_fusion")
+                if report.get(k)]
     present += ["int4_form"] if "int4_form_problems" in report else []
     export = {"by": "export", "at": manifest.get("created")}
     return {k: report.get("measured", {}).get(k, export) for k in present}
@@ -136,6 +137,23 @@ def _header(manifest: dict, prov: dict) -> list[str]:
     return lines + [""]
 
 
+def _perplexity_section(ppl: dict, prov: dict | None) -> Section:
+    from .perplexity import format_perplexity
+
+    n = ppl.get("heldout_windows")
+    sec = Section(f"Language-model perplexity (95 % interval: per-window bootstrap; {_by(prov)})",
+                  header=["model", "english.txt", "held-out English" + (f" (first {n} windows)" if n else "")],
+                  plot="perplexity")
+    names = {"torch_full_precision": "full precision (torch)", "onnx_quantized": "exported ONNX (ONNX Runtime)"}
+    for key, texts in ppl.items():
+        if isinstance(texts, dict):
+            sec.rows.append([names.get(key, key), *(format_perplexity(texts[t]) for t in ("english", "heldout"))])
+    sec.notes.append("Windows of 512 tokens scored from scratch. Held-out: four State of the Union addresses "
+                     "(`vlmq_export/assets/HELDOUT.md`)" + (f"; the export scores its first {n} windows, "
+                                                           "`vlmq-export eval OUT` the whole text." if n else "."))
+    return sec
+
+
 def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]:
     out = [_verdict_section(v, prov)]
     files = Section("Files", header=["graph", "INT4 Q/DQ bytes", "float bytes", "ratio"])
@@ -173,6 +191,8 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
                 sec.rows.append([names.get(key, key).format(level=res.get("accuracy_level", "?")),
                                  f"{_fmt(res.get('accuracy'))} {format_interval(res.get('ci95'))}".rstrip(), per])
         out.append(sec)
+    if report.get("perplexity"):
+        out.append(_perplexity_section(report["perplexity"], prov.get("perplexity")))
     comp = report.get("components")
     if comp:
         out.append(Section(f"Per-component fidelity (each quantized graph alone, fed the float graph's inputs; "
