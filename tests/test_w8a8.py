@@ -153,8 +153,14 @@ def test_graph_form_and_lint(exports, fmt):
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     qs = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
     assert qs
+    consumers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
     for q in qs:
         assert inits[q.input[1]].shape == () and inits[q.input[1]] > 0
+        for dq_out in (n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]):
+            assert consumers[dq_out] == ["MatMul"]  # one DQ per MatMul: ONNX Runtime fuses only those
         z = inits[q.input[2]]
         assert z.shape == () and float(z) == 0.0 and (z.dtype == np.int8) == (fmt == "int8")
     res = lint_output(out, ["tensorrt", "jetson-orin", "jetson-thor", "onnxruntime"])
@@ -248,3 +254,18 @@ def test_w8a8_language_model_keeps_its_activation_qdq(exports):
     n_act = sum(1 for r in manifest["layers"] if r.get("act") and r["component"] == "llm")
     assert n_act and manifest["components"]["llm"]["flavour"] == "portable"
     assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) >= n_act // 2  # q/k/v share one input's Q/DQ
+
+
+def test_shared_input_gets_one_quantize_and_a_dequantize_per_matmul(exports):
+    """SmolVLM's vision q/k/v read one tensor: one QuantizeLinear, three DequantizeLinear, each into one MatMul
+    (ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat only for a single-consumer DQ)."""
+    m = onnx.load(str(exports["smolvlm", "int8"] / "vision_encoder.onnx"), load_external_data=False)
+    consumers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    fanout = [len(consumers[n.output[0]]) for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert max(fanout) == 3
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.name.endswith("_act_DequantizeLinear"):
+            assert [c.op_type for c in consumers[n.output[0]]] == ["MatMul"]

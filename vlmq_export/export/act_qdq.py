@@ -9,7 +9,9 @@ goes through::
 with a scalar scale ``amax / 127`` (INT8) or ``amax / 448`` (FP8) in the input's float type and a scalar zero
 point 0 of type INT8 or FLOAT8E4M3FN (symmetric, TensorRT's form; ../shared/notes/tensorrt.md: Q/DQ on the
 inputs of MatMul/Gemm, per-tensor, no Cast after the DQ). The weight itself is written by the weight pass
-(per-channel, axis 1). Layers that read one tensor with the same range share one Q/DQ pair.
+(per-channel, axis 1). Layers that read one tensor with the same range (q/k/v, gate/up) share its QuantizeLinear,
+each with a DequantizeLinear of its own: ONNX Runtime fuses DQ -> MatMul into ``MatMulIntegerToFloat`` only where
+the DQ has one consumer (measured: with one shared DQ, q/k/v of the testbed's vision encoder stayed float MatMuls).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class ActQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        shared: dict[tuple, ir.Value] = {}  # (input, format, scale) -> its DQ output
+        shared: dict[tuple, ir.Node] = {}  # (input, format, scale) -> its QuantizeLinear
         for node in list(graph):
             key = linear_weight_key(node)
             layer = self.by_key.get(key) if key else None
@@ -50,14 +52,14 @@ class ActQDQPass(ir.passes.InPlacePass):
             scale = np.array(act_scale(layer.act_amax, layer.act_fmt), dtype=dtype)
             k = (id(x), layer.act_fmt, float(scale))
             if k not in shared:
-                shared[k] = self._qdq(graph, node, x, layer, scale)
-            node.replace_input_with(0, shared[k])
+                shared[k] = self._quantize(graph, node, x, layer, scale)
+            node.replace_input_with(0, self._dequantize(graph, node, shared[k], layer))
             self.matched.add(key)
         return ir.passes.PassResult(model, bool(self.matched))
 
     @staticmethod
-    def _qdq(graph: ir.Graph, node: ir.Node, x: ir.Value, layer: QuantizedLinear, scale: np.ndarray) -> ir.Value:
-        base = (layer.name.replace(".", "_") or "x") + "_act"
+    def _quantize(graph: ir.Graph, node: ir.Node, x: ir.Value, layer: QuantizedLinear, scale: np.ndarray) -> ir.Node:
+        base = _base(layer)
         s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(scale, name=f"{base}_scale"))
         z = ir.Value(name=f"{base}_zero_point",
                      const_value=ir.Tensor(np.zeros((), dtype=ZERO[layer.act_fmt]), name=f"{base}_zero_point"))
@@ -66,7 +68,19 @@ class ActQDQPass(ir.passes.InPlacePass):
             graph.register_initializer(v)
         q = ir.node("QuantizeLinear", [x, s, z], name=f"{base}_QuantizeLinear")
         q.outputs[0].name, q.outputs[0].dtype, q.outputs[0].shape = f"{base}_q", z.dtype, x.shape
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = f"{base}_dq", s.dtype, x.shape
-        graph.insert_before(node, [q, dq])
+        graph.insert_before(node, q)
+        return q
+
+    @staticmethod
+    def _dequantize(graph: ir.Graph, node: ir.Node, q: ir.Node, layer: QuantizedLinear) -> ir.Value:
+        """A DequantizeLinear of ``q`` (its scale and zero point) for ``node`` alone."""
+        base = _base(layer)
+        dq = ir.node("DequantizeLinear", [q.outputs[0], *q.inputs[1:]], name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name, dq.outputs[0].dtype = f"{base}_dq", q.inputs[1].dtype
+        dq.outputs[0].shape = q.outputs[0].shape
+        graph.insert_before(node, dq)
         return dq.outputs[0]
+
+
+def _base(layer: QuantizedLinear) -> str:
+    return (layer.name.replace(".", "_") or "x") + "_act"
