@@ -58,11 +58,13 @@ The lever (2026-12-06): ``--layout grid --patch-size 32 --scale-factor 1`` puts 
 32-pixel cell of ShapesVQA's 8x8 grid and gives the ViT one patch per cell (still 64 image tokens, connector in
 256 -> 576; the exporter takes the geometry: float ONNX = torch, image-feature cosine 1.0 on a tiny model). One token
 then sees one whole shape, and the kind probe (``tools/vision_kind_probe.py --layout grid --patch-size 32``) reaches
-0.975 kind accuracy at step 50 instead of 0.31-0.33 at step 300. The long run on it::
+0.975 kind accuracy at step 50 instead of 0.31-0.33 at step 300. That probe's kind loss is on shape cells only; the
+trainer's needs ``--aux-kind-on-shapes`` for the same (without it, ~4 % shape cells, its pretraining probe stayed at
+kind 0.25, colour 0.88 at step 60). The long run on it::
 
     nohup nice -n 19 python tools/train_shapes_vlm.py --layout grid --patch-size 32 --scale-factor 1 --lora-rank 8 \
-        --aux-weight 0.5 --pretrain-steps 60 --steps 2400 --eval-every 50 --n-val 160 --max-minutes 1000 \
-        --threads 2 --out /work/train_shapes/grid32 [--resume] &
+        --aux-weight 0.5 --aux-kind-on-shapes --pretrain-steps 100 --steps 2400 --eval-every 50 --n-val 160 \
+        --max-minutes 1000 --threads 2 --out /work/train_shapes/grid32 [--resume] &
 
 (``--resume`` needs the same flags; a different ``--layout`` is refused.) A grid testbed is evaluated on grid scenes:
 ``meta.json``'s ``data.layout`` reaches ``testbed.json`` and every evaluation (``testbed_layout``).
