@@ -226,6 +226,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         say.start("evaluate", f"ShapesVQA accuracy of the full-precision model on {n_task} test samples")
         report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task,
                                                                                     layout=testbed_layout(model_dir))}
+        say(f"perplexity on english.txt and the held-out text's first {REPORT_HELDOUT_WINDOWS} windows (torch)")
         report["perplexity"] = {"heldout_windows": REPORT_HELDOUT_WINDOWS, "torch_full_precision": perplexities(
             torch_logits(model), family.tokenizer, REPORT_HELDOUT_WINDOWS)}
 
@@ -314,6 +315,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         say.start("evaluate", f"ShapesVQA accuracy of the exported ONNX in ONNX Runtime on {n_task} test samples")
         report["task"]["onnx_quantized"] = evaluate_onnx(work, n=n_task, vlm=served,
                                                         layout=testbed_layout(model_dir))
+        say(f"perplexity on english.txt and the held-out text's first {REPORT_HELDOUT_WINDOWS} windows (ONNX Runtime)")
         report["perplexity"]["onnx_quantized"] = perplexities(onnx_logits(served), family.tokenizer,
                                                               REPORT_HELDOUT_WINDOWS)
     del served
