@@ -143,6 +143,7 @@ def test_report_shows_both_texts_with_intervals(tmp_path):
     assert "## Language-model perplexity (95 % interval: per-window bootstrap; export" in md
     assert "| exported ONNX (ONNX Runtime) | 25.43 [23.40, 27.60] (2 windows, 809 tokens) | 16.02 [15.00, 17.10]" in md
     assert "held-out English (first 16 windows)" in md and "`vlmq-export eval OUT` the whole text" in md
+    assert "An interval from 2 windows is coarse" in md
     assert (tmp_path / "report" / "report.html").read_text().count(IMG) == plots_before + 1
     doc = json.loads((tmp_path / "report" / "validation.json").read_text())
     assert doc["perplexity"]["onnx_quantized"]["heldout"]["ci95"] == [15.0, 17.1] and "perplexity" in doc["measured"]

@@ -151,6 +151,10 @@ def _perplexity_section(ppl: dict, prov: dict | None) -> Section:
     sec.notes.append("Windows of 512 tokens scored from scratch. Held-out: four State of the Union addresses "
                      "(`vlmq_export/assets/HELDOUT.md`)" + (f"; the export scores its first {n} windows, "
                                                            "`vlmq-export eval OUT` the whole text." if n else "."))
+    few = min((t["windows"] for texts in ppl.values() if isinstance(texts, dict) for t in texts.values()), default=0)
+    if few < 5:
+        sec.notes.append(f"An interval from {few} windows is coarse (english.txt is 2 windows for SmolLM2's tokenizer): "
+                         "compare models on the held-out text.")
     return sec
 
 
