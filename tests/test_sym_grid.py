@@ -195,3 +195,19 @@ def test_export_matches_fake_quant_and_records_the_grid(grid_exports, name, grid
 def test_extreme_grid_export_passes_tensorrt_lint(grid_exports, capsys):
     assert cli.main(["lint", str(grid_exports["extreme-trt"]), "--target", "tensorrt", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["targets"]["tensorrt"]["ok"]
+
+
+def test_bench_grid_reports_mean_and_spread_over_seeds():
+    from conftest import load_tool
+
+    tool = load_tool("bench_grid")
+    ppl = lambda p, tokens=100: {"perplexity": p, "ci95": [p - 1, p + 1], "windows": 1, "tokens": tokens}  # noqa: E731
+    base = {"method": "gptq", "bits": 4, "grid": "extreme", "asym": False, "true_sequential": False,
+            "sink_weight": 1.0, "clip_search": False, "commit": "abc", "calib_s": 10.0}
+    rows = [{**base, "seed": s, "english": ppl(e), "heldout": ppl(h)} for s, e, h in ((0, 26, 30), (1, 27, 31), (2, 28, 35))]
+    rows.append({**base, "method": "rtn", "grid": "half", "seed": None, "english": ppl(40), "heldout": ppl(44)})
+    md = tool.render({"fp": {"english": ppl(20, 808), "heldout": ppl(22, 2044)}, "n_calib": 16, "rows": rows})
+    assert "| gptq W4 sym extreme | 0,1,2 | 27.00 [26.00–28.00] ± 1.00 | 32.00 [30.00–35.00] ± 2.65 | +45.5% | 10 |" in md
+    assert "| rtn W4 sym half | — | 40.00 [39.00–41.00] | 44.00 [43.00–45.00] | +100.0% | 10 |" in md
+    assert tool.label({**base, "asym": True, "true_sequential": True, "sink_weight": 10.0, "clip_search": True}) == \
+        "gptq W4 asym true-seq sink 10 clip"
