@@ -25,7 +25,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def rtn_exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     """Tiny RTN exports of both families (no validation), built once per session (per xdist worker) for the
-    tests that only read an output directory; a test that changes one works on a copy."""
+    tests that only read an output directory; a test that changes one works on a copy. The llm graph is the
+    portable one (what ``build`` takes; the ORT flavour has its own tests in test_ort_flavour.py)."""
     from vlmq_export import cli
 
     root = tmp_path_factory.mktemp("rtn_exports")
@@ -33,7 +34,7 @@ def rtn_exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     for fam in ("qwen2_vl", "smolvlm"):
         outs[fam] = root / fam
         assert cli.main([str(tiny_dirs[fam]), "--int4", "--method", "rtn", "--no-validate", "-o", str(outs[fam]),
-                         "--n-calib", "2", "--quiet"]) == 0
+                         "--n-calib", "2", "--llm-graph", "portable", "--quiet"]) == 0
     return outs
 
 

@@ -263,6 +263,8 @@ BAD = {
     "tampered": (lambda out: open(out / "llm.onnx", "ab").write(b"\0"), [], "does not match its sha256"),
     "fp8-orin": (lambda out: _edit_manifest(out, lambda m: m["recipe"]["components"]["llm"].update(bits="fp8")),
                  ["--target", "jetson-orin"], "Orin has no FP8"),
+    "ort-flavour": (lambda out: _edit_manifest(out, lambda m: m["components"]["llm"].update(flavour="ort-gqa")), [],
+                    "ONNX Runtime's fused flavour"),
     "context": (lambda out: None, ["--max-context", "5000"], "beyond the model's context (max_position_embeddings 4096)"),
     "seq": (lambda out: None, ["--max-context", "64", "--max-seq", "65"], "--max-seq 65 is beyond --max-context 64"),
     "batch": (lambda out: None, ["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
@@ -313,3 +315,39 @@ def test_smolvlm_image_splitting_sizes_tiles_per_image_and_caps_them_by_the_cont
         "shapes"]["pixel_values"]["max"][0]
     assert tiles(max_images=3) == 15
     assert tiles(max_images=3, max_context=40) == 10  # 4 tokens a tile: 10 tiles fill a context of 40
+
+
+# ---------------------------------------------------------------- the newer families' vision profiles
+NEW_FAMILIES = {"qwen2_5_vl": "builtin:tiny-qwen2.5-vl", "llava": "builtin:tiny-llava", "llava_next": "builtin:tiny-llava-next"}
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_newer_families_profiles_cover_real_images_and_run(family, tmp_path):
+    """Qwen2.5-VL (window index feeds) and the LLaVA families (crops, anyres tiles): `build` sizes the vision
+    encoder from the image processor; the feeds of real images (one and two, tall and wide) lie inside the
+    profile, and the LLaVA tile profiles run in ONNX Runtime at min, opt and max."""
+    from PIL import Image
+
+    from vlmq_export.models import load_family
+
+    out = tmp_path / "out"
+    assert cli.main([NEW_FAMILIES[family], "--int4", "--method", "rtn", "--no-validate", "--llm-graph", "portable",
+                     "-o", str(out), "--quiet"]) == 0
+    assert cli.main(["build", str(out), "--max-images", "2", "--max-context", "2048"]) == 0
+    vision = _profiles(out)["graphs"]["vision_encoder"]["profiles"]
+    assert len(vision) == 1
+    shapes = vision[0]["shapes"]
+    fam = load_family(out / "processor", torch_free=True)
+    images = [Image.new("RGB", (90, 40), (200, 30, 30)), Image.new("RGB", (36, 120), (20, 200, 30))]
+    for imgs in (images[:1], images):
+        feeds = fam.vision_feeds(fam.prepare(imgs, "What is this?"))
+        for name, arr in feeds.items():
+            lo, hi = shapes[name]["min"], shapes[name]["max"]
+            assert len(lo) == arr.ndim and all(a <= d <= b for a, d, b in zip(lo, arr.shape, hi)), (name, arr.shape, lo, hi)
+    if family.startswith("llava"):
+        sess = ort.InferenceSession(str(out / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        for point in ("min", "opt", "max"):
+            x = rng.standard_normal(shapes["pixel_values"][point]).astype(np.float32)
+            (features,) = sess.run(None, {"pixel_values": x})
+            assert features.shape[0] == x.shape[0] and np.isfinite(features).all()

@@ -139,7 +139,7 @@ def test_serve_and_eval_on_fp16_export(exported, capsys):
     finally:
         srv.shutdown()
         srv.server_close()
-    assert cli.main(["eval", str(out), "--n", "2", "--json"]) == 0
+    assert cli.main(["eval", str(out), "--n", "2", "--heldout-windows", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(res["onnx"]["perplexity"])
 

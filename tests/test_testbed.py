@@ -183,7 +183,7 @@ def test_evaluate_onnx_tiny(tiny_dirs, tmp_path, capsys):
     assert manifest["validation"]["task_accuracy_onnx_quantized"] == report["task"]["onnx_quantized"]["accuracy"]
     # the eval verb: ONNX Runtime on the output, torch on its source model
     capsys.readouterr()
-    assert cli.main(["eval", str(out), "--n", "2", "--torch", "--json"]) == 0
+    assert cli.main(["eval", str(out), "--n", "2", "--heldout-windows", "2", "--torch", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     _check_result(res["onnx"], 2, "onnxruntime")
     _check_result(res["torch"], 2, "torch")

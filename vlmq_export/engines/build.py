@@ -106,6 +106,10 @@ def build_output(out: str | Path, target: str = "tensorrt", *, max_batch: int = 
         raise VlmqError(f"unknown target '{target}'; targets: {', '.join(TRT_TARGETS)}")
     out = Path(out)
     manifest = outdir.check_complete(out, verify_hashes=True)
+    flavour = manifest.get("components", {}).get("llm", {}).get("flavour", "portable")
+    if flavour != "portable":
+        raise VlmqError(f"{out}: its llm.onnx is ONNX Runtime's fused flavour ({flavour}: contrib operators TensorRT "
+                        "does not have); export with --target tensorrt (or --llm-graph portable) to build engines")
     fp8 = uses_fp8(manifest)
     if fp8 and not get_target(target).fp8:
         raise VlmqError(f"{out}: FP8 graphs ({', '.join(fp8)}) cannot run on {target}: Orin has no FP8 "

@@ -7,7 +7,8 @@ names (as ``pipeline.graph_io`` recorded them in the manifest), bound by role:
   past 1..C-1); in both the attention mask is past + sequence at min, opt and max, or the build fails.
 - vision encoder: one profile from the image processor's limits times the number of images N, capped so
   the image tokens fit in the context C (Qwen2-VL: flattened patches + one cu_seqlens entry per image;
-  SmolVLM: image tiles).
+  Qwen2.5-VL: also one window_index entry per merge block and at most one window per block; SmolVLM: image
+  tiles; LLaVA-1.5: one crop per image; LLaVA-NeXT / OneVision: the base tile + the largest pinpoint's tiles).
 - projector: the vision encoder's output sizes; embed_tokens: batch 1..B, sequence 1..S.
 
 opt is the middle of each range (rounded to the step the family needs).
@@ -94,7 +95,7 @@ def _llm_profiles(inputs: dict, B: int, S: int, C: int) -> list[dict]:
 def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dict:
     """Symbolic dims of the vision encoder's inputs -> (min, opt, max), from the image processor's limits."""
     sizes: dict = {}
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         patch, merge = int(image.get("patch_size", 14)), int(image.get("merge_size", 2))
         size = image.get("size") or {}
         # Qwen2-VL's own defaults where the config does not say
@@ -111,6 +112,10 @@ def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dic
         _bind(sizes, _dim(inputs, "pixel_values", 0), (per_min, p_opt, total_max))
         _bind(sizes, _dim(inputs, "vision_position_ids", 0), (per_min, p_opt, total_max))
         _bind(sizes, _dim(inputs, "cu_seqlens", 0), (2, n_opt + 1, N + 1))
+        if family == "qwen2_5_vl":  # one window_index entry per merge block; at most one window per block
+            blocks = (per_min // unit, p_opt // unit, total_max // unit)
+            _bind(sizes, _dim(inputs, "window_index", 0), blocks)
+            _bind(sizes, _dim(inputs, "cu_window_seqlens", 0), (2, _mid(2, blocks[1] + 1), blocks[2] + 1))
     elif family == "smolvlm":
         edge = int((image.get("max_image_size") or {}).get("longest_edge") or 0)
         longest = int((image.get("size") or {}).get("longest_edge") or edge)
@@ -122,6 +127,19 @@ def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dic
         _bind(sizes, _dim(inputs, "pixel_values", 0), (1, _mid(1, total_max), total_max))
         for axis in (2, 3):
             _bind(sizes, _dim(inputs, "pixel_values", axis), (edge, edge, edge))
+    elif family in ("llava", "llava_next", "llava_onevision"):
+        crop, size = image.get("crop_size") or {}, image.get("size") or {}
+        crop, size = ({"height": crop} if isinstance(crop, int) else crop), ({"height": size} if isinstance(size, int) else size)
+        tile = int(crop.get("height") or size.get("height") or size.get("shortest_edge") or 0)
+        if not tile:
+            raise VlmqError(f"build cannot read the {family} image processor's tile size (crop_size / size)")
+        per_image = 1  # LLaVA-1.5: one square crop; NeXT / OneVision: the base tile + the largest pinpoint's tiles
+        if family != "llava":
+            per_image += max((int(h) // tile) * (int(w) // tile) for h, w in image.get("image_grid_pinpoints") or [[tile, tile]])
+        total_max = N * per_image
+        _bind(sizes, _dim(inputs, "pixel_values", 0), (1, _mid(1, total_max), total_max))
+        for axis in (2, 3):
+            _bind(sizes, _dim(inputs, "pixel_values", axis), (tile, tile, tile))
     else:
         raise VlmqError(f"build does not know the image limits of the {family} family")
     return sizes
