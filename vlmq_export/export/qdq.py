@@ -235,5 +235,6 @@ def apply_qdq(model_path, out_path, layers: list[QuantizedLinear]) -> tuple[list
     ActQDQPass([q for q in layers if q.act_fmt])(model)  # on the float weights' MatMuls, before they change
     qpass = QDQWeightPass(layers)
     qpass(model)
+    ir.external_data.load_to_model(model)  # weights the passes left alone may still point at the float graph's .data
     save_model(ir.to_proto(model), out_path)
     return sorted(qpass.by_key[k].name for k in qpass.matched), qpass.clamped_scales
