@@ -10,8 +10,10 @@ with a scalar scale ``amax / 127`` (INT8) or ``amax / 448`` (FP8) in the input's
 point 0 of type INT8 or FLOAT8E4M3FN (symmetric, TensorRT's form; ../shared/notes/tensorrt.md: Q/DQ on the
 inputs of MatMul/Gemm, per-tensor, no Cast after the DQ). The weight itself is written by the weight pass
 (per-channel, axis 1). Layers that read one tensor with the same range (q/k/v, gate/up) share its QuantizeLinear,
-each with a DequantizeLinear of its own: ONNX Runtime fuses DQ -> MatMul into ``MatMulIntegerToFloat`` only where
-the DQ has one consumer (measured: with one shared DQ, q/k/v of the testbed's vision encoder stayed float MatMuls).
+each with a DequantizeLinear of its own (the QDQ node-unit form ONNX Runtime's selectors look for). Measured on the
+testbed's vision encoder (benchmarks/w8a8-ort.json): ONNX Runtime 1.x fuses o/fc1/fc2 into ``MatMulIntegerToFloat``
+(12 of 24) but leaves q/k/v as DQ -> float MatMul, with a shared DQ, a DQ per MatMul, or a Q per MatMul alike (its
+common-subexpression pass merges duplicated Qs); why is still open.
 """
 from __future__ import annotations
 
