@@ -173,13 +173,26 @@ def test_an_ort_request_that_cannot_be_met_is_a_user_error(tiny_dirs, tmp_path, 
     assert not out.exists()
 
 
-def test_the_default_export_holds_the_ort_flavour_and_says_so(rtn_exports):
-    manifest = json.loads((rtn_exports["smolvlm"] / "manifest.json").read_text())
+def test_the_default_export_holds_the_ort_flavour_and_says_so(tiny_dirs, dirs, tmp_path):
+    """The default onnxruntime export of a Llama decoder is the ORT flavour; the manifest says so and points each
+    layer at its part of the merged weights, so `validate` reads back the same codes as from the portable graph."""
+    from vlmq_export.pipeline import load_quantized_weights
+
+    out = tmp_path / "default"
+    assert cli.main([str(tiny_dirs["smolvlm"]), "--int4", "--method", "rtn", "--no-validate", "--n-calib", "2",
+                     "-o", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["components"]["llm"]["flavour"] == FLAVOUR_ORT
     assert manifest["recipe"]["runtimes"] == ["onnxruntime"]  # TensorRT takes the portable graph only
-    assert OnnxVLM(rtn_exports["smolvlm"]).llm_flavour == FLAVOUR_ORT
-    qwen = json.loads((rtn_exports["qwen2_vl"] / "manifest.json").read_text())
-    assert qwen["components"]["llm"]["flavour"] == FLAVOUR_PORTABLE
+    assert OnnxVLM(out).llm_flavour == FLAVOUR_ORT
+    merged = [r for r in manifest["layers"] if r.get("onnx_columns")]
+    assert {r["name"].rsplit(".", 1)[-1] for r in merged} >= {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    portable = json.loads((dirs["portable"] / "manifest.json").read_text())
+    assert portable["components"]["llm"]["flavour"] == FLAVOUR_PORTABLE
+    mine, theirs = load_quantized_weights(out, manifest), load_quantized_weights(dirs["portable"], portable)
+    assert mine.keys() == theirs.keys() and len(mine) == len(manifest["layers"])
+    for name, w in theirs.items():  # RTN: the same codes and scales, read from merged or separate weights
+        assert np.array_equal(mine[name].numpy(), w.numpy()), name
 
 
 def test_step_time_against_context(dirs, capsys):

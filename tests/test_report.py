@@ -93,8 +93,9 @@ def test_html_report_of_an_export(exported):
     p = Parser()
     p.feed(text)
     p.close()
-    # layer errors, saliency by modality, per-component fidelity, task accuracy per question type
-    assert len(p.imgs) == text.count(IMG) == 4
+    # layer errors, saliency by modality, per-component fidelity, task accuracy per question type, perplexity
+    # (english.txt and the held-out text, with intervals)
+    assert len(p.imgs) == text.count(IMG) == 5
     assert not p.external
     assert "Verdict" in text
 

@@ -24,7 +24,7 @@ from .data.loader import builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
-from .export.ort_flavour import FLAVOUR_ORT, choose_llm_graph, write_ort_llm
+from .export.ort_flavour import FLAVOUR_ORT, choose_llm_graph, relocate_records, write_ort_llm
 from .calibrators.activation import activation_fake_quant
 from .export.qdq import FP8, QuantizedLinear, apply_qdq, half_key, weight_key
 
@@ -276,6 +276,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     manifest["layers"] = [r.as_dict() for r in records]
     if opts.llm_graph == FLAVOUR_ORT:  # the same weights and codes in ONNX Runtime's fused operators
         write_ort_llm(work / "llm.onnx", work / "llm.onnx", family.text_config)
+        manifest["layers"] = relocate_records(manifest["layers"])  # q/k/v and gate/up now live in merged weights
         manifest["recipe"]["runtimes"] = ["onnxruntime"]
     for g in GRAPHS:
         f = work / f"{g}.onnx"
@@ -430,8 +431,9 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
     """The dequantized weight of every INT4 layer, read back from the graphs (codes * scales)."""
     from onnx import numpy_helper
 
-    wanted = {r["onnx_weight"]: r for r in manifest["layers"] if r.get("onnx_weight")}
-    parts_wanted = {r[k] for r in wanted.values() for k in ("onnx_scale", "onnx_zero_point") if r.get(k)}
+    records = [r for r in manifest["layers"] if r.get("onnx_weight")]  # merged layers share one weight (columns)
+    wanted = {r["onnx_weight"] for r in records}
+    parts_wanted = {r[k] for r in records for k in ("onnx_scale", "onnx_zero_point") if r.get(k)}
     found: dict[str, np.ndarray] = {}
     for comp in manifest["components"].values():
         model = onnx.load(str(Path(out) / comp["file"]))
@@ -439,16 +441,17 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
             if init.name in wanted or init.name in parts_wanted:
                 found[init.name] = numpy_helper.to_array(init)
     weights = {}
-    for wname, rec in wanted.items():
-        zname = rec.get("onnx_zero_point")
+    for rec in records:
+        wname, zname = rec["onnx_weight"], rec.get("onnx_zero_point")
         if wname not in found or rec["onnx_scale"] not in found or (zname and zname not in found):
             raise VlmqError(f"{out}: layer {rec['name']} is in the manifest but not in the graphs")
 
-        codes = found[wname]
+        cols = slice(*rec["onnx_columns"]) if rec.get("onnx_columns") else slice(None)  # a merged weight's part
+        codes, scales = found[wname][..., cols], found[rec["onnx_scale"]][..., cols]
         layer = QuantizedLinear(name=rec["name"], codes=(codes if codes.dtype == FP8 else codes.astype(np.int8)).T,
-                                scales=_per_row(found[rec["onnx_scale"]]), bits=rec["bits"],
+                                scales=_per_row(scales), bits=rec["bits"],
                                 group_size=rec["group_size"], key="",
-                                zeros=_per_row(found[zname]).astype(np.int8) if zname else None)
+                                zeros=_per_row(found[zname][..., cols]).astype(np.int8) if zname else None)
         weights[rec["name"]] = torch.from_numpy(layer.dequantize())  # the pass's own (codes - zeros) * scales
     return weights
 

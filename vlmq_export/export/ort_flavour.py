@@ -286,6 +286,39 @@ def build_llm(src: onnx.ModelProto, *, num_heads: int, num_kv_heads: int, head_d
     return model
 
 
+_MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+
+
+def relocate_records(records: list[dict]) -> list[dict]:
+    """The manifest's layer records of the language model, pointed at where :func:`build_llm` put each weight:
+    ``onnx_weight`` / ``onnx_scale`` / ``onnx_zero_point`` name the (merged) initializers and ``onnx_columns``
+    [start, stop) the layer's output columns in them (the last axis of the codes, scales and zero points).
+    Records of other components are returned unchanged."""
+    by_group: dict[tuple, list[tuple[int, dict]]] = {}
+    out = []
+    for rec in records:
+        rec = dict(rec)
+        out.append(rec)
+        if rec.get("component") not in ("llm", "lm_head") or not rec.get("onnx_weight"):
+            continue
+        m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$", rec["name"])
+        if m and m.group(2) in _MERGED:
+            merged, order = _MERGED[m.group(2)]
+            by_group.setdefault((f"layers.{m.group(1)}.{merged}",), []).append((order, rec))
+        elif rec["name"].split(".")[-1] == "lm_head":
+            by_group.setdefault(("lm_head",), []).append((0, rec))
+    for (base,), members in by_group.items():
+        start = 0
+        for _order, rec in sorted(members, key=lambda t: t[0]):
+            stop = start + int(rec["shape"][0])
+            rec.update({"onnx_weight": f"{base}_q", "onnx_scale": f"{base}_scale", "onnx_columns": [start, stop]})
+            if rec.get("onnx_zero_point"):
+                rec["onnx_zero_point"] = f"{base}_zero_point"
+            start = stop
+    return out
+
+
 def write_ort_llm(portable: str | Path, out: str | Path, text_config) -> Path:
     """Build the ORT flavour of the portable graph at ``portable`` into ``out`` (may be the same path). Saved
     without onnx's checker, which knows no SimplifiedLayerNormalization (ONNX Runtime's own, in the default
