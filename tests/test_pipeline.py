@@ -50,12 +50,14 @@ def fake_quant_model(model_dir: Path, out: Path):
 def test_graphs_written_checked_and_int4(exported, fam):
     out = exported[fam]
     manifest = check_complete(out)
-    for g in GRAPHS:
-        onnx.checker.check_model(str(out / f"{g}.onnx"), full_check=True)
+    portable = manifest["components"]["llm"]["flavour"] == "portable"  # the default for Qwen2-VL, not for SmolVLM
+    for g in GRAPHS:  # the ORT flavour holds ONNX Runtime's own operators: ONNX Runtime checks it (next lines)
+        if g != "llm" or portable:
+            onnx.checker.check_model(str(out / f"{g}.onnx"), full_check=True)
     llm = onnx.load(str(out / "llm.onnx"))
     assert llm.opset_import[0].version == 21
     dqs = int4_dequantize_nodes(llm)
-    quantized = [r for r in manifest["layers"] if r["bits"]]
+    quantized = {r["onnx_weight"] for r in manifest["layers"] if r["bits"]}  # merged q|k|v, gate|up: one each
     assert len(dqs) == len(quantized) > 0
     assert all(d["axis"] == 0 and d["block_size"] == 128 and not d["zero_point"] and d["feeds_matmul_b"]
                for d in dqs)

@@ -225,17 +225,17 @@ def cmd_export(argv: list[str]) -> int:
                    n_val=args.n_val, gen_tokens=args.gen_tokens,
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
                    eval_task=args.eval_task, dtype=args.dtype, target=args.target, llm_graph=args.llm_graph)
-    if args.target_defaults and not (args.quiet or args.json):
-        flags = (f"--{'' if v is not False else 'no-'}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
-                 for k, v in args.target_defaults.items())
-        print(f"recipe: --target {args.target} defaults {' '.join(flags)} (measured: benchmarks/grid.md; "
-              "explicit flags override)", file=sys.stderr)
     head = components.get("lm_head")
     if head is not None and head.bits == 8:
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "
               "(the default of `run`); at level 0 (`run --accuracy-level 0`) it is slower than float.", file=sys.stderr)
     progress = _progress(args)
     out = export_model(args.model, out, recipe, opts, progress)
+    if args.target_defaults and not (args.quiet or args.json):  # after the export: an error stays one line
+        flags = (f"--{'' if v is not False else 'no-'}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+                 for k, v in args.target_defaults.items())
+        print(f"recipe: --target {args.target} defaults {' '.join(flags)} (measured: benchmarks/grid.md; "
+              "explicit flags override)", file=sys.stderr)
     manifest = json.loads((out / "manifest.json").read_text())
     v = manifest.get("validation", {})
     report_json = out / "report" / "validation.json"  # absent with --no-validate

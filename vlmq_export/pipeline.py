@@ -275,9 +275,14 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                                          **({"onnx_zero_point": f"{base}_zero_point"} if q.zeros is not None else {})})
     manifest["layers"] = [r.as_dict() for r in records]
     if opts.llm_graph == FLAVOUR_ORT:  # the same weights and codes in ONNX Runtime's fused operators
-        write_ort_llm(work / "llm.onnx", work / "llm.onnx", family.text_config)
-        manifest["layers"] = relocate_records(manifest["layers"])  # q/k/v and gate/up now live in merged weights
-        manifest["recipe"]["runtimes"] = ["onnxruntime"]
+        try:
+            write_ort_llm(work / "llm.onnx", work / "llm.onnx", family.text_config)  # builds before it writes
+        except ValueError as exc:  # e.g. identical norm weights shared by one initializer: keep the portable graph
+            say(f"warning: the ORT flavour of llm.onnx could not be built ({exc}); the portable graph is kept")
+            opts.llm_graph = "portable"
+        else:
+            manifest["layers"] = relocate_records(manifest["layers"])  # q/k/v and gate/up now live in merged weights
+            manifest["recipe"]["runtimes"] = ["onnxruntime"]
     for g in GRAPHS:
         f = work / f"{g}.onnx"
         manifest["components"][g] = {"file": f.name, "bytes": f.stat().st_size,
