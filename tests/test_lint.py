@@ -17,7 +17,8 @@ from vlmq_export.validate.lint import lint_graph, lint_output
 @pytest.fixture(scope="module")
 def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lint")
-    flags = {"sym": [], "asym": ["--asym"], "g32": ["--group-size", "32"]}
+    # the portable llm graph: what TensorRT takes (the onnxruntime target's default is ONNX Runtime's fused flavour)
+    flags = {"sym": ["--llm-graph", "portable"], "asym": ["--asym"], "g32": ["--group-size", "32", "--llm-graph", "portable"]}
     outs = {}
     for name, extra in flags.items():
         outs[name] = root / name

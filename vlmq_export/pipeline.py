@@ -291,7 +291,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     manifest["components"]["llm"]["flavour"] = opts.llm_graph
 
     # -- validation of the quantized graphs
-    report.update(int4_form([work / f"{g}.onnx" for g in GRAPHS], recipe.sym))
+    # TensorRT's rules where TensorRT is among the runtimes (symmetric, portable graph), ONNX Runtime's otherwise
+    report.update(int4_form([work / f"{g}.onnx" for g in GRAPHS], recipe.sym and opts.llm_graph != FLAVOUR_ORT))
     report["ort_fusion"] = ort_fusion(work / "llm.onnx")
     served = OnnxVLM(work)  # as `run` serves the graphs; its sessions open on first use
     if opts.validate:
@@ -500,7 +501,8 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
         say.start("validate", "TensorRT engines vs ONNX Runtime (Polygraphy Comparator)")
         stages["tensorrt_vs_onnxruntime"] = compare_engines(out, val, engine_profiles(out))
     fresh = {**int4_form([out / c["file"] for c in manifest["components"].values()],
-                         manifest["recipe"].get("symmetric", True)),
+                         manifest["recipe"].get("symmetric", True)
+                         and manifest["components"]["llm"].get("flavour", "portable") != FLAVOUR_ORT),
              "ort_fusion": ort_fusion(out / manifest["components"]["llm"]["file"])}
     # merge: what this run recomputes replaces, the rest (float export check, task accuracy, per-component
     # fidelity, saliency, layers) stays as the export measured it, and the report says which is which
