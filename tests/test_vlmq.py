@@ -154,7 +154,7 @@ def test_component_recipe_parsing():
 def test_baselines_through_the_pipeline(tiny_dirs, tmp_path, method, extra, recorded):
     out = tmp_path / "out"
     assert cli.main([str(tiny_dirs["smolvlm"]), "--int3", "--method", method, "-o", str(out),
-                     "--n-calib", "3", "--no-validate", "--quiet", *extra]) == 0
+                     "--n-calib", "3", "--no-validate", "--quiet", "--llm-graph", "portable", *extra]) == 0
     manifest = check_complete(out)
     assert manifest["recipe"]["method"] == method
     assert {k: manifest["recipe"].get(k) for k in recorded} == recorded
