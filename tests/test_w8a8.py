@@ -269,3 +269,18 @@ def test_shared_input_gets_one_quantize_and_a_dequantize_per_matmul(exports):
     for n in m.graph.node:
         if n.op_type == "DequantizeLinear" and n.name.endswith("_act_DequantizeLinear"):
             assert [c.op_type for c in consumers[n.output[0]]] == ["MatMul"]
+
+
+def test_fusion_gate_only_where_the_language_model_has_int4_weights(exports):
+    """An FP8 language model has no INT4 DequantizeLinear: ONNX Runtime's MatMulNBits fusion does not apply, so
+    there is no fusion gate (no false 'does not fuse every INT4 DequantizeLinear'), and FP8/INT8 DequantizeLinear
+    left in the optimized graph are not counted as unfused INT4 ones; the INT4 export has its gate, passing."""
+    from vlmq_export.validate.gates import evaluate
+    from vlmq_export.validate.graphs import ort_fusion
+
+    fp8 = exports["smolvlm", "fp8"]
+    assert ort_fusion(fp8 / "llm.onnx") == {"int4_dequantize": 0, "matmulnbits": 0, "dequantize_left": 0}
+    v = json.loads((fp8 / "manifest.json").read_text())["validation"]
+    assert v.get("ort_fused_all") is None and "ort_fused_all" not in {r["gate"] for r in evaluate(v)}
+    v4 = json.loads((exports["smolvlm", "int8"] / "manifest.json").read_text())["validation"]
+    assert v4["ort_fused_all"] is True

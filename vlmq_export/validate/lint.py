@@ -48,7 +48,7 @@ def lint_graph(path: Path, target: str) -> dict:
         res["matmulnbits"] = fusion["matmulnbits"]
         if fusion["dequantize_left"] or fusion["matmulnbits"] < len(dqs):
             problems.append(f"ONNX Runtime fused {fusion['matmulnbits']} of {len(dqs)} INT4 DequantizeLinear into "
-                            f"MatMulNBits ({fusion['dequantize_left']} DequantizeLinear left): those run unfused")
+                            f"MatMulNBits ({fusion['dequantize_left']} INT4 DequantizeLinear left): those run unfused")
     if model.ir_version > 10:
         warnings.append(f"IR version {model.ir_version}: ONNX Runtime before 1.20 reads at most 10")
     return {**res, "problems": problems, "warnings": warnings}

@@ -216,10 +216,10 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
             rows=[[site, str(s["vision_tokens"]), _fmt(s["vision_mean_grad"]), _fmt(s["text_mean_grad"]),
                    _fmt(s["other_mean_grad"]), _fmt(s["vision_weight_share"])] for site, s in sal.items()]))
     fusion = report.get("ort_fusion")
-    if fusion:
+    if fusion and fusion.get("int4_dequantize"):  # no INT4 weights in the language model: nothing to fuse
         out.append(Section(f"ONNX Runtime fusion (llm.onnx; {_by(prov.get('ort_fusion'))})", text=[
             f"{fusion['int4_dequantize']} INT4 DequantizeLinear -> {fusion['matmulnbits']} MatMulNBits "
-            f"({fusion['dequantize_left']} DequantizeLinear left after optimization)"]))
+            f"({fusion['dequantize_left']} INT4 DequantizeLinear left after optimization)"]))
     probs = report.get("int4_form_problems")
     when = _by(prov.get("int4_form"))
     if report.get("int4_form_rules", "tensorrt") == "tensorrt":
