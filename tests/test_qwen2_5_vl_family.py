@@ -214,6 +214,7 @@ def test_vlmq_export_quantizes_vision_and_llm(exported):
     from safetensors import safe_open
 
     manifest = check_complete(exported)
+    assert manifest["components"]["llm"]["flavour"] == "ort-gqa"  # the default for --target onnxruntime
     layers = [r for r in manifest["layers"] if r["bits"]]
     assert {r["component"] for r in layers} == {"vision", "llm"} and {r["method"] for r in layers} == {"vlmq"}
     assert {r["bits"] for r in layers if r["component"] == "vision"} == {8}
