@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from vlmq_export import cli
-from vlmq_export.export.ort_flavour import FLAVOUR_ORT, FLAVOUR_PORTABLE, Weight, choose_llm_graph, merge, write_ort_llm
+from vlmq_export.export.ort_flavour import (FLAVOUR_ORT, FLAVOUR_PORTABLE, Weight, choose_llm_graph, merge,
+                                            read_weights, write_ort_llm)
 from vlmq_export.models import load_family
 from vlmq_export.runtime.generate import SharedKV, OnnxVLM
 
@@ -153,16 +154,35 @@ def test_the_flavour_choice(tiny_dirs):
     smol = load_family(tiny_dirs["smolvlm"]).text_config
     qwen = load_family(tiny_dirs["qwen2_vl"]).text_config
     assert choose_llm_graph(None, "onnxruntime", "fp32", smol) == FLAVOUR_ORT
-    assert choose_llm_graph(None, "onnxruntime", "fp32", qwen) == FLAVOUR_PORTABLE  # M-RoPE: not written yet
+    assert choose_llm_graph(None, "onnxruntime", "fp32", qwen) == FLAVOUR_ORT  # M-RoPE rotated before GQA
+    assert choose_llm_graph(None, "tensorrt", "fp32", qwen) == FLAVOUR_PORTABLE
     assert choose_llm_graph(None, "tensorrt", "fp16", smol) == FLAVOUR_PORTABLE
     assert choose_llm_graph(None, "onnxruntime", "fp16", smol) == FLAVOUR_PORTABLE
     assert choose_llm_graph("portable", "onnxruntime", "fp32", smol) == FLAVOUR_PORTABLE
 
 
+@pytest.mark.parametrize("change, why", [
+    ({}, None),
+    ({"rope_parameters": None, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}, None),  # older form
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "no mrope_section"),
+    ({"rope_parameters": {"rope_type": "yarn", "mrope_section": [4, 6, 6]}}, "RoPE type yarn"),
+    ({"use_sliding_window": True}, "sliding-window"),
+    ({"model_type": "qwen3"}, "not qwen3"),
+])
+def test_what_the_ort_flavour_takes_of_a_qwen_text_config(change, why):
+    from vlmq_export.export.ort_flavour import unsupported
+    from vlmq_export.models.processing import Config
+
+    config = {"model_type": "qwen2_vl_text", "hidden_act": "silu", "use_sliding_window": False,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
+    got = unsupported(Config({**config, **change}))
+    assert got == why if why is None else why in got
+
+
 @pytest.mark.parametrize("fam, flags, message", [
     ("smolvlm", ["--target", "tensorrt"], "--llm-graph ort: --target tensorrt runs the portable graph"),
     ("smolvlm", ["--dtype", "fp16"], "--llm-graph ort: the ORT flavour is built for float32"),
-    ("qwen2_vl", [], "--llm-graph ort: the ORT flavour covers the Llama decoder, not qwen2"),
+    ("qwen2_vl", ["--target", "tensorrt"], "--llm-graph ort: --target tensorrt runs the portable graph"),
 ])
 def test_an_ort_request_that_cannot_be_met_is_a_user_error(tiny_dirs, tmp_path, capsys, fam, flags, message):
     out = tmp_path / "out"
@@ -211,3 +231,140 @@ def test_step_time_against_context(dirs, capsys):
         print("\nms/step at 16 and 400 new tokens (tiny SmolVLM): " +
               ", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, (a, b) in res.items()))
     assert all(t > 0 for ts in res.values() for t in ts)
+
+
+# ---------------------------------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL
+QWEN_PROMPT = "Describe the image."
+
+
+def _qwen_model(src: Path, dst: Path, tie: bool) -> Path:
+    """A copy of a tiny Qwen model directory with random q/k/v biases and RMSNorm weights (the makers leave them at
+    0 and 1, which would test no bias, and which the exporter folds into shared initializers), and with ``tie`` the
+    lm_head tied to the token embeddings (as Qwen2-VL-2B's)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    rng = np.random.default_rng(1)
+    for name, w in weights.items():
+        if "visual" not in name and name.endswith(("_proj.bias", "norm.weight")):
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            weights[name] = (base + 0.3 * rng.standard_normal(w.shape)).astype(w.dtype)
+    config = json.loads((dst / "config.json").read_text())
+    if tie:
+        del weights["lm_head.weight"]
+        config["tie_word_embeddings"] = True
+        (dst / "config.json").write_text(json.dumps(config))
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def qwen_dirs(tiny_dirs, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Per family (Qwen2-VL with its lm_head tied, Qwen2.5-VL untied), the model, a portable RTN export and a copy
+    whose llm.onnx is the ORT flavour of the portable one (test_qwen2_5_vl_family exports the ORT flavour the
+    default way)."""
+    from vlmq_export.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+
+    root = tmp_path_factory.mktemp("ort_qwen")
+    models = {"qwen2_vl": _qwen_model(tiny_dirs["qwen2_vl"], root / "m_qwen2_vl", tie=True),
+              "qwen2_5_vl": _qwen_model(make_tiny_qwen2_5_vl(root / "tiny_qwen2_5_vl"), root / "m_qwen2_5_vl",
+                                        tie=False)}
+    flags = ["--int4", "--method", "rtn", "--no-validate", "--n-calib", "2", "--quiet"]
+    out = {}
+    for fam, model in models.items():
+        d = {"model": model, "portable": root / f"{fam}_portable", "ort": root / f"{fam}_ort"}
+        assert cli.main([str(model), *flags, "--llm-graph", "portable", "-o", str(d["portable"])]) == 0
+        shutil.copytree(d["portable"], d["ort"])
+        write_ort_llm(d["portable"] / "llm.onnx", d["ort"] / "llm.onnx",
+                      load_family(d["portable"] / "processor", torch_free=True).text_config)
+        out[fam] = d
+    return out
+
+
+def _images(n: int = 2, size: tuple[int, int] = (84, 56)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_ort_flavour_gives_the_portable_logits_with_mrope(qwen_dirs, fam):
+    """Batch 2 (two images, one prompt length), prefill then 5 decode steps through the SharedKV cache: every
+    logit row of the ORT flavour within 1e-4 (relative) of the portable graph's."""
+    portable, ort = (OnnxVLM(qwen_dirs[fam][d], accuracy_level=0) for d in ("portable", "ort"))
+    assert (portable.llm_flavour, ort.llm_flavour) == (FLAVOUR_PORTABLE, FLAVOUR_ORT)
+    prepared = [portable.family.prepare([img], QWEN_PROMPT) for img in _images()]
+    pos = np.concatenate([p.position_ids for p in prepared], axis=1)  # [3, 2, S]
+    seq, delta = prepared[0].seq_len, prepared[0].rope_delta
+    assert pos.shape == (3, 2, seq) and delta != 0 and all(p.rope_delta == delta for p in prepared)
+    assert not np.array_equal(pos[1], pos[2]) and not np.array_equal(pos[0], pos[1])  # sections differ
+    emb = np.concatenate([portable.embeddings(p) for p in prepared])
+    assert not np.allclose(emb[0], emb[1])
+    steps = 5
+    caches = {"portable": portable.empty_past(batch=2), "ort": ort.empty_past(batch=2, capacity=seq + steps)}
+    assert isinstance(caches["ort"], SharedKV)
+    logits = {}
+    for name, vlm in (("portable", portable), ("ort", ort)):
+        logits[name], caches[name] = vlm.llm(emb, np.ones((2, seq), np.int64), pos, caches[name])
+    assert _rel(logits["portable"], logits["ort"]) <= 1e-4  # every prompt row, both batch rows
+    for k in range(steps):
+        tok = logits["portable"][:, -1].argmax(-1)[:, None]
+        e = portable.runner("embed_tokens").infer({"input_ids": tok.astype(np.int64)})["inputs_embeds"]
+        step_pos = portable.family.decode_position_ids(delta, seq + k, batch=2)
+        for name, vlm in (("portable", portable), ("ort", ort)):
+            logits[name], caches[name] = vlm.llm(e, np.ones((2, seq + k + 1), np.int64), step_pos, caches[name])
+        assert _rel(logits["portable"], logits["ort"]) <= 1e-4, f"decode step {k}"
+    assert caches["ort"].length == seq + steps
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_ort_flavour_generates_the_portable_tokens(qwen_dirs, fam):
+    img = _images(1, (112, 84))
+    vlms = {d: OnnxVLM(qwen_dirs[fam][d]) for d in ("portable", "ort")}  # level 4, as `run` serves them
+    assert vlms["ort"].llm_flavour == FLAVOUR_ORT
+    got = {d: vlm.generate(img, QWEN_PROMPT, max_new_tokens=16, stop=False).token_ids for d, vlm in vlms.items()}
+    assert len(got["ort"]) == 16 and got["ort"] == got["portable"]
+
+
+def test_qwen_ort_graph_keeps_the_inputs_merges_the_biases_and_the_tied_head(qwen_dirs):
+    d = qwen_dirs["qwen2_vl"]
+    src, ort = (onnx.load(str(d[k] / "llm.onnx")) for k in ("portable", "ort"))
+
+    def io(m):
+        return [(v.name, v.type.tensor_type.elem_type, [x.dim_value or None for x in v.type.tensor_type.shape.dim])
+                for v in m.graph.input]
+
+    assert io(ort) == io(src)  # inputs_embeds, attention_mask, position_ids [3, B, S], past_*: the runtime's feeds
+    ops = [n.op_type for n in ort.graph.node]
+    layers = load_family(d["ort"] / "processor", torch_free=True).num_layers
+    assert ops.count("GroupQueryAttention") == layers and ops.count("DequantizeLinear") == 4 * layers
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in ort.graph.initializer}
+    from safetensors.numpy import load_file
+
+    hf = load_file(d["model"] / "model.safetensors")
+    want = np.concatenate([hf[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"])
+    assert np.abs(want).min() > 0 and np.array_equal(inits["layers.1.qkv_proj.bias"], want)
+    # tied: the portable graph's lm_head is the transposed token embedding, and so is the ORT flavour's
+    embed = onnx.load(str(d["ort"] / "embed_tokens.onnx"))
+    table = max((onnx.numpy_helper.to_array(t) for t in embed.graph.initializer), key=lambda a: a.size)
+    assert np.array_equal(read_weights(src)["lm_head"].value, table.T)
+    assert np.array_equal(inits["lm_head.weight"], table.T)
+
+
+def test_onnx_runtime_folds_the_qkv_bias_into_matmulnbits(qwen_dirs, tmp_path):
+    """At level ALL ONNX Runtime fuses DequantizeLinear -> MatMul -> Add(bias) into one MatMulNBits with its bias
+    input: the merged bias costs no extra node."""
+    from vlmq_export.runtime.session import make_session
+
+    make_session(qwen_dirs["qwen2_vl"]["ort"] / "llm.onnx", optimized_model_path=tmp_path / "opt.onnx", threads=1)
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    fused = {n.output[0]: n for n in nodes if n.op_type == "MatMulNBits"}
+    qkv = [n for out, n in fused.items() if ".qkv_proj" in out]
+    assert len(fused) == 4 * len(qkv) and qkv and all(n.input[5].endswith("qkv_proj.bias") for n in qkv)
+    assert not any(n.op_type == "Add" and set(n.input) & set(fused) for n in nodes)

@@ -214,6 +214,7 @@ def test_vlmq_export_quantizes_vision_and_llm(exported):
     from safetensors import safe_open
 
     manifest = check_complete(exported)
+    assert manifest["components"]["llm"]["flavour"] == "ort-gqa"  # the default for --target onnxruntime
     layers = [r for r in manifest["layers"] if r["bits"]]
     assert {r["component"] for r in layers} == {"vision", "llm"} and {r["method"] for r in layers} == {"vlmq"}
     assert {r["bits"] for r in layers if r["component"] == "vision"} == {8}
@@ -221,7 +222,8 @@ def test_vlmq_export_quantizes_vision_and_llm(exported):
     assert n_vision == 4 * 5  # per block: qkv, proj and the three SwiGLU Linears
     vision = onnx.load(str(exported / "vision_encoder.onnx"))
     assert sum(n.op_type == "DequantizeLinear" for n in vision.graph.node) >= n_vision
-    assert len(int4_dequantize_nodes(onnx.load(str(exported / "llm.onnx")))) == sum(r["component"] == "llm" for r in layers)
+    llm_weights = {r["onnx_weight"] for r in layers if r["component"] == "llm"}  # merged q|k|v, gate|up: one each
+    assert len(int4_dequantize_nodes(onnx.load(str(exported / "llm.onnx")))) == len(llm_weights)
     with safe_open(exported / "saliency.safetensors", "np") as f:  # VLMQ's factors, image+text samples
         assert {k.split("/")[1] for k in f.keys()} >= {"vision.0", "vision.3", "llm.0", "llm.1"}
 
