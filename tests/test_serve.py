@@ -326,3 +326,95 @@ def test_a_body_that_stops_arriving_gets_a_408(quick_server):
     got = _raw_exchange(quick_server, head + b'{"messages"', shut=False)  # then silence, the socket left open
     assert got.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive" in got
     assert _request(quick_server, "GET", "/health")[0] == 200
+
+
+def _text_of(payload: bytes) -> tuple[str, dict | None]:
+    """(the answer's text, its timings) of a completion or of a stream."""
+    if payload.startswith(b"data: "):
+        chunks = _events(payload)
+        return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]), None
+    got = json.loads(payload)
+    return got["choices"][0]["message"]["content"], got["timings"]
+
+
+def _concurrently(srv, bodies: list, monkeypatch) -> list[bytes]:
+    """POST ``bodies`` at once: the scheduler's first prefill is held until every other request is queued, so the
+    batch they run in does not depend on thread timing."""
+    gate, embeddings = threading.Event(), srv.vlm.embeddings
+    monkeypatch.setattr(srv.vlm, "embeddings", lambda prepared: (gate.wait(60), embeddings(prepared))[1])
+    results: list = [None] * len(bodies)
+
+    def post(i):
+        results[i] = _request(srv, "POST", "/v1/chat/completions", bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for _ in range(600):  # the first request is held in its prefill, the others wait in the queue
+        health = json.loads(_request(srv, "GET", "/health")[2])
+        if health["queued"] == len(bodies) - 1:
+            break
+        threading.Event().wait(0.05)
+    assert health["busy"] and health["queued"] == len(bodies) - 1
+    gate.set()
+    for t in threads:
+        t.join(120)
+    monkeypatch.undo()
+    assert all(r[0] == 200 for r in results), results
+    return [r[2] for r in results]
+
+
+def _batch_bodies() -> list[dict]:
+    url, _ = _png_data_url(3)
+    return [_chat(None, "hi", max_tokens=12), _chat(url, "What is in this picture?", max_tokens=8),
+            _chat(None, "Tell me a long story about robots " * 3, max_tokens=12, stream=True),
+            _chat(url, "Describe it.", max_tokens=12)]
+
+
+def test_concurrent_requests_are_batched_with_the_sequential_answers(server, monkeypatch):
+    bodies = _batch_bodies()
+    sequential = [_text_of(_request(server, "POST", "/v1/chat/completions", b)[2]) for b in bodies]
+    assert all(t["batch_size"] == 1 for _, t in sequential if t)
+    health = json.loads(_request(server, "GET", "/health")[2])
+    assert health["max_batch"] == 4 and health["largest_batch"] == 1 and not health["busy"]
+    together = [_text_of(p) for p in _concurrently(server, bodies, monkeypatch)]
+    assert [text for text, _ in together] == [text for text, _ in sequential]
+    assert all(t["batch_size"] == 4 for _, t in together if t)  # each ran its first step with the other three
+    health = json.loads(_request(server, "GET", "/health")[2])
+    assert health["largest_batch"] == 4 and health["running"] == 0 and not health["busy"]
+
+
+def test_max_batch_1_runs_one_generation_at_a_time(exported, monkeypatch):
+    srv = make_server(exported["smolvlm"], port=0, accuracy_level=0, max_tokens_limit=32, max_batch=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        bodies = _batch_bodies()
+        sequential = [_text_of(_request(srv, "POST", "/v1/chat/completions", b)[2])[0] for b in bodies]
+        together = [_text_of(p) for p in _concurrently(srv, bodies, monkeypatch)]
+        assert [text for text, _ in together] == sequential
+        assert all(t["batch_size"] == 1 for _, t in together if t)
+        assert json.loads(_request(srv, "GET", "/health")[2])["largest_batch"] == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_cli_refuses_a_max_batch_below_1(exported):
+    res = _cli("serve", str(exported["smolvlm"]), "--port", "0", "--max-batch", "0")
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].endswith("error: --max-batch must be at least 1")
+
+
+def test_bench_serve_tool_measures_batching(exported, tmp_path, monkeypatch):
+    from conftest import load_tool
+
+    out = tmp_path / "serve-batch.json"
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", str(exported["smolvlm"]), "--batch", "--text-only",
+                                      "--concurrency", "1", "3", "--max-batch", "3", "--repeats", "1",
+                                      "--max-tokens", "4", "--out", str(out)])
+    assert load_tool("bench_serve").main() == 0  # exits non-zero when max_batch 1 and 3 answer differently
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"max_batch=1", "max_batch=3"} and set(res["throughput_ratio"]) == {"1", "3"}
+    for by_n in res["results"].values():
+        assert set(by_n) == {"1", "3"}
+        assert by_n["3"]["tokens_per_s"] > 0 and 3 <= by_n["3"]["tokens_per_round"] <= 12
+        assert by_n["3"]["latency_p90_s"] >= by_n["3"]["latency_median_s"] > 0
