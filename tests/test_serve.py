@@ -418,3 +418,22 @@ def test_bench_serve_tool_measures_batching(exported, tmp_path, monkeypatch):
         assert set(by_n) == {"1", "3"}
         assert by_n["3"]["tokens_per_s"] > 0 and 3 <= by_n["3"]["tokens_per_round"] <= 12
         assert by_n["3"]["latency_p90_s"] >= by_n["3"]["latency_median_s"] > 0
+
+
+def test_a_failed_decode_step_answers_500_and_the_next_batch_runs(quick_server, monkeypatch):
+    from vlmq_export.runtime.generate import BatchDecoder
+
+    step = BatchDecoder.step
+
+    def broken(self):
+        monkeypatch.setattr(BatchDecoder, "step", step)  # fails once
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(BatchDecoder, "step", broken)
+    body = _chat(None, "hi", max_tokens=4)
+    status, _, payload = _request(quick_server, "POST", "/v1/chat/completions", body)
+    assert status == 500 and "generation failed: RuntimeError: boom" in json.loads(payload)["error"]["message"]
+    status, _, payload = _request(quick_server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and json.loads(payload)["choices"][0]["message"]["content"] is not None
+    health = json.loads(_request(quick_server, "GET", "/health")[2])
+    assert health["running"] == 0 and not health["busy"]

@@ -350,8 +350,7 @@ class BatchDecoder:
         row.t_decode = time.perf_counter()
         if not row.take(logits[0, -1]):
             parts = [(self.kv, i, self._mask_row(i)) for i in range(len(self.rows))]
-            self.rows.append(row)
-            self._rebuild(parts + [(present, 0, mask[0])])
+            self._rebuild(self.rows + [row], parts + [(present, 0, mask[0])])
         return row
 
     def cancel(self, row: _Row) -> None:
@@ -392,19 +391,18 @@ class BatchDecoder:
     def _keep(self, rows: list[_Row]) -> None:
         index = {id(r): i for i, r in enumerate(self.rows)}
         parts = [(self.kv, index[id(r)], self._mask_row(index[id(r)])) for r in rows]
-        self.rows = rows
-        self._rebuild(parts)
+        self._rebuild(rows, parts)
 
-    def _rebuild(self, parts: list[tuple]) -> None:
-        """The cache of ``self.rows``: row i copies row ``j`` of cache ``src`` for ``(src, j, mask_row)`` =
+    def _rebuild(self, rows: list[_Row], parts: list[tuple]) -> None:
+        """Make ``rows`` the batch: row i's cache copies row ``j`` of cache ``src`` for ``(src, j, mask_row)`` =
         ``parts[i]`` (its columns ``[0, len(mask_row))``)."""
         if not parts:
-            self.kv = self.mask = None
+            self.rows, self.kv, self.mask = [], None, None
             return
         f = self.family
         width = max(len(m) for _, _, m in parts)
         if self.shared:
-            kv = SharedKV(f, len(parts), max(r.count + r.room for r in self.rows))
+            kv = SharedKV(f, len(parts), max(r.count + r.room for r in rows))
             kv.length = width
             dst = kv.arrays
         else:
@@ -418,6 +416,7 @@ class BatchDecoder:
                 a[i, :, :len(m)] = arrays[name][j, :, :len(m)]
             if not self.shared:
                 mask[i, :len(m)] = m
+        self.rows = rows
         if self.shared:
             self.kv = kv
         else:

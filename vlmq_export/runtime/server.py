@@ -246,28 +246,32 @@ class Scheduler:
     def _loop(self) -> None:
         dec, jobs = BatchDecoder(self.vlm), {}  # jobs: id(row) -> its job
         while True:
-            while len(dec.rows) < self.max_batch:  # admit: wait when idle, else take what is waiting
-                try:
-                    job = self.pending.get(block=not dec.rows)
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                self._admit(dec, job, jobs)
-            for row in [r for r in dec.rows if jobs[id(r)].cancelled]:
-                dec.cancel(row)
-                jobs.pop(id(row))
-            self.running = len(dec.rows)
-            if not dec.rows:
-                continue
-            batch = list(dec.rows)
             try:
-                done = dec.step()
-            except Exception as exc:  # every row of the failed step gets the error; the next batch starts afresh
-                for row in batch:
-                    jobs.pop(id(row)).events.put(("error", exc))
-                dec = BatchDecoder(self.vlm)
-                continue
+                if not self._turn(dec, jobs):
+                    return
+            except Exception as exc:  # every running request gets the error; the next batch starts afresh
+                for job in jobs.values():
+                    job.events.put(("error", exc))
+                dec, jobs = BatchDecoder(self.vlm), {}
+                self.running = 0
+
+    def _turn(self, dec: BatchDecoder, jobs: dict) -> bool:
+        """Admit what is waiting, drop what was cancelled, run one decode step; False when closed."""
+        while len(dec.rows) < self.max_batch:  # admit: wait when idle, else take what is waiting
+            try:
+                job = self.pending.get(block=not dec.rows)
+            except queue.Empty:
+                break
+            if job is None:
+                return False
+            self._admit(dec, job, jobs)
+        for row in [r for r in dec.rows if jobs[id(r)].cancelled]:
+            dec.cancel(row)
+            jobs.pop(id(row))
+        self.running = len(dec.rows)
+        if dec.rows:
+            batch = list(dec.rows)
+            done = dec.step()
             self.largest_batch = max(self.largest_batch, len(batch))
             self.running = len(dec.rows)  # before the answers go: /health then no longer counts them
             for row in batch:
@@ -276,6 +280,7 @@ class Scheduler:
                 job = jobs.pop(id(row))
                 row.result.timings["batch_size"] = job.batch
                 job.events.put(("done", row.result))
+        return True
 
     @staticmethod
     def _admit(dec: BatchDecoder, job: _Job, jobs: dict) -> None:
