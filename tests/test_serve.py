@@ -437,3 +437,17 @@ def test_a_failed_decode_step_answers_500_and_the_next_batch_runs(quick_server, 
     assert status == 200 and json.loads(payload)["choices"][0]["message"]["content"] is not None
     health = json.loads(_request(quick_server, "GET", "/health")[2])
     assert health["running"] == 0 and not health["busy"]
+
+
+def test_many_simultaneous_connections_are_accepted(quick_server):
+    """A burst of clients (what a batching server is for) is queued by the listening socket, not reset."""
+    addr = quick_server.server_address[:2]
+    socks = [socket.create_connection(addr, timeout=30) for _ in range(48)]  # all connected before any is served
+    try:
+        for s in socks:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in socks:
+            assert s.recv(64).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in socks:
+            s.close()

@@ -305,6 +305,7 @@ class VLMServer(ThreadingHTTPServer):
     ``max_batch``."""
 
     daemon_threads = True
+    request_queue_size = 128  # connections the listening socket queues (socketserver's default 5 resets a burst)
 
     def __init__(self, address: tuple[str, int], vlm: OnnxVLM, model_name: str, max_tokens_limit: int = 1024,
                  log=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, max_images: int = DEFAULT_MAX_IMAGES,
