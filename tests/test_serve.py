@@ -145,6 +145,7 @@ def test_seeded_sampling_is_reproducible(server):
     (_chat(None, "Hi", stream=True, stream_options={"include_usage": 1}), 400, "stream_options takes only"),
     (_chat(None, "Hi", stream=True, stream_options={"continuous_usage_stats": True}), 400, "stream_options takes only"),
     (_chat(None, "Hi", n=2), 400, "n > 1"),
+    (_chat(None, "Hi", ignore_eos="yes"), 400, "ignore_eos must be true or false"),
     (_chat(None, "Hi", tools=[{"type": "function"}]), 400, "tools is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "text or image_url part"),
 ])
@@ -410,13 +411,14 @@ def test_bench_serve_tool_measures_batching(exported, tmp_path, monkeypatch):
     out = tmp_path / "serve-batch.json"
     monkeypatch.setattr(sys, "argv", ["bench_serve.py", str(exported["smolvlm"]), "--batch", "--text-only",
                                       "--concurrency", "1", "3", "--max-batch", "3", "--repeats", "1",
-                                      "--max-tokens", "4", "--out", str(out)])
+                                      "--max-tokens", "4", "--accuracy-level", "0", "--out", str(out)])
     assert load_tool("bench_serve").main() == 0  # exits non-zero when max_batch 1 and 3 answer differently
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"max_batch=1", "max_batch=3"} and set(res["throughput_ratio"]) == {"1", "3"}
+    assert res["answers_differing_from_max_batch_1"] == {"max_batch=1": 0, "max_batch=3": 0}
     for by_n in res["results"].values():
         assert set(by_n) == {"1", "3"}
-        assert by_n["3"]["tokens_per_s"] > 0 and 3 <= by_n["3"]["tokens_per_round"] <= 12
+        assert by_n["3"]["tokens_per_s"] > 0 and by_n["3"]["tokens_per_round"] == 12  # ignore_eos: 3 x 4 tokens
         assert by_n["3"]["latency_p90_s"] >= by_n["3"]["latency_median_s"] > 0
 
 
@@ -451,3 +453,16 @@ def test_many_simultaneous_connections_are_accepted(quick_server):
     finally:
         for s in socks:
             s.close()
+
+
+def test_ignore_eos_generates_max_tokens(server, monkeypatch):
+    body = _chat(None, "Say something.", max_tokens=6)
+    first = json.loads(_request(server, "POST", "/v1/chat/completions", body)[2])
+    tokens = server.vlm.generate([], "Say something.", max_new_tokens=6).token_ids  # (the server is idle)
+    # the answer's first token made a stop token: the plain request now stops at once, ignore_eos does not
+    monkeypatch.setattr(type(server.vlm.family), "stop_token_ids", property(lambda self: [tokens[0]]))
+    stopped = json.loads(_request(server, "POST", "/v1/chat/completions", body)[2])
+    assert stopped["usage"]["completion_tokens"] == 0 and stopped["choices"][0]["finish_reason"] == "stop"
+    got = json.loads(_request(server, "POST", "/v1/chat/completions", {**body, "ignore_eos": True})[2])
+    assert got["usage"]["completion_tokens"] == 6 and got["choices"][0]["finish_reason"] == "length"
+    assert got["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]

@@ -14,11 +14,13 @@ request and the ratio to the direct call.
     python tools/bench_serve.py [OUT] --batch [--concurrency 1 4 16] [--max-batch 4] [--out benchmarks/serve-batch.json]
 
 ``--batch``: serving throughput under load instead: N clients send one greedy request each at the same moment
-(distinct prompts: the question plus "(request i)"), for each N of ``--concurrency``, with the server's max_batch 1
+(distinct prompts: the question plus "(request i)"; ``ignore_eos``, so each answer is ``--max-tokens`` long and both
+settings generate the same tokens), for each N of ``--concurrency``, with the server's max_batch 1
 (one generation at a time) and ``--max-batch`` (requests decoded together), interleaved (the order rotates every
 repeat). Each round's generated tokens / its wall time is its throughput; the JSON keeps the median throughput and
-the median and 90th-percentile request latency per (max_batch, N), and the throughput ratio. Every request must get
-the same answer under both settings, which is checked.
+the median and 90th-percentile request latency per (max_batch, N), the throughput ratio, and how many answers differ
+from max_batch 1's (``--accuracy-level 0``: none may, it is checked; at level 4 ONNX Runtime's INT8 kernels round
+one row and several rows differently, so a near-tie can go the other way).
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def batch_bench(srv, body: dict, concurrency: list[int], max_batch: int, repeats: int) -> dict:
+def batch_bench(srv, body: dict, concurrency: list[int], max_batch: int, repeats: int, exact: bool) -> dict:
     """Throughput and latency of ``concurrency`` simultaneous requests at max_batch 1 and ``max_batch``."""
     settings = [1, max_batch]
     prompt = body["messages"][0]["content"][-1]["text"]
@@ -101,7 +103,7 @@ def batch_bench(srv, body: dict, concurrency: list[int], max_batch: int, repeats
         out = []
         for i in range(n):
             content = [*body["messages"][0]["content"][:-1], {"type": "text", "text": f"{prompt} (request {i})"}]
-            out.append({**body, "messages": [{"role": "user", "content": content}]})
+            out.append({**body, "messages": [{"role": "user", "content": content}], "ignore_eos": True})
         return out
 
     rounds: dict[tuple[int, int], list[dict]] = {(mb, n): [] for mb in settings for n in concurrency}
@@ -112,12 +114,13 @@ def batch_bench(srv, body: dict, concurrency: list[int], max_batch: int, repeats
                 res = _round(srv, bodies(n))
                 if r >= 0:
                     rounds[(mb, n)].append(res)
-    results, ratio = {}, {}
+    results, ratio, differ = {}, {}, {}
     for n in concurrency:
         for mb in settings:
             runs = rounds[(mb, n)]
-            if runs[0]["answers"] != rounds[(1, n)][0]["answers"]:
-                raise SystemExit(f"{n} concurrent requests: max_batch {mb} answers differ from max_batch 1")
+            alone = rounds[(1, n)][0]["answers"]
+            differ[f"max_batch={mb}"] = differ.get(f"max_batch={mb}", 0) + sum(
+                a != b for run in runs for a, b in zip(run["answers"], alone))
             lat = [x for run in runs for x in run["latency_s"]]
             results.setdefault(f"max_batch={mb}", {})[str(n)] = {
                 "tokens_per_s": statistics.median(run["tokens"] / run["wall_s"] for run in runs),
@@ -125,7 +128,9 @@ def batch_bench(srv, body: dict, concurrency: list[int], max_batch: int, repeats
                 "tokens_per_round": runs[0]["tokens"], "rounds_wall_s": [run["wall_s"] for run in runs]}
         ratio[str(n)] = (results[f"max_batch={max_batch}"][str(n)]["tokens_per_s"]
                          / results["max_batch=1"][str(n)]["tokens_per_s"])
-    return {"results": results, "throughput_ratio": ratio}
+    if exact and any(differ.values()):
+        raise SystemExit(f"answers differ from max_batch 1's at accuracy level 0: {differ}")
+    return {"results": results, "throughput_ratio": ratio, "answers_differing_from_max_batch_1": differ}
 
 
 def main() -> int:
@@ -139,6 +144,7 @@ def main() -> int:
     ap.add_argument("--batch", action="store_true", help="throughput under concurrent requests (see above)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-batch", type=int, default=None, help="the batched setting (default: serve's default)")
+    ap.add_argument("--accuracy-level", type=int, default=None, help="ONNX Runtime's (default: serve's, 4)")
     ap.add_argument("--out", default=None, help="default benchmarks/serve.json (--batch: benchmarks/serve-batch.json)")
     args = ap.parse_args()
     args.out = args.out or ("benchmarks/serve-batch.json" if args.batch else "benchmarks/serve.json")
@@ -171,20 +177,22 @@ def main() -> int:
                                "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
         body = {"messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens}
 
-        srv = make_server(out_dir, port=0, max_tokens_limit=max(args.max_tokens, 1))
+        srv = make_server(out_dir, port=0, max_tokens_limit=max(args.max_tokens, 1), accuracy_level=args.accuracy_level)
         thread = threading.Thread(target=srv.serve_forever, daemon=True)
         thread.start()
         vlm = srv.vlm
         if args.batch:
             max_batch = args.max_batch or DEFAULT_MAX_BATCH
-            bench = batch_bench(srv, body, args.concurrency, max_batch, args.repeats)
+            bench = batch_bench(srv, body, args.concurrency, max_batch, args.repeats, vlm.accuracy_level == 0)
             srv.shutdown()
             srv.server_close()
+            manifest = json.loads((out_dir / "manifest.json").read_text())
             return _write(args, {
-                "output_dir": args.output_dir or "builtin:tiny-smolvlm (rtn)", "images": len(images),
+                "output_dir": args.output_dir or "builtin:tiny-smolvlm (rtn)", "model": manifest["source"]["model"],
+                "method": manifest["recipe"]["method"], "llm_flavour": vlm.llm_flavour, "images": len(images),
                 "prompt": prompt, "accuracy_level": vlm.accuracy_level, "repeats": args.repeats,
                 "max_tokens": args.max_tokens, "max_batch": max_batch, "concurrency": args.concurrency, **bench},
-                ("throughput_ratio",))
+                ("throughput_ratio", "answers_differing_from_max_batch_1"))
 
         new_tokens = []
 

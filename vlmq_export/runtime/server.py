@@ -10,7 +10,8 @@
 What is taken: one user message (string content, or a list of ``text`` and ``image_url`` parts; images
 go before the text, as ``run`` and the model families place them), ``max_tokens`` /
 ``max_completion_tokens``, ``temperature`` (absent or 0: greedy, as ``run``), ``top_p``, ``top_k`` (an
-extension), ``seed``, ``stream`` (server-sent ``chat.completion.chunk`` events, then ``data: [DONE]``) and
+extension), ``seed``, ``ignore_eos`` (an extension, as vLLM's: generate ``max_tokens`` tokens, ``run --no-stop``),
+``stream`` (server-sent ``chat.completion.chunk`` events, then ``data: [DONE]``) and
 ``stream_options.include_usage`` (a last chunk with ``usage`` and empty ``choices``, as OpenAI sends it).
 Images come inline as base64 ``data:`` URLs only: the server fetches nothing. Anything else that changes
 the answer (several turns, a system message, ``n`` > 1, tools, penalties) is refused with a 400 and a
@@ -23,7 +24,8 @@ others decode is prefilled (batch 1) and joins their batch at the next decode st
 BatchDecoder); beyond ``max_batch`` running requests it waits its turn; ``max_batch`` 1 runs one generation at a
 time. ``/health`` answers meanwhile (with ``running``, ``queued`` and ``largest_batch``, the largest batch a decode
 step ran); a completion's ``timings.batch_size`` is the largest batch its own steps ran in. Greedy answers are the
-tokens ``vlmq-export run`` gives, batched or not.
+tokens ``vlmq-export run`` gives when alone, and batched too at accuracy level 0; at level 4 ONNX Runtime's INT8
+kernels round a batch slightly differently from one row, so a batched answer may part from ``run``'s at a near-tie.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
+    ignore_eos: bool = False  # generate max_tokens tokens whatever they are (run --no-stop)
 
     @property
     def sample(self) -> bool:
@@ -177,12 +180,13 @@ def parse_chat_request(body, max_tokens_limit: int, *, vocab_size: int | None = 
         if body.get(key):
             raise RequestError(f"{key} is not supported", param=key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream must be true or false", param="stream")
+    stream, ignore_eos = body.get("stream", False), body.get("ignore_eos", False)
+    for name, value in (("stream", stream), ("ignore_eos", ignore_eos)):
+        if not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false", param=name)
     ranges = generation_ranges(vocab_size, max_tokens_limit)
     req = ChatRequest(
-        prompt=prompt, stream=stream, include_usage=_include_usage(body, stream),
+        prompt=prompt, stream=stream, include_usage=_include_usage(body, stream), ignore_eos=ignore_eos,
         max_tokens=_number(body, key, int, min(DEFAULT_MAX_TOKENS, max_tokens_limit), *ranges["max_new_tokens"]),
         temperature=_number(body, "temperature", float, 0.0, *ranges["temperature"]),
         top_p=_number(body, "top_p", float, 1.0, *ranges["top_p"]),
@@ -289,7 +293,7 @@ class Scheduler:
         try:
             row = dec.add(job.prepared, max_new_tokens=req.max_tokens, sample=req.sample,
                           temperature=req.temperature or 1.0, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                          on_text=on_text)
+                          stop=not req.ignore_eos, on_text=on_text)
         except Exception as exc:
             job.events.put(("error", exc))
             return
