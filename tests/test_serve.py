@@ -145,6 +145,7 @@ def test_seeded_sampling_is_reproducible(server):
     (_chat(None, "Hi", stream=True, stream_options={"include_usage": 1}), 400, "stream_options takes only"),
     (_chat(None, "Hi", stream=True, stream_options={"continuous_usage_stats": True}), 400, "stream_options takes only"),
     (_chat(None, "Hi", n=2), 400, "n > 1"),
+    (_chat(None, "Hi", ignore_eos="yes"), 400, "ignore_eos must be true or false"),
     (_chat(None, "Hi", tools=[{"type": "function"}]), 400, "tools is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "text or image_url part"),
 ])
@@ -326,3 +327,142 @@ def test_a_body_that_stops_arriving_gets_a_408(quick_server):
     got = _raw_exchange(quick_server, head + b'{"messages"', shut=False)  # then silence, the socket left open
     assert got.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive" in got
     assert _request(quick_server, "GET", "/health")[0] == 200
+
+
+def _text_of(payload: bytes) -> tuple[str, dict | None]:
+    """(the answer's text, its timings) of a completion or of a stream."""
+    if payload.startswith(b"data: "):
+        chunks = _events(payload)
+        return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]), None
+    got = json.loads(payload)
+    return got["choices"][0]["message"]["content"], got["timings"]
+
+
+def _concurrently(srv, bodies: list, monkeypatch) -> list[bytes]:
+    """POST ``bodies`` at once: the scheduler's first prefill is held until every other request is queued, so the
+    batch they run in does not depend on thread timing."""
+    gate, embeddings = threading.Event(), srv.vlm.embeddings
+    monkeypatch.setattr(srv.vlm, "embeddings", lambda prepared: (gate.wait(60), embeddings(prepared))[1])
+    results: list = [None] * len(bodies)
+
+    def post(i):
+        results[i] = _request(srv, "POST", "/v1/chat/completions", bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for _ in range(600):  # the first request is held in its prefill, the others wait in the queue
+        health = json.loads(_request(srv, "GET", "/health")[2])
+        if health["queued"] == len(bodies) - 1:
+            break
+        threading.Event().wait(0.05)
+    assert health["busy"] and health["queued"] == len(bodies) - 1
+    gate.set()
+    for t in threads:
+        t.join(120)
+    monkeypatch.undo()
+    assert all(r[0] == 200 for r in results), results
+    return [r[2] for r in results]
+
+
+def _batch_bodies() -> list[dict]:
+    url, _ = _png_data_url(3)
+    return [_chat(None, "hi", max_tokens=12), _chat(url, "What is in this picture?", max_tokens=8),
+            _chat(None, "Tell me a long story about robots " * 3, max_tokens=12, stream=True),
+            _chat(url, "Describe it.", max_tokens=12)]
+
+
+def test_concurrent_requests_are_batched_with_the_sequential_answers(server, monkeypatch):
+    bodies = _batch_bodies()
+    sequential = [_text_of(_request(server, "POST", "/v1/chat/completions", b)[2]) for b in bodies]
+    assert all(t["batch_size"] == 1 for _, t in sequential if t)
+    health = json.loads(_request(server, "GET", "/health")[2])
+    assert health["max_batch"] == 4 and health["largest_batch"] == 1 and not health["busy"]
+    together = [_text_of(p) for p in _concurrently(server, bodies, monkeypatch)]
+    assert [text for text, _ in together] == [text for text, _ in sequential]
+    assert all(t["batch_size"] == 4 for _, t in together if t)  # each ran its first step with the other three
+    health = json.loads(_request(server, "GET", "/health")[2])
+    assert health["largest_batch"] == 4 and health["running"] == 0 and not health["busy"]
+
+
+def test_max_batch_1_runs_one_generation_at_a_time(exported, monkeypatch):
+    srv = make_server(exported["smolvlm"], port=0, accuracy_level=0, max_tokens_limit=32, max_batch=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        bodies = _batch_bodies()
+        sequential = [_text_of(_request(srv, "POST", "/v1/chat/completions", b)[2])[0] for b in bodies]
+        together = [_text_of(p) for p in _concurrently(srv, bodies, monkeypatch)]
+        assert [text for text, _ in together] == sequential
+        assert all(t["batch_size"] == 1 for _, t in together if t)
+        assert json.loads(_request(srv, "GET", "/health")[2])["largest_batch"] == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_cli_refuses_a_max_batch_below_1(exported):
+    res = _cli("serve", str(exported["smolvlm"]), "--port", "0", "--max-batch", "0")
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].endswith("error: --max-batch must be at least 1")
+
+
+def test_bench_serve_tool_measures_batching(exported, tmp_path, monkeypatch):
+    from conftest import load_tool
+
+    out = tmp_path / "serve-batch.json"
+    monkeypatch.setattr(sys, "argv", ["bench_serve.py", str(exported["smolvlm"]), "--batch", "--text-only",
+                                      "--concurrency", "1", "3", "--max-batch", "3", "--repeats", "1",
+                                      "--max-tokens", "4", "--accuracy-level", "0", "--out", str(out)])
+    assert load_tool("bench_serve").main() == 0  # exits non-zero when max_batch 1 and 3 answer differently
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"max_batch=1", "max_batch=3"} and set(res["throughput_ratio"]) == {"1", "3"}
+    assert res["answers_differing_from_max_batch_1"] == {"max_batch=1": 0, "max_batch=3": 0}
+    for by_n in res["results"].values():
+        assert set(by_n) == {"1", "3"}
+        assert by_n["3"]["tokens_per_s"] > 0 and by_n["3"]["tokens_per_round"] == 12  # ignore_eos: 3 x 4 tokens
+        assert by_n["3"]["latency_p90_s"] >= by_n["3"]["latency_median_s"] > 0
+
+
+def test_a_failed_decode_step_answers_500_and_the_next_batch_runs(quick_server, monkeypatch):
+    from vlmq_export.runtime.generate import BatchDecoder
+
+    step = BatchDecoder.step
+
+    def broken(self):
+        monkeypatch.setattr(BatchDecoder, "step", step)  # fails once
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(BatchDecoder, "step", broken)
+    body = _chat(None, "hi", max_tokens=4)
+    status, _, payload = _request(quick_server, "POST", "/v1/chat/completions", body)
+    assert status == 500 and "generation failed: RuntimeError: boom" in json.loads(payload)["error"]["message"]
+    status, _, payload = _request(quick_server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and json.loads(payload)["choices"][0]["message"]["content"] is not None
+    health = json.loads(_request(quick_server, "GET", "/health")[2])
+    assert health["running"] == 0 and not health["busy"]
+
+
+def test_many_simultaneous_connections_are_accepted(quick_server):
+    """A burst of clients (what a batching server is for) is queued by the listening socket, not reset."""
+    addr = quick_server.server_address[:2]
+    socks = [socket.create_connection(addr, timeout=30) for _ in range(48)]  # all connected before any is served
+    try:
+        for s in socks:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in socks:
+            assert s.recv(64).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_ignore_eos_generates_max_tokens(server, monkeypatch):
+    body = _chat(None, "Say something.", max_tokens=6)
+    first = json.loads(_request(server, "POST", "/v1/chat/completions", body)[2])
+    tokens = server.vlm.generate([], "Say something.", max_new_tokens=6).token_ids  # (the server is idle)
+    # the answer's first token made a stop token: the plain request now stops at once, ignore_eos does not
+    monkeypatch.setattr(type(server.vlm.family), "stop_token_ids", property(lambda self: [tokens[0]]))
+    stopped = json.loads(_request(server, "POST", "/v1/chat/completions", body)[2])
+    assert stopped["usage"]["completion_tokens"] == 0 and stopped["choices"][0]["finish_reason"] == "stop"
+    got = json.loads(_request(server, "POST", "/v1/chat/completions", {**body, "ignore_eos": True})[2])
+    assert got["usage"]["completion_tokens"] == 6 and got["choices"][0]["finish_reason"] == "length"
+    assert got["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]

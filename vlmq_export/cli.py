@@ -375,6 +375,9 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a connection may send nothing (before or inside a request) before it is closed "
                         "(default 30; 0: never)")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="requests decoded together at most: one that arrives while others decode joins their batch "
+                        "(default 4; 1: one generation at a time)")
     _verify_flag(p)
     p.add_argument("--quiet", action="store_true", help="no start-up line and no request log")
     args = p.parse_args(argv)
@@ -387,9 +390,11 @@ def cmd_serve(argv: list[str]) -> int:
     _check_limit_flags(args)
     if not args.timeout >= 0:  # NaN too
         p.error("--timeout must be >= 0")
+    if args.max_batch < 1:
+        p.error("--max-batch must be at least 1")
     serve(args.out, args.host, args.port, accuracy_level=args.accuracy_level, max_tokens_limit=args.max_tokens_limit,
           quiet=args.quiet, verify=not args.no_verify, timeout=args.timeout or None, max_images=args.max_images,
-          max_image_pixels=args.max_image_pixels, backend=args.backend)
+          max_image_pixels=args.max_image_pixels, backend=args.backend, max_batch=args.max_batch)
     return 0
 
 

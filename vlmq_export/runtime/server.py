@@ -10,7 +10,8 @@
 What is taken: one user message (string content, or a list of ``text`` and ``image_url`` parts; images
 go before the text, as ``run`` and the model families place them), ``max_tokens`` /
 ``max_completion_tokens``, ``temperature`` (absent or 0: greedy, as ``run``), ``top_p``, ``top_k`` (an
-extension), ``seed``, ``stream`` (server-sent ``chat.completion.chunk`` events, then ``data: [DONE]``) and
+extension), ``seed``, ``ignore_eos`` (an extension, as vLLM's: generate ``max_tokens`` tokens, ``run --no-stop``),
+``stream`` (server-sent ``chat.completion.chunk`` events, then ``data: [DONE]``) and
 ``stream_options.include_usage`` (a last chunk with ``usage`` and empty ``choices``, as OpenAI sends it).
 Images come inline as base64 ``data:`` URLs only: the server fetches nothing. Anything else that changes
 the answer (several turns, a system message, ``n`` > 1, tools, penalties) is refused with a 400 and a
@@ -18,8 +19,13 @@ one-line message, never ignored. The limits of ``limits.py`` apply as in ``run``
 pixels per image, the model's context: a 400 before the vision encoder runs); a wrong method on a known
 route gets a 405 with ``Allow``; a connection that sends nothing for ``timeout`` seconds is closed.
 
-One generation runs at a time (ONNX Runtime already spreads one over every core); other requests wait
-for it, and ``/health`` answers meanwhile. Greedy answers are the tokens ``vlmq-export run`` gives.
+Generations run on one thread, batched (``max_batch``, ``serve --max-batch``): a request that arrives while
+others decode is prefilled (batch 1) and joins their batch at the next decode step (runtime/generate.py
+BatchDecoder); beyond ``max_batch`` running requests it waits its turn; ``max_batch`` 1 runs one generation at a
+time. ``/health`` answers meanwhile (with ``running``, ``queued`` and ``largest_batch``, the largest batch a decode
+step ran); a completion's ``timings.batch_size`` is the largest batch its own steps ran in. Greedy answers are the
+tokens ``vlmq-export run`` gives when alone, and batched too at accuracy level 0; at level 4 ONNX Runtime's INT8
+kernels round a batch slightly differently from one row, so a batched answer may part from ``run``'s at a near-tie.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import binascii
 import io
 import json
 import math
+import queue
 import sys
 import threading
 import time
@@ -38,13 +45,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..errors import VlmqError
-from .generate import GRAPHS, OnnxVLM
+from .generate import GRAPHS, BatchDecoder, OnnxVLM
 from .limits import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, LimitError, check_image_count, check_prompt,
                      check_range, fit_to_context, generation_ranges)
 
 MAX_BODY_BYTES = 32 << 20  # a request larger than this (inline images included) is refused with 413
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TIMEOUT_S = 30.0  # a connection silent this long (before or inside a request) is closed
+DEFAULT_MAX_BATCH = 4  # requests decoded together at most
 ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
 # body fields that would change the answer and are not implemented: refused when set (non-zero / non-empty)
 UNSUPPORTED = ("tools", "functions", "response_format", "logit_bias", "stop", "presence_penalty",
@@ -77,6 +85,7 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
+    ignore_eos: bool = False  # generate max_tokens tokens whatever they are (run --no-stop)
 
     @property
     def sample(self) -> bool:
@@ -171,12 +180,13 @@ def parse_chat_request(body, max_tokens_limit: int, *, vocab_size: int | None = 
         if body.get(key):
             raise RequestError(f"{key} is not supported", param=key)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream must be true or false", param="stream")
+    stream, ignore_eos = body.get("stream", False), body.get("ignore_eos", False)
+    for name, value in (("stream", stream), ("ignore_eos", ignore_eos)):
+        if not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false", param=name)
     ranges = generation_ranges(vocab_size, max_tokens_limit)
     req = ChatRequest(
-        prompt=prompt, stream=stream, include_usage=_include_usage(body, stream),
+        prompt=prompt, stream=stream, include_usage=_include_usage(body, stream), ignore_eos=ignore_eos,
         max_tokens=_number(body, key, int, min(DEFAULT_MAX_TOKENS, max_tokens_limit), *ranges["max_new_tokens"]),
         temperature=_number(body, "temperature", float, 0.0, *ranges["temperature"]),
         top_p=_number(body, "top_p", float, 1.0, *ranges["top_p"]),
@@ -195,14 +205,115 @@ def _finish_reason(res) -> str:
     return "stop" if res.stopped else "length"
 
 
+class _Job:
+    """One request's generation as :class:`Scheduler` runs it; the request's handler thread reads ``events``:
+    ("text", piece)... (streaming only), then ("done", GenerationResult) or ("error", exception)."""
+
+    def __init__(self, req: ChatRequest, prepared):
+        self.req, self.prepared = req, prepared
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False  # set by the handler when its client went away: the row leaves the batch
+        self.batch = 0  # the largest batch its decode steps ran in
+
+
+class Scheduler:
+    """The one thread that runs every generation: up to ``max_batch`` requests decode together in one
+    :class:`~vlmq_export.runtime.generate.BatchDecoder`; a request that arrives meanwhile is prefilled and joins at
+    the next step, one beyond ``max_batch`` waits (first come, first served)."""
+
+    def __init__(self, vlm: OnnxVLM, max_batch: int = DEFAULT_MAX_BATCH):
+        self.vlm, self.max_batch = vlm, int(max_batch)
+        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.running = 0
+        self.largest_batch = 0  # the largest batch a decode step ran
+        self.thread = threading.Thread(target=self._loop, name="vlmq-generate", daemon=True)
+        self._start = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0 or not self.pending.empty()
+
+    def submit(self, req: ChatRequest, prepared) -> _Job:
+        """Queue a generation (the thread starts with the first, after make_server opened the graphs)."""
+        job = _Job(req, prepared)
+        self.pending.put(job)
+        with self._start:
+            if self.thread.ident is None:
+                self.thread.start()
+        return job
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.pending.put(None)
+            self.thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        dec, jobs = BatchDecoder(self.vlm), {}  # jobs: id(row) -> its job
+        while True:
+            try:
+                if not self._turn(dec, jobs):
+                    return
+            except Exception as exc:  # every running request gets the error; the next batch starts afresh
+                for job in jobs.values():
+                    job.events.put(("error", exc))
+                dec, jobs = BatchDecoder(self.vlm), {}
+                self.running = 0
+
+    def _turn(self, dec: BatchDecoder, jobs: dict) -> bool:
+        """Admit what is waiting, drop what was cancelled, run one decode step; False when closed."""
+        while len(dec.rows) < self.max_batch:  # admit: wait when idle, else take what is waiting
+            try:
+                job = self.pending.get(block=not dec.rows)
+            except queue.Empty:
+                break
+            if job is None:
+                return False
+            self._admit(dec, job, jobs)
+        for row in [r for r in dec.rows if jobs[id(r)].cancelled]:
+            dec.cancel(row)
+            jobs.pop(id(row))
+        self.running = len(dec.rows)
+        if dec.rows:
+            batch = list(dec.rows)
+            done = dec.step()
+            self.largest_batch = max(self.largest_batch, len(batch))
+            self.running = len(dec.rows)  # before the answers go: /health then no longer counts them
+            for row in batch:
+                jobs[id(row)].batch = max(jobs[id(row)].batch, len(batch))
+            for row in done:
+                job = jobs.pop(id(row))
+                row.result.timings["batch_size"] = job.batch
+                job.events.put(("done", row.result))
+        return True
+
+    @staticmethod
+    def _admit(dec: BatchDecoder, job: _Job, jobs: dict) -> None:
+        req = job.req
+        on_text = (lambda piece: job.events.put(("text", piece))) if req.stream else None
+        try:
+            row = dec.add(job.prepared, max_new_tokens=req.max_tokens, sample=req.sample,
+                          temperature=req.temperature or 1.0, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                          stop=not req.ignore_eos, on_text=on_text)
+        except Exception as exc:
+            job.events.put(("error", exc))
+            return
+        if row.result is None:
+            jobs[id(row)] = job
+        else:  # done at once (a stop token first, or max_tokens 1)
+            row.result.timings["batch_size"] = 1
+            job.events.put(("done", row.result))
+
+
 class VLMServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer over one :class:`OnnxVLM`; generations take turns through ``lock``."""
+    """A ThreadingHTTPServer over one :class:`OnnxVLM`; generations run on its :class:`Scheduler`, batched up to
+    ``max_batch``."""
 
     daemon_threads = True
+    request_queue_size = 128  # connections the listening socket queues (socketserver's default 5 resets a burst)
 
     def __init__(self, address: tuple[str, int], vlm: OnnxVLM, model_name: str, max_tokens_limit: int = 1024,
                  log=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, max_images: int = DEFAULT_MAX_IMAGES,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_batch: int = DEFAULT_MAX_BATCH):
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
@@ -213,9 +324,14 @@ class VLMServer(ThreadingHTTPServer):
         self.request_timeout = timeout  # seconds a connection may stay silent (None: forever)
         self.max_images = int(max_images)
         self.max_image_pixels = int(max_image_pixels)
-        self.lock = threading.Lock()
+        self.scheduler = Scheduler(vlm, max_batch)
         self.log = log  # callable(str) for one line per request, or None
         self.started = time.time()
+
+    def server_close(self):
+        super().server_close()
+        if getattr(self, "scheduler", None):  # (socketserver calls this when the bind fails, before __init__ ends)
+            self.scheduler.close()
 
     def handle_error(self, request, client_address):  # one line, not the base class's traceback
         exc = sys.exc_info()[1]
@@ -231,21 +347,26 @@ class VLMServer(ThreadingHTTPServer):
 def make_server(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, accuracy_level: int | None = None,
                 max_tokens_limit: int = 1024, log=None, providers=None, verify: bool = True,
                 timeout: float | None = DEFAULT_TIMEOUT_S, max_images: int = DEFAULT_MAX_IMAGES,
-                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, backend: str = "onnxruntime") -> VLMServer:
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, backend: str = "onnxruntime",
+                max_batch: int = DEFAULT_MAX_BATCH) -> VLMServer:
     """Bind ``host:port`` (0: any free port) and open every graph of a complete output directory (so a
     broken one fails here, not on the first request; with ``verify``, a graph that does not match its
-    sha256 in the manifest too) with ``backend`` (onnxruntime, or tensorrt: OUT's engines). Call
-    ``serve_forever()`` on the result."""
+    sha256 in the manifest too) with ``backend`` (onnxruntime, or tensorrt: OUT's engines, whose profiles'
+    batch size caps ``max_batch``). Call ``serve_forever()`` on the result."""
     from ..outdir import check_complete
     from .session import DEFAULT_ACCURACY_LEVEL
 
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise VlmqError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     out_dir = Path(out_dir)
     manifest = check_complete(out_dir, verify_hashes=verify)
     level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     vlm = OnnxVLM(out_dir, accuracy_level=level, providers=providers, backend=backend)  # runners open below
     name = out_dir.resolve().name or manifest.get("source", {}).get("model", "model")
+    if backend == "tensorrt":
+        max_batch = min(max_batch, _engine_max_batch(out_dir))
     server = VLMServer((host, port), vlm, name, max_tokens_limit, log, timeout=timeout, max_images=max_images,
-                       max_image_pixels=max_image_pixels)  # a busy port fails before the loading
+                       max_image_pixels=max_image_pixels, max_batch=max_batch)  # a busy port fails before the loading
     try:
         for graph in GRAPHS:
             vlm.session(graph)
@@ -253,6 +374,16 @@ def make_server(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
         server.server_close()
         raise
     return server
+
+
+def _engine_max_batch(out_dir: Path) -> int:
+    """The batch size OUT's TensorRT engines were built for (``build --max-batch``; 1 when not recorded)."""
+    from ..engines.build import PROFILES
+
+    try:
+        return int(json.loads((out_dir / PROFILES).read_text())["limits"]["max_batch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -306,9 +437,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = self._route()
         if path == "/health":
-            self._send_json(HTTPStatus.OK, {"status": "ok", "model": self.server.model_name,
-                                            "busy": self.server.lock.locked(),
-                                            "accuracy_level": self.server.vlm.accuracy_level})
+            sched = self.server.scheduler
+            self._send_json(HTTPStatus.OK, {"status": "ok", "model": self.server.model_name, "busy": sched.busy,
+                                            "accuracy_level": self.server.vlm.accuracy_level,
+                                            "max_batch": sched.max_batch, "running": sched.running,
+                                            "queued": sched.pending.qsize(), "largest_batch": sched.largest_batch})
         elif path == "/v1/models":
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": int(self.server.started),
@@ -395,10 +528,20 @@ class _Handler(BaseHTTPRequestHandler):
         return prepared
 
     def _generate(self, req: ChatRequest, prepared, on_text=None):
-        with self.server.lock:
-            return self.server.vlm.generate_prepared(
-                prepared, max_new_tokens=req.max_tokens, sample=req.sample, temperature=req.temperature or 1.0,
-                top_k=req.top_k, top_p=req.top_p, seed=req.seed, on_text=on_text)
+        """The request's GenerationResult from the scheduler; ``on_text`` gets each streamed piece (when it raises,
+        e.g. the client went away, the generation leaves its batch)."""
+        job = self.server.scheduler.submit(req, prepared)
+        while True:
+            kind, value = job.events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+            try:
+                on_text(value)
+            except BaseException:
+                job.cancelled = True
+                raise
 
     def _envelope(self, kind: str, cid: str, created: int) -> dict:
         return {"id": cid, "object": kind, "created": created, "model": self.server.model_name}
@@ -417,7 +560,8 @@ class _Handler(BaseHTTPRequestHandler):
                          "finish_reason": _finish_reason(res)}],
             "usage": self._usage(res),
             "timings": {"prefill_s": res.prefill_s, "decode_s": res.decode_s,
-                        "decode_tokens_per_s": res.decode_tokens_per_s if len(res.token_ids) > 1 else None},
+                        "decode_tokens_per_s": res.decode_tokens_per_s if len(res.token_ids) > 1 else None,
+                        "batch_size": res.timings.get("batch_size")},
         })
 
     def _stream(self, req: ChatRequest, prepared) -> None:
@@ -459,12 +603,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve(out_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False, **options) -> None:
     """Serve until interrupted (Ctrl-C); ``options`` are make_server's (accuracy_level, max_tokens_limit, verify,
-    timeout, max_images, max_image_pixels)."""
+    timeout, max_images, max_image_pixels, backend, max_batch)."""
     log = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     server = make_server(out_dir, host, port, log=log, **options)
     if not quiet:
         print(f"serving {out_dir} at {server.url} (POST /v1/chat/completions, GET /v1/models, GET /health; "
-              f"accuracy level {server.vlm.accuracy_level}); Ctrl-C stops", file=sys.stderr, flush=True)
+              f"accuracy level {server.vlm.accuracy_level}, max batch {server.scheduler.max_batch}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
