@@ -50,7 +50,7 @@ def fake_quant_model(model_dir: Path, out: Path):
 def test_graphs_written_checked_and_int4(exported, fam):
     out = exported[fam]
     manifest = check_complete(out)
-    portable = manifest["components"]["llm"]["flavour"] == "portable"  # the default for Qwen2-VL, not for SmolVLM
+    portable = manifest["components"]["llm"]["flavour"] == "portable"  # the ORT flavour is the default for both
     for g in GRAPHS:  # the ORT flavour holds ONNX Runtime's own operators: ONNX Runtime checks it (next lines)
         if g != "llm" or portable:
             onnx.checker.check_model(str(out / f"{g}.onnx"), full_check=True)
