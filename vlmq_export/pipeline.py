@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -277,7 +278,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     if opts.llm_graph == FLAVOUR_ORT:  # the same weights and codes in ONNX Runtime's fused operators
         try:
             write_ort_llm(work / "llm.onnx", work / "llm.onnx", family.text_config)  # builds before it writes
-        except ValueError as exc:  # e.g. identical norm weights shared by one initializer: keep the portable graph
+        except ValueError as exc:  # a graph form the builder does not read (e.g. weights it cannot find): keep the portable one
             say(f"warning: the ORT flavour of llm.onnx could not be built ({exc}); the portable graph is kept")
             opts.llm_graph = "portable"
         else:
@@ -495,7 +496,11 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     for name, w in load_quantized_weights(out, manifest).items():
         torch_model.get_submodule(name).weight.data = w.to(torch_model.get_submodule(name).weight.dtype)
     dtype = manifest["recipe"].get("dtype", "fp32")
-    ref_fq = torch_outputs(family, torch_model.half() if dtype == "fp16" else torch_model, val, gen_tokens)
+    # W8A8 layers' inputs fake-quantized at their recorded ranges, as the export's own validation does
+    acts = [SimpleNamespace(name=r["name"], act_fmt=r["act"]["format"], act_amax=r["act"]["amax"])
+            for r in manifest["layers"] if r.get("act")]
+    with activation_fake_quant(torch_model.half() if dtype == "fp16" else torch_model, acts) as fq_model:
+        ref_fq = torch_outputs(family, fq_model, val, gen_tokens)
     stages = quantized_stages(out, ref_float, ref_fq, val, gen_tokens, dtype=dtype)
     if backend == "tensorrt":
         from .validate.trt_compare import compare_engines
