@@ -74,5 +74,6 @@ def test_rtn_export_runs_no_data_pass_and_writes_rtn_codes(tiny_dirs, tmp_path, 
         if r["bits"]:
             assert r["error"] is None
             w = model.get_submodule(r["name"]).weight.detach()
-            want = make_calibrator("rtn", w, QuantConfig(bits=r["bits"], group_size=r["group_size"])).solve()
+            want = make_calibrator("rtn", w, QuantConfig(bits=r["bits"], group_size=r["group_size"],
+                                                         sym_grid=manifest["recipe"]["sym_grid"])).solve()
             assert torch.equal(written[r["name"]], want.dequantize()), r["name"]
