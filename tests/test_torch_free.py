@@ -211,9 +211,9 @@ def test_inspect_and_lint_without_torch(exports, verb):
     assert json.loads(res.stdout)
 
 
-def test_build_without_torch(exports, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(exports["qwen2_vl"], out)
+def test_build_without_torch(rtn_exports, tmp_path):
+    out = tmp_path / "out"  # the portable llm graph (build refuses ONNX Runtime's fused flavour, the default)
+    shutil.copytree(rtn_exports["qwen2_vl"], out)
     res = _cli(["build", str(out), "--json"])
     assert res.returncode == 0, res.stderr
     assert (out / "build_engines.sh").is_file() and (out / "engines" / "profiles.json").is_file()
