@@ -30,7 +30,7 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(smollm2_dir):
     assert rtn / gptq >= 5.0
 
 
-def test_perplexity_fp_rtn_gptq_vlmq(smollm2_dir):
+def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir):
     """The issue's table (FP, RTN, GPTQ, VLMQ, and the GPTAQ baseline at W4/W3 g128; calibration: 32 sequences sampled from the
     model itself, evaluation: the shipped English text) and an in-sample control (calibration on the
     evaluation text itself).
@@ -49,7 +49,8 @@ def test_perplexity_fp_rtn_gptq_vlmq(smollm2_dir):
     What is asserted here: fewer bits cost more for every method, nothing collapses, GPTQ calibrated on the
     model's own samples is no worse than RTN out of domain, GPTAQ beats RTN. The GPTQ variants (sink weight,
     act-order, in-sample control) are in ``test_real_smollm2_variants.py``: a file of their own, so that the
-    test workers run the two halves side by side.
+    test workers run the two halves side by side; VLMQ's rows, the costliest (a backward pass per block), are in
+    ``test_real_smollm2_vlmq.py`` for the same reason (on the same 32 generated sequences).
     """
     from vlmq_export.data.generated import generated_text_samples
     from vlmq_export.models import load_family
@@ -57,13 +58,13 @@ def test_perplexity_fp_rtn_gptq_vlmq(smollm2_dir):
 
     family = load_family(smollm2_dir)
     calib = generated_text_samples(family, family.load_model(smollm2_dir), 32)  # what n_calib=32 would generate
-    table = quality_table(smollm2_dir, methods=("rtn", "gptq", "gptaq", "vlmq"), bits=(4, 3), samples=calib, progress=print,
+    table = quality_table(smollm2_dir, methods=("rtn", "gptq", "gptaq"), bits=(4, 3), samples=calib, progress=print,
                           act_order=False)
     assert table["calibration"] == "generated" and table["calibration_samples"] == 32
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}
     fp = ppl[("fp", 16)]
     assert 10 < fp < 40  # the dequantized SmolLM2 reads English
-    for method in ("rtn", "gptq", "gptaq", "vlmq"):
+    for method in ("rtn", "gptq", "gptaq"):
         assert ppl[(method, 3)] > ppl[(method, 4)] > fp * 0.99  # fewer bits cost more
         assert ppl[(method, 4)] < 2.5 * fp  # W4 degrades, it does not collapse
     assert ppl[("gptq", 4)] < 1.05 * ppl[("rtn", 4)]  # (pydoc calibration: 1.16x)
