@@ -11,13 +11,15 @@ __all__ = ["ExportSpec", "Family", "Prepared", "family_classes", "family_for_mod
 
 
 def family_classes() -> list[type[Family]]:
+    from .gemma3 import Gemma3Family
     from .llava import LlavaFamily
     from .llava_next import LlavaNextFamily, LlavaOnevisionFamily
     from .qwen2_5_vl import Qwen2_5_VLFamily
     from .qwen2_vl import Qwen2VLFamily
     from .smolvlm import SmolVLMFamily
 
-    return [Qwen2VLFamily, Qwen2_5_VLFamily, SmolVLMFamily, LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily]
+    return [Qwen2VLFamily, Qwen2_5_VLFamily, SmolVLMFamily, LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily,
+            Gemma3Family]
 
 
 def supported_model_types() -> list[str]:
