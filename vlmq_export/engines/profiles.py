@@ -8,7 +8,8 @@ names (as ``pipeline.graph_io`` recorded them in the manifest), bound by role:
 - vision encoder: one profile from the image processor's limits times the number of images N, capped so
   the image tokens fit in the context C (Qwen2-VL: flattened patches + one cu_seqlens entry per image;
   Qwen2.5-VL: also one window_index entry per merge block and at most one window per block; SmolVLM: image
-  tiles; LLaVA-1.5: one crop per image; LLaVA-NeXT / OneVision: the base tile + the largest pinpoint's tiles).
+  tiles; LLaVA-1.5, Gemma3: one square image each; LLaVA-NeXT / OneVision: the base tile + the largest pinpoint's
+  tiles). Gemma3's extra ``llm`` input ``image_group_ids`` is [batch, seq], sized as ``inputs_embeds``.
 - projector: the vision encoder's output sizes; embed_tokens: batch 1..B, sequence 1..S.
 
 opt is the middle of each range (rounded to the step the family needs).
@@ -127,14 +128,14 @@ def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dic
         _bind(sizes, _dim(inputs, "pixel_values", 0), (1, _mid(1, total_max), total_max))
         for axis in (2, 3):
             _bind(sizes, _dim(inputs, "pixel_values", axis), (edge, edge, edge))
-    elif family in ("llava", "llava_next", "llava_onevision"):
+    elif family in ("llava", "llava_next", "llava_onevision", "gemma3"):
         crop, size = image.get("crop_size") or {}, image.get("size") or {}
         crop, size = ({"height": crop} if isinstance(crop, int) else crop), ({"height": size} if isinstance(size, int) else size)
         tile = int(crop.get("height") or size.get("height") or size.get("shortest_edge") or 0)
         if not tile:
             raise VlmqError(f"build cannot read the {family} image processor's tile size (crop_size / size)")
-        per_image = 1  # LLaVA-1.5: one square crop; NeXT / OneVision: the base tile + the largest pinpoint's tiles
-        if family != "llava":
+        per_image = 1  # LLaVA-1.5, Gemma3: one square image; NeXT / OneVision: the base tile + the largest pinpoint's tiles
+        if family in ("llava_next", "llava_onevision"):
             per_image += max((int(h) // tile) * (int(w) // tile) for h, w in image.get("image_grid_pinpoints") or [[tile, tile]])
         total_max = N * per_image
         _bind(sizes, _dim(inputs, "pixel_values", 0), (1, _mid(1, total_max), total_max))

@@ -187,6 +187,8 @@ def unsupported(text_config, dtype: str = "fp32") -> str | None:
             return f"RoPE type {rope_type} is not written yet"
         if getattr(text_config, "use_sliding_window", False):
             return "sliding-window attention is not written yet"
+    elif model_type == "gemma3_text":
+        return "Gemma3's llm graph takes image_group_ids (bidirectional image attention, sliding layers): portable only"
     elif model_type != "llama":
         return f"the ORT flavour covers the Llama and Qwen2-VL decoders, not {model_type or '?'}"
     elif getattr(text_config, "attention_bias", False) or getattr(text_config, "mlp_bias", False):

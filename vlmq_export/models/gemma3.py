@@ -198,5 +198,8 @@ class Gemma3Family(LlavaFamily):
         groups[0, 1:3], groups[0, 4:] = 0, 1  # two images' tokens in row 0 (the example's past holds text)
         llm.args = llm.args[:3] + (groups,) + llm.args[3:]
         llm.input_names.insert(3, LLM_EXTRA_INPUT)
-        llm.dynamic_shapes[LLM_EXTRA_INPUT] = dict(llm.dynamic_shapes["inputs_embeds"])
+        shapes = llm.dynamic_shapes  # in the wrapper's argument order (torch.onnx names the axes by it)
+        llm.dynamic_shapes = {"inputs_embeds": shapes["inputs_embeds"], "attention_mask": shapes["attention_mask"],
+                              "position_ids": shapes["position_ids"], LLM_EXTRA_INPUT: dict(shapes["inputs_embeds"]),
+                              "past": shapes["past"]}
         return [vision, projector, self.embed_tokens_spec(EmbedTokensWrapper(model.get_input_embeddings())), llm]
