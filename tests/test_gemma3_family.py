@@ -144,6 +144,18 @@ def test_registered_builtin_and_pan_and_scan_refused(tiny_dir, tmp_path, monkeyp
     assert json.loads((resolve_model("builtin:tiny-gemma3") / "config.json").read_text())["model_type"] == "gemma3"
 
 
+def test_projector_as_linear_equals_transformers(fam, model, tiny_dir, prompts):
+    """load_model holds the projection matrix as an nn.Linear (quantizable); image features equal those of the
+    unmodified transformers model."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    assert isinstance(model.model.multi_modal_projector.mm_input_projection, torch.nn.Linear)
+    hf = Gemma3ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    assert not any(isinstance(m, torch.nn.Linear) for m in hf.model.multi_modal_projector.modules())
+    p = prompts["two"]
+    assert _maxdiff(fam.image_features(model, p), fam.image_features(hf, p)) <= 1e-6
+
+
 # ---------------------------------------------------------------------------------- float ONNX vs HF
 def test_float_onnx_matches_hf(fam, model, sessions, prompts):
     """Image features and logits: one and two images, text only, one image then text past the sliding window."""

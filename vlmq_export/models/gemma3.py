@@ -27,8 +27,10 @@ of the rendered chat template becomes ``"\\n\\n<start_of_image>" + T x "<image_s
 before tokenizing; images are resized to ``size`` (bilinear), rescaled and normalized. **Pan-and-scan is off** (as in
 the processor's defaults); an image processor config that turns it on is refused.
 
-The projector's projection is a Parameter (``mm_input_projection_weight``), not an ``nn.Linear``: it stays float,
-and so does the projector (``--projector`` has nothing to quantize there).
+The projector's projection is a Parameter in transformers (``mm_input_projection_weight``, applied by ``torch.matmul``),
+not an ``nn.Linear``: ``load_model`` swaps in ``gemma3_torch.Gemma3LinearProjector``, the same function with that
+matrix as an ``nn.Linear`` (``multi_modal_projector.mm_input_projection``), so ``--projector`` quantizes it like any
+family's projector Linears.
 
 This module is torch-free at import; the export wrappers are in ``gemma3_torch.py``.
 """
@@ -159,8 +161,12 @@ class Gemma3Family(LlavaFamily):
         import torch
         import transformers
 
+        from .gemma3_torch import Gemma3LinearProjector
+
         cls = getattr(transformers, self.model_class_name)
-        return cls.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa").eval()
+        model = cls.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa").eval()
+        model.model.multi_modal_projector = Gemma3LinearProjector(model.model.multi_modal_projector)
+        return model
 
     def hf_inputs(self, prepared):
         """As LLaVA's, plus ``token_type_ids`` (1 on image tokens): transformers' Gemma3 builds its bidirectional

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .llava_torch import LlavaVisionWrapper
 from .qwen2_vl_torch import Qwen2VLDecoderWrapper
@@ -17,6 +18,27 @@ class Gemma3VisionWrapper(LlavaVisionWrapper):
 
     def forward(self, pixel_values):
         return self.vision_model.post_layernorm(super().forward(pixel_values))
+
+
+class Gemma3LinearProjector(nn.Module):
+    """transformers' ``Gemma3MultiModalProjector`` (average pool of the patch grid, RMSNorm, projection) with its
+    projection matrix (the Parameter ``mm_input_projection_weight`` [vision_hidden, hidden], used by ``torch.matmul``)
+    held as the ``nn.Linear`` ``mm_input_projection`` (weight = its transpose), so that ``--projector`` can quantize
+    it; the same function (``Gemma3Family.load_model`` swaps it in)."""
+
+    def __init__(self, projector):
+        super().__init__()
+        self.mm_soft_emb_norm, self.avg_pool = projector.mm_soft_emb_norm, projector.avg_pool
+        self.side = int(projector.patches_per_image)
+        w = projector.mm_input_projection_weight.detach()
+        self.mm_input_projection = nn.Linear(w.shape[0], w.shape[1], bias=False, device=w.device, dtype=w.dtype)
+        self.mm_input_projection.weight.data = w.T.contiguous()
+
+    def forward(self, vision_outputs):
+        b, _, d = vision_outputs.shape
+        grid = vision_outputs.transpose(1, 2).reshape(b, d, self.side, self.side)
+        pooled = self.avg_pool(grid).flatten(2).transpose(1, 2)
+        return self.mm_input_projection(self.mm_soft_emb_norm(pooled)).type_as(vision_outputs)
 
 
 def gemma3_masks(attention_mask, group_ids, sliding_window: int, dtype) -> dict[str, torch.Tensor]:
