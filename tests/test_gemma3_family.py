@@ -252,3 +252,78 @@ def test_each_decoder_block_calibrates_with_its_own_mask_and_rope(fam, tiny_dir,
             h.remove()
     for bi, kind in enumerate(LAYER_TYPES):
         assert seen[bi] and all(any(torch.equal(m, w[kind]) for w in want) for m in seen[bi]), bi
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory) -> Path:
+    """VLMQ: vision and projector w8, LLM int4; validated by the export itself (2 samples, 20 greedy tokens)."""
+    out = tmp_path_factory.mktemp("out") / "gemma3"
+    assert cli.main([str(tiny_dir), "--int4", "--method", "vlmq", "--vision", "w8", "--projector", "w8", "-o", str(out),
+                     "--n-calib", "4", "--n-val", "2", "--gen-tokens", "20", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake_quant(fam, tiny_dir, exported):
+    from vlmq_export.pipeline import load_quantized_weights
+
+    model = fam.load_model(tiny_dir)
+    manifest = json.loads((exported / "manifest.json").read_text())
+    for name, w in load_quantized_weights(exported, manifest).items():
+        model.get_submodule(name).weight.data = w
+    return model
+
+
+def test_vlmq_export_quantizes_vision_projector_llm_and_validates(exported):
+    from safetensors import safe_open
+
+    from vlmq_export.outdir import check_complete
+
+    manifest = check_complete(exported)
+    assert manifest["components"]["llm"]["flavour"] == "portable"  # the ORT flavour refuses image_group_ids
+    assert [i["name"] for i in manifest["components"]["llm"]["inputs"]][:4] == [
+        "inputs_embeds", "attention_mask", "position_ids", LLM_EXTRA_INPUT]
+    layers = [r for r in manifest["layers"] if r["bits"]]
+    assert {r["component"] for r in layers} == {"vision", "projector", "llm"} and {r["method"] for r in layers} == {"vlmq"}
+    assert {r["bits"] for r in layers if r["component"] != "llm"} == {8}
+    assert [r["name"] for r in layers if r["component"] == "projector"] == ["model.multi_modal_projector.mm_input_projection"]
+    with safe_open(exported / "saliency.safetensors", "np") as f:  # VLMQ's factors from image+text samples
+        assert {k.split("/")[1] for k in f.keys()} >= {"vision.0", "projector", "llm.0", "llm.2"}
+    stages = json.loads((exported / "report" / "validation.json").read_text())["stages"]
+    for stage in ("float_onnx_vs_torch", "qdq_onnx_vs_torch_fakequant"):
+        assert stages[stage]["logits_max_abs_diff"] <= 1e-4 and stages[stage]["image_features_max_abs_diff"] <= 1e-4
+    assert stages["qdq_onnx_vs_torch_fakequant"]["greedy_identical_samples"] == stages["qdq_onnx_vs_torch_fakequant"]["samples"]
+
+
+def test_qdq_onnx_matches_torch_fakequant(fam, fake_quant, exported, prompts):
+    from vlmq_export.runtime.generate import OnnxVLM
+
+    vlm = OnnxVLM(exported, accuracy_level=0)
+    with torch.no_grad():
+        for which, p in prompts.items():
+            ref = fake_quant(**fam.hf_inputs(p)).logits[0].numpy()
+            assert np.abs(vlm.prompt_logits(p) - ref).max() <= 1e-4, which
+            if p.num_images:
+                assert _maxdiff(vlm.image_features(p), fam.image_features(fake_quant, p)) <= 1e-4, which
+
+
+def test_run_matches_torch_greedy_past_the_window_lint_and_build(fam, fake_quant, exported, tmp_path, capsys):
+    from vlmq_export.validate.compare import torch_generate
+
+    img = tmp_path / "a.png"
+    _image(120, 60).save(img)
+    assert cli.main(["run", str(exported), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "24",
+                     "--no-stop", "--json", "--accuracy-level", "0"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    p = fam.prepare([Image.open(img)], PROMPT)
+    ref = torch_generate(fam, fake_quant, p, 24, stop=False)
+    assert len(ref) == 24 and got == ref and len(set(ref)) > 3  # 24 tokens, three windows past the image
+    assert cli.main(["lint", str(exported)]) == 0
+    # build: the extra input is sized as inputs_embeds; one 56x56 crop per image
+    assert cli.main(["build", str(exported), "--max-images", "2", "--max-context", "256"]) == 0
+    graphs = json.loads((exported / "engines" / "profiles.json").read_text())["graphs"]
+    for prof in graphs["llm"]["profiles"]:
+        s = prof["shapes"]
+        assert all(s[LLM_EXTRA_INPUT][k] == s["inputs_embeds"][k][:2] for k in ("min", "opt", "max")), prof["name"]
+    assert graphs["vision_encoder"]["profiles"][0]["shapes"]["pixel_values"]["max"] == [2, 3, 56, 56]
