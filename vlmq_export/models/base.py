@@ -50,7 +50,8 @@ prefill and at every decode step. Qwen3-VL's deepstack features are projector ou
 half scatters onto the image tokens (one slice per deepstack layer, zero rows elsewhere and at decode); Gemma3's
 bidirectional attention among an image's tokens and its sliding/global layers stay inside the ``llm`` graph,
 which builds each layer's mask from ``attention_mask`` and one more input the family computes from
-``Prepared.image_mask`` (``image_group_ids``: which image each token belongs to, -1 for text; ``gemma3.py``). Such families take the portable llm graph (``export/ort_flavour.py``).
+``Prepared.image_mask`` (``image_group_ids``: which image each token belongs to, -1 for text; ``gemma3.py``).
+Such families take the portable llm graph (``export/ort_flavour.py``).
 """
 from __future__ import annotations
 
