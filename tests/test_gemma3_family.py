@@ -327,3 +327,25 @@ def test_run_matches_torch_greedy_past_the_window_lint_and_build(fam, fake_quant
         s = prof["shapes"]
         assert all(s[LLM_EXTRA_INPUT][k] == s["inputs_embeds"][k][:2] for k in ("min", "opt", "max")), prof["name"]
     assert graphs["vision_encoder"]["profiles"][0]["shapes"]["pixel_values"]["max"] == [2, 3, 56, 56]
+
+
+def test_batched_decode_equals_batch_one(fam, exported, prompts):
+    """BatchDecoder (serve's batching): rows of different lengths share a cache whose columns are padded per row
+    (mask 0); the sliding window counts a row's tokens, not cache columns, so each row keeps batch 1's tokens and
+    logits; rows join late."""
+    from vlmq_export.runtime.generate import BatchDecoder, OnnxVLM
+
+    vlm = OnnxVLM(exported, accuracy_level=0)
+    rows = [prompts["text"], prompts["two"], prompts["long"], prompts["one"]]
+    assert len({p.seq_len for p in rows}) == len(rows)
+    ref = [vlm.generate_prepared(p, max_new_tokens=12, stop=False, keep_logits=True) for p in rows]
+    dec = BatchDecoder(vlm)
+    got = [dec.add(rows[0], max_new_tokens=12, stop=False, keep_logits=True)]
+    dec.step()
+    got += [dec.add(p, max_new_tokens=12, stop=False, keep_logits=True) for p in rows[1:]]
+    while dec.rows:
+        dec.step()
+    for r, g in zip(ref, got):
+        assert g.result.token_ids == r.token_ids
+        for a, b in zip(r.logits, g.result.logits):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))

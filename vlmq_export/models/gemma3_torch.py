@@ -45,7 +45,11 @@ def gemma3_masks(attention_mask, group_ids, sliding_window: int, dtype) -> dict[
     """Additive masks [B, 1, S, P+S] (0 / dtype min) by layer type, as transformers' ``create_masks_for_vision_model``:
     ``full_attention``: (causal OR same image) AND ``attention_mask``; ``sliding_attention``: that AND key > query -
     ``sliding_window``. ``group_ids`` [B, S] are the new tokens' image groups (-1: text); past keys count as text.
-    Every query also sees itself, so padded rows never go all-masked (as in ``Qwen2VLDecoderWrapper``)."""
+    Every query also sees itself, so padded rows never go all-masked (as in ``Qwen2VLDecoderWrapper``).
+
+    The window counts a row's tokens (the columns whose ``attention_mask`` is 1), not cache columns: a batched
+    cache may hold a row's tokens with padding columns between them (``runtime.generate.BatchDecoder``), and the
+    row must see what it sees alone. Without padding the two are the same (transformers' index arithmetic)."""
     s, total = group_ids.shape[1], attention_mask.shape[1]
     q = torch.arange(s, device=group_ids.device) + (total - s)
     k = torch.arange(total, device=group_ids.device)
@@ -53,7 +57,8 @@ def gemma3_masks(attention_mask, group_ids, sliding_window: int, dtype) -> dict[
     same_image = (group_ids[:, :, None] == key_groups[:, None, :]) & (group_ids[:, :, None] >= 0)
     allowed = ((k[None, :] <= q[:, None])[None] | same_image) & attention_mask.bool()[:, None, :]
     itself = (k[None, :] == q[:, None])[None]
-    in_window = (k[None, :] > q[:, None] - sliding_window)[None]
+    token = torch.cumsum(attention_mask, dim=1) - 1  # [B, P+S]: each column's index among its row's tokens
+    in_window = token[:, None, :] > token[:, total - s:, None] - sliding_window
     out = {}
     for kind, mask in (("full_attention", allowed | itself), ("sliding_attention", (allowed & in_window) | itself)):
         out[kind] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)[:, None]
