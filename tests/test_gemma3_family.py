@@ -132,13 +132,15 @@ def test_image_group_ids_match_transformers():
 
 
 def test_registered_builtin_and_pan_and_scan_refused(tiny_dir, tmp_path, monkeypatch):
-    from vlmq_export.errors import UnsupportedModelError
+    from vlmq_export.errors import PromptError, UnsupportedModelError
     from vlmq_export.models.gemma3 import Gemma3ImageProcessor
     from vlmq_export.sources import BUILTIN_MODELS, resolve_model
 
     assert type(load_family(tiny_dir)) is Gemma3Family and type(load_family(tiny_dir, torch_free=True)) is Gemma3Family
     with pytest.raises(UnsupportedModelError, match="pan-and-scan"):
         Gemma3ImageProcessor({"do_pan_and_scan": True})
+    with pytest.raises(PromptError, match="1 <start_of_image> placeholders for 0 images"):
+        load_family(tiny_dir, torch_free=True).prepare([], "What is <start_of_image>?")
     monkeypatch.setenv("VLMQ_CACHE", str(tmp_path))
     assert "tiny-gemma3" in BUILTIN_MODELS
     assert json.loads((resolve_model("builtin:tiny-gemma3") / "config.json").read_text())["model_type"] == "gemma3"
