@@ -131,8 +131,10 @@ def test_image_group_ids_match_transformers():
     assert image_group_ids(mask)[0, 11] == 2
 
 
-def test_registered_builtin_and_pan_and_scan_refused(tiny_dir, tmp_path, monkeypatch):
-    from vlmq_export.errors import PromptError, UnsupportedModelError
+def test_registered_builtin_and_refusals(tiny_dir, tmp_path, monkeypatch):
+    """Registered and built in; pan-and-scan, a stray image placeholder and ONNX Runtime's llm flavour refused."""
+    from vlmq_export.errors import PromptError, UnsupportedModelError, VlmqError
+    from vlmq_export.export.ort_flavour import choose_llm_graph
     from vlmq_export.models.gemma3 import Gemma3ImageProcessor
     from vlmq_export.sources import BUILTIN_MODELS, resolve_model
 
@@ -141,6 +143,10 @@ def test_registered_builtin_and_pan_and_scan_refused(tiny_dir, tmp_path, monkeyp
         Gemma3ImageProcessor({"do_pan_and_scan": True})
     with pytest.raises(PromptError, match="1 <start_of_image> placeholders for 0 images"):
         load_family(tiny_dir, torch_free=True).prepare([], "What is <start_of_image>?")
+    text_config = load_family(tiny_dir, torch_free=True).text_config
+    assert choose_llm_graph(None, "onnxruntime", text_config=text_config) == "portable"
+    with pytest.raises(VlmqError, match="--llm-graph ort: Gemma3's llm graph takes image_group_ids"):
+        choose_llm_graph("ort", "onnxruntime", text_config=text_config)
     monkeypatch.setenv("VLMQ_CACHE", str(tmp_path))
     assert "tiny-gemma3" in BUILTIN_MODELS
     assert json.loads((resolve_model("builtin:tiny-gemma3") / "config.json").read_text())["model_type"] == "gemma3"
