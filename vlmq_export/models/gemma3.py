@@ -16,9 +16,8 @@ Graphs (roles fixed in ``base.py``):
 Attention in ``llm`` (``gemma3_torch.gemma3_masks``), as transformers' ``create_masks_for_vision_model``: global layers
 see causal OR same-image keys (the soft tokens of one image attend to each other in both directions during the
 prefill); sliding layers the same AND the row's last ``sliding_window`` tokens (padding columns of a batched cache
-not counted); both AND ``attention_mask``. Sliding
-layers use the local RoPE base (``rope_parameters["sliding_attention"]``), global layers the global one. The new
-token of a decode step is never an image token (group -1), and the keys of the past count as text: a prefill is
+not counted); both AND ``attention_mask``. Sliding layers use the local RoPE base
+(``rope_parameters["sliding_attention"]``), global layers the global one. The new token of a decode step is never an image token (group -1), and the keys of the past count as text: a prefill is
 never split inside an image. **The KV cache keeps every position** in every layer (a full cache, not transformers'
 sliding-window cache of ``sliding_window - 1`` entries): the sliding layers mask the older keys, which is exact, at
 the price of memory that grows with the context in the sliding layers too.
