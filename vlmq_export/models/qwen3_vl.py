@@ -120,6 +120,12 @@ class Qwen3VLFamily(Qwen2VLFamily):
         return {"deepstack_embeds": np.zeros((self.num_deepstack, batch, 1, self.hidden_size), np.float32)}
 
     # ------------------------------------------------------------------ torch half
+    def projectors(self, model) -> list:
+        """The projector component's modules, side by side (calibration quantizes each on its own inputs):
+        ``visual.merger`` (``projector``, whose output the saliency factors are of) and the deepstack mergers
+        (weighted by the same factors: their rows are the same image tokens)."""
+        return [self.projector(model), *model.model.visual.deepstack_merger_list]
+
     def _vision_wrapper(self, model):
         from .qwen3_vl_torch import Qwen3VLVisionWrapper
 
