@@ -103,3 +103,29 @@ def test_sampling_parameters_are_per_row(vlm):
     ref = [vlm.generate_prepared(p, max_new_tokens=8, stop=False, **kw) for p, kw in zip(prompts, params)]
     got = vlm.generate_batch(prompts, params, max_new_tokens=8, stop=False)
     assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+
+
+def test_family_extra_llm_feeds_reach_every_llm_call(vlm, monkeypatch):
+    """Family.llm_prefill_feeds / llm_decode_feeds (Qwen3-VL's deepstack, Gemma3's image groups) go with every
+    llm call of batch-1 and batched generation; the prefill hook sees the projector's outputs."""
+    fam, real, seen, projected = vlm.family, vlm.llm, [], []
+
+    def prefill_feeds(p, proj):
+        projected.append(None if proj is None else sorted(proj))
+        return {"prefill_len": p.seq_len}
+
+    def llm(emb, mask, pos, past, extra=None):
+        seen.append((emb.shape[0], emb.shape[1], extra))
+        return real(emb, mask, pos, past)
+
+    monkeypatch.setattr(fam, "llm_prefill_feeds", prefill_feeds)
+    monkeypatch.setattr(fam, "llm_decode_feeds", lambda batch: {"decode_rows": batch})
+    monkeypatch.setattr(vlm, "llm", llm)
+    prompts = _prompts(vlm)[:2]
+    vlm.generate_prepared(prompts[1], max_new_tokens=3, stop=False)
+    vlm.generate_batch(prompts, max_new_tokens=3, stop=False)
+    assert projected == [["image_embeds"], None, ["image_embeds"]]
+    prefills = [(b, s, e) for b, s, e in seen if s > 1]
+    decodes = [(b, s, e) for b, s, e in seen if s == 1]
+    assert [e for _, _, e in prefills] == [{"prefill_len": s} for _, s, _ in prefills] and len(prefills) == 3
+    assert decodes and all(e == {"decode_rows": b} for b, _, e in decodes) and {b for b, _, _ in decodes} == {1, 2}

@@ -30,9 +30,11 @@ Image embeddings replace the embeddings of the image placeholder tokens, in orde
 The contract between the graphs, at inference, without torch (``runtime/generate.py``)::
 
     features = vision_encoder(**family.vision_feeds(prepared))
-    embeds   = family.pack_image_features(prepared, projector(features))   # numpy, torch-free half
+    proj     = projector(features)                                          # every output, by name
+    embeds   = family.pack_image_features(prepared, proj["image_embeds"])   # numpy, torch-free half
     inputs_embeds = embed_tokens(input_ids); inputs_embeds[image_mask] = embeds
-    logits, presents = llm(inputs_embeds, attention_mask, position_ids, pasts)
+    extra    = family.llm_prefill_feeds(prepared, proj)    # prefill; family.llm_decode_feeds(B) per decode step
+    logits, presents = llm(inputs_embeds, attention_mask, position_ids, pasts, **extra)
 
 ``pack_image_features`` is the identity for families whose projector output is already one row per image
 token (Qwen2-VL, SmolVLM, LLaVA-1.5). Families whose tokens are a data-dependent arrangement of the
@@ -40,12 +42,15 @@ projected tiles do it here in numpy, a mirror of transformers: LLaVA-NeXT / OneV
 (``llava_next.py``) cut the anyres tiles back into the image's grid, unpad it to the aspect ratio,
 (OneVision) downscale it, and add ``image_newline`` (a weight, which their projector graph emits as
 the last row of ``image_embeds``). What a family's torch reference ``image_features`` returns is the
-packed result, so the validation compares the whole path. Not implemented yet, but the contract leaves
-room for them: Qwen3-VL's deepstack features would be projector outputs that the family's numpy half
-turns into further ``llm`` inputs (one per deepstack layer, zero rows off the image tokens); Gemma3's
-bidirectional attention among the image tokens and its sliding/global layers would stay inside the
-``llm`` graph, which builds each layer's mask from ``attention_mask`` and one more input the family
-computes from ``Prepared.image_mask``.
+packed result, so the validation compares the whole path.
+
+Extra ``llm`` inputs (``llm_prefill_feeds`` / ``llm_decode_feeds``, numpy, torch-free): a family whose language
+model needs more than embeddings, mask, positions and cache names them there, and the runtime feeds them at
+prefill and at every decode step. Qwen3-VL's deepstack features are projector outputs that the family's numpy
+half scatters onto the image tokens (one slice per deepstack layer, zero rows elsewhere and at decode); Gemma3's
+bidirectional attention among an image's tokens and its sliding/global layers stay inside the ``llm`` graph,
+which builds each layer's mask from ``attention_mask`` and one more input the family computes from
+``Prepared.image_mask``. Such families take the portable llm graph (``export/ort_flavour.py``).
 """
 from __future__ import annotations
 
@@ -235,6 +240,20 @@ class Family:
         """numpy, torch-free: the ``projector`` graph's output -> one row per image token of ``prepared``, in
         order (see the module doc). The identity unless the family arranges its tiles' embeddings."""
         return image_embeds
+
+    def llm_prefill_feeds(self, prepared: Prepared, projector_outputs: dict[str, np.ndarray] | None
+                          ) -> dict[str, np.ndarray]:
+        """numpy, torch-free: the ``llm`` graph's inputs beyond the fixed ones (``inputs_embeds``,
+        ``attention_mask``, ``position_ids``, the cache) for a batch-1 prefill of ``prepared`` (S =
+        ``prepared.seq_len``). ``projector_outputs``: every output of the ``projector`` graph by name, None when
+        the prompt has no image. None for most families; e.g. deepstack features scattered onto the image tokens,
+        or which tokens belong to one image (bidirectional attention)."""
+        return {}
+
+    def llm_decode_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """numpy, torch-free: :meth:`llm_prefill_feeds`' inputs for one decode step of ``batch`` rows (S = 1; a
+        generated token is never an image token)."""
+        return {}
 
     # ---------------------------------------------------------------- export spec helpers (torch)
     @staticmethod

@@ -138,22 +138,35 @@ class OnnxVLM:
         self._runners.clear()
 
     # ------------------------------------------------------------------ graph calls
-    def image_features(self, prepared: Prepared) -> np.ndarray:
-        """[n_image_tokens, hidden] for the images in ``prepared``."""
+    def projector_outputs(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """Every output of the projector graph for the images in ``prepared`` (``image_embeds``, and whatever
+        else the family's projector emits)."""
         feats = self.runner("vision_encoder").infer(self.family.vision_feeds(prepared))["features"]
-        embeds = self.runner("projector").infer({"features": feats})["image_embeds"]
-        return self.family.pack_image_features(prepared, embeds)  # numpy; the identity for most families
+        return self.runner("projector").infer({"features": feats})
 
-    def embeddings(self, prepared: Prepared) -> np.ndarray:
+    def image_features(self, prepared: Prepared, projected: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """[n_image_tokens, hidden] for the images in ``prepared`` (from ``projected``, the projector's outputs,
+        when given)."""
+        projected = projected if projected is not None else self.projector_outputs(prepared)
+        return self.family.pack_image_features(prepared, projected["image_embeds"])  # numpy; mostly the identity
+
+    def prefill_inputs(self, prepared: Prepared) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(``inputs_embeds`` [1, S, hidden] with the image embeddings spliced in, the family's extra llm inputs
+        for this prefill, ``Family.llm_prefill_feeds``)."""
         emb = self.runner("embed_tokens").infer({"input_ids": prepared.input_ids})["inputs_embeds"]
+        projected = None
         if prepared.num_images:
-            img = self.image_features(prepared)
+            projected = self.projector_outputs(prepared)
+            img = self.image_features(prepared, projected)
             mask = prepared.image_mask[0]
             if int(mask.sum()) != img.shape[0]:
                 raise ValueError(f"{int(mask.sum())} image tokens in the prompt but {img.shape[0]} image embeddings")
             emb = emb.copy()
             emb[0, mask] = img.astype(emb.dtype)
-        return emb
+        return emb, self.family.llm_prefill_feeds(prepared, projected)
+
+    def embeddings(self, prepared: Prepared) -> np.ndarray:
+        return self.prefill_inputs(prepared)[0]
 
     @property
     def llm_flavour(self) -> str:
@@ -178,25 +191,32 @@ class OnnxVLM:
         return past
 
     def llm(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: dict[str, np.ndarray] | SharedKV) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
-        """(logits, the cache after this call). A :class:`SharedKV` is updated in place and returned."""
+            past: dict[str, np.ndarray] | SharedKV, extra: dict[str, np.ndarray] | None = None
+            ) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
+        """(logits, the cache after this call). A :class:`SharedKV` is updated in place and returned. ``extra``:
+        the family's further llm inputs (``Family.llm_prefill_feeds`` / ``llm_decode_feeds``)."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                 **(extra or {})}
         if isinstance(past, SharedKV):
             past.reserve(attention_mask.shape[1])
-            res = self.runner("llm").infer_bound({"inputs_embeds": embeds, "attention_mask": attention_mask,
-                                                  "position_ids": position_ids}, past.bindings(), ["logits"])
+            res = self.runner("llm").infer_bound(feeds, past.bindings(), ["logits"])
             past.length = attention_mask.shape[1]
             return res["logits"], past
-        res = self.runner("llm").infer({"inputs_embeds": embeds, "attention_mask": attention_mask,
-                                        "position_ids": position_ids, **past})
+        res = self.runner("llm").infer({**feeds, **past})
         present = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
         return res["logits"], present
 
+    def prefill(self, prepared: Prepared, capacity: int | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
+        """(logits [1, S, V], the cache) of ``prepared`` from an empty cache (:meth:`empty_past`'s ``capacity``):
+        the one prefill of :meth:`prompt_logits`, :meth:`generate_prepared` and :class:`BatchDecoder`."""
+        emb, extra = self.prefill_inputs(prepared)
+        mask = np.ones((1, prepared.seq_len), np.int64)
+        return self.llm(emb, mask, prepared.position_ids, self.empty_past(capacity=capacity), extra)
+
     def prompt_logits(self, prepared: Prepared) -> np.ndarray:
         """Logits [S, V] of a full prompt (prefill with empty past)."""
-        emb = self.embeddings(prepared)
-        mask = np.ones_like(prepared.input_ids)
-        logits, _ = self.llm(emb, mask, prepared.position_ids, self.empty_past())
-        return logits[0]
+        return self.prefill(prepared)[0][0]
 
     # ------------------------------------------------------------------ generation
     def generate(self, images: list, prompt: str, *, max_new_tokens: int = 64, sample: bool = False,
@@ -218,21 +238,19 @@ class OnnxVLM:
                    on_text=on_text, keep_logits=keep_logits)
         fam = self.family
         t0 = time.perf_counter()
-        emb = self.embeddings(prepared)
         seq = prepared.seq_len
-        mask = np.ones((1, seq), np.int64)
-        logits, past = self.llm(emb, mask, prepared.position_ids,
-                                self.empty_past(capacity=seq + row.max_new_tokens))
+        logits, past = self.prefill(prepared, capacity=seq + row.max_new_tokens)
         row.prefill_s = time.perf_counter() - t0
         row.t_decode = time.perf_counter()
         embed = self.runner("embed_tokens")
+        extra = fam.llm_decode_feeds(1)
         while not row.take(logits[0, -1]):
             ids = np.array([[row.tokens[-1]]], np.int64)
             e = embed.infer({"input_ids": ids})["inputs_embeds"]
             past_len = seq + len(row.tokens) - 1
             mask = np.ones((1, past_len + 1), np.int64)
             pos = fam.decode_position_ids(prepared.rope_delta, past_len)
-            logits, past = self.llm(e, mask, pos, past)
+            logits, past = self.llm(e, mask, pos, past, extra)
         return row.result
 
     def generate_batch(self, prepared: list[Prepared], params: list[dict] | None = None,
@@ -345,16 +363,13 @@ class BatchDecoder:
         row = _Row(self.family, prepared, fit_to_context(prepared.seq_len, max_new_tokens, vlm.context_length),
                    keep_logits=keep_logits, **sampling)
         t0 = time.perf_counter()
-        emb = vlm.embeddings(prepared)
-        mask = np.ones((1, prepared.seq_len), np.int64)
-        # the prefill as generate_prepared runs it (the same cache kind), so its logits are batch 1's to the bit
-        capacity = prepared.seq_len + row.max_new_tokens
-        logits, present = vlm.llm(emb, mask, prepared.position_ids, vlm.empty_past(capacity=capacity))
+        # the prefill generate_prepared runs (the same cache kind), so its logits are batch 1's to the bit
+        logits, present = vlm.prefill(prepared, capacity=prepared.seq_len + row.max_new_tokens)
         row.prefill_s = time.perf_counter() - t0
         row.t_decode = time.perf_counter()
         if not row.take(logits[0, -1]):
             parts = [(self.kv, i, self._mask_row(i)) for i in range(len(self.rows))]
-            self._rebuild(self.rows + [row], parts + [(present, 0, mask[0])])
+            self._rebuild(self.rows + [row], parts + [(present, 0, np.ones(prepared.seq_len, np.int64))])
         return row
 
     def cancel(self, row: _Row) -> None:
@@ -374,7 +389,7 @@ class BatchDecoder:
             mask = np.concatenate([self.mask, np.ones((len(rows), 1), np.int64)], axis=1)
         pos = np.concatenate([self.family.decode_position_ids(r.prepared.rope_delta, r.count) for r in rows],
                              axis=-2)
-        logits, self.kv = vlm.llm(emb, mask, pos, self.kv)
+        logits, self.kv = vlm.llm(emb, mask, pos, self.kv, self.family.llm_decode_feeds(len(rows)))
         self.mask = None if self.shared else mask
         self.steps += 1
         self.max_rows = max(self.max_rows, len(rows))

@@ -126,10 +126,10 @@ def component_fidelity(float_vlm, quant_vlm, prepared: list[Prepared], component
             f_emb = float_vlm.session("projector").run(["image_embeds"], {"features": f_feat})[0]
             q_emb = quant_vlm.session("projector").run(["image_embeds"], {"features": f_feat})[0]
             proj.append((_cos_rows(f_emb, q_emb).mean(), _max_abs(f_emb, q_emb)))
-        emb = float_vlm.embeddings(p)
+        emb, extra = float_vlm.prefill_inputs(p)
         mask = np.ones_like(p.input_ids)
-        f_log, _ = float_vlm.llm(emb, mask, p.position_ids, float_vlm.empty_past())
-        q_log, _ = quant_vlm.llm(emb, mask, p.position_ids, quant_vlm.empty_past())
+        f_log, _ = float_vlm.llm(emb, mask, p.position_ids, float_vlm.empty_past(), extra)
+        q_log, _ = quant_vlm.llm(emb, mask, p.position_ids, quant_vlm.empty_past(), extra)
         llm.append((_cos_rows(f_log[0], q_log[0]).mean(), _max_abs(f_log, q_log),
                     (f_log[0].argmax(-1) == q_log[0].argmax(-1)).mean()))
     wanted = (lambda c: True) if components is None else (lambda c: c in components)

@@ -16,6 +16,8 @@ from importlib import resources
 
 import numpy as np
 
+from ..models.base import Prepared
+
 TEXTS = {"english": "assets/english.txt", "heldout": "assets/heldout_english.txt"}
 WINDOW = 512
 BOOTSTRAP_RESAMPLES = 2000
@@ -72,7 +74,8 @@ def onnx_logits(vlm):
         pos = np.arange(len(chunk), dtype=np.int64)[None]
         if vlm.family.mrope:
             pos = np.broadcast_to(pos, (3, 1, len(chunk))).copy()
-        return vlm.llm(emb, np.ones_like(x), pos, vlm.empty_past())[0][0]
+        text = Prepared(input_ids=x, image_mask=np.zeros(x.shape, bool), position_ids=pos)
+        return vlm.llm(emb, np.ones_like(x), pos, vlm.empty_past(), vlm.family.llm_prefill_feeds(text, None))[0][0]
     return run
 
 

@@ -71,13 +71,14 @@ def graph_feeds(vlm: OnnxVLM, prepared: list) -> dict[str, list[dict]]:
             record("projector", {"features": feats})
         record("embed_tokens", {"input_ids": p.input_ids})
         seq = p.seq_len
-        prefill = record("llm", {"inputs_embeds": vlm.embeddings(p), "attention_mask": np.ones((1, seq), np.int64),
-                                 "position_ids": p.position_ids, **vlm.empty_past()})
+        emb, extra = vlm.prefill_inputs(p)
+        prefill = record("llm", {"inputs_embeds": emb, "attention_mask": np.ones((1, seq), np.int64),
+                                 "position_ids": p.position_ids, **extra, **vlm.empty_past()})
         out = vlm.runner("llm").infer(prefill)
         ids = np.array([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
         record("llm", {"inputs_embeds": vlm.runner("embed_tokens").infer({"input_ids": ids})["inputs_embeds"],
                        "attention_mask": np.ones((1, seq + 1), np.int64),
-                       "position_ids": fam.decode_position_ids(p.rope_delta, seq),
+                       "position_ids": fam.decode_position_ids(p.rope_delta, seq), **fam.llm_decode_feeds(1),
                        **{k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}})
     return dict(feeds)
 
