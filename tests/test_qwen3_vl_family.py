@@ -262,3 +262,90 @@ def test_decoder_layers_calibrate_on_inputs_with_the_deepstack_addition(fam, tin
         assert max(_maxdiff(a, b) for a, b in zip(calibrated[i], seen[i])) <= 1e-4, i
     # there is an addition to miss: in HF's forward, layer 1's input is not layer 0's output (for image samples)
     assert _maxdiff(outputs0[1], seen[1][1]) > 1e-2 and _maxdiff(outputs0[2], seen[1][2]) == 0
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "q3"
+    assert cli.main([str(tiny_dir), "--int4", "--method", "vlmq", "--vision", "w8", "--projector", "w8", "-o", str(out),
+                     "--n-calib", "4", "--n-val", "2", "--gen-tokens", "4", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake_quant(fam, tiny_dir, exported):
+    model = fam.load_model(tiny_dir)
+    manifest = json.loads((exported / "manifest.json").read_text())
+    for name, w in load_quantized_weights(exported, manifest).items():
+        model.get_submodule(name).weight.data = w
+    return model
+
+
+def test_vlmq_export_quantizes_vision_projector_and_llm(exported):
+    import onnx
+    from safetensors import safe_open
+
+    manifest = check_complete(exported)
+    assert manifest["components"]["llm"]["flavour"] == "portable"  # the ORT flavour has no deepstack input
+    layers = [r for r in manifest["layers"] if r["bits"]]
+    assert {r["method"] for r in layers} == {"vlmq"}
+    assert {(r["component"], r["bits"]) for r in layers} == {("vision", 8), ("projector", 8), ("llm", 4)}
+    assert sum(r["component"] == "vision" for r in layers) == 4 * 4  # per block: qkv, proj, linear_fc1, linear_fc2
+    projector = sorted(r["name"] for r in layers if r["component"] == "projector")
+    assert len(projector) == 2 * 3 and sum("deepstack_merger_list" in n for n in projector) == 4
+    graph = onnx.load(str(exported / "projector.onnx"))
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) >= 6
+    with safe_open(exported / "saliency.safetensors", "np") as f:  # VLMQ's factors, image+text samples
+        assert {k.split("/")[1] for k in f.keys()} >= {"vision.0", "vision.3", "projector", "llm.0", "llm.2"}
+
+
+def test_pipeline_validation_numbers(exported):
+    """The pipeline's own validation: float ONNX vs torch and Q/DQ ONNX vs torch fake-quant within 1e-4."""
+    stages = json.loads((exported / "report" / "validation.json").read_text())["stages"]
+    for stage in ("float_onnx_vs_torch", "qdq_onnx_vs_torch_fakequant"):
+        assert stages[stage]["logits_max_abs_diff"] <= 1e-4, stage
+        assert stages[stage]["image_features_max_abs_diff"] <= 1e-4, stage
+
+
+def test_qdq_onnx_matches_torch_fakequant(fam, fake_quant, exported, one, two, text_only):
+    from vlmq_export.runtime.generate import OnnxVLM
+
+    vlm = OnnxVLM(exported, accuracy_level=0)
+    with torch.no_grad():
+        for p in (one, two, text_only):
+            ref = fake_quant(**fam.hf_inputs(p)).logits[0].numpy()
+            assert np.abs(vlm.prompt_logits(p) - ref).max() <= 1e-4
+            if p.num_images:
+                assert np.abs(vlm.image_features(p) - fam.image_features(fake_quant, p).numpy()).max() <= 1e-4
+
+
+def test_run_matches_torch_greedy_and_lint_passes(fam, fake_quant, exported, images, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    images[0].save(img)
+    assert cli.main(["run", str(exported), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "16",
+                     "--no-stop", "--json", "--accuracy-level", "0"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    from PIL import Image
+
+    ref = torch_generate(fam, fake_quant, fam.prepare([Image.open(img)], PROMPT), 16, stop=False)
+    assert len(ref) == 16 and got == ref
+    assert cli.main(["lint", str(exported)]) == 0
+
+
+def test_build_sizes_the_extra_inputs(exported, images, tmp_path):
+    """`build` sizes every input, deepstack_embeds and the position-table taps included; real feeds lie inside."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    assert cli.main(["build", str(out), "--max-images", "2", "--max-context", "2048"]) == 0
+    graphs = json.loads((out / "engines" / "profiles.json").read_text())["graphs"]
+    fam = load_family(out / "processor", torch_free=True)
+    p = fam.prepare(images, PROMPT)
+    prefill, decode = graphs["llm"]["profiles"]
+    for shapes, feeds in ((graphs["vision_encoder"]["profiles"][0]["shapes"], fam.vision_feeds(p)),
+                          (prefill["shapes"], fam.llm_prefill_feeds(p, None)), (decode["shapes"], fam.llm_decode_feeds(1))):
+        for name, arr in feeds.items():
+            lo, hi = shapes[name]["min"], shapes[name]["max"]
+            assert len(lo) == arr.ndim and all(a <= d <= b for a, d, b in zip(lo, arr.shape, hi)), (name, arr.shape)
