@@ -135,6 +135,21 @@ def test_prepare_and_positions_match_transformers(fam, model, tiny_dir, images, 
     assert p.rope_delta == int(delta) and (n_images == 0 or p.rope_delta < 0)
 
 
+def test_both_halves_fall_back_to_qwen3_vl_chat_template(tiny_dir, tmp_path, images):
+    """A directory without a chat template: the torch half (which writes OUT/processor) and the torch-free half
+    (prepare, the runtime) both use Qwen3-VL's, so the exported processor prepares the same ids (no system turn)."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    fam = load_family(bare)
+    fam.save_processor(tmp_path / "processor")
+    ids = [f.prepare(images[:1], PROMPT).input_ids for f in (fam, load_family(tmp_path / "processor", torch_free=True))]
+    np.testing.assert_array_equal(ids[0], ids[1])
+    np.testing.assert_array_equal(ids[0], load_family(tiny_dir).prepare(images[:1], PROMPT).input_ids)
+
+
 def test_family_registered_and_feeds(fam, two, tiny_dir, onnx_sessions):
     from vlmq_export.export.ort_flavour import choose_llm_graph, unsupported
 

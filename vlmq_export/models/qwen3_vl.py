@@ -95,6 +95,13 @@ class Qwen3VLFamily(Qwen2VLFamily):
         return Processor(Config.from_dir(path), Tokenizer.from_dir(path, QWEN3_VL_CHAT_TEMPLATE),
                          Qwen2VLImageProcessor.from_dir(path))
 
+    @classmethod
+    def hf_from_dir(cls, path):
+        """Qwen2-VL's, the chat template the torch-free half reads (Qwen3-VL's where the directory carries none)."""
+        config, tokenizer, image_processor = super().hf_from_dir(path)
+        tokenizer.chat_template = Tokenizer.from_dir(path, QWEN3_VL_CHAT_TEMPLATE).chat_template
+        return config, tokenizer, image_processor
+
     @property
     def num_deepstack(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)
