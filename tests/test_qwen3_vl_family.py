@@ -279,6 +279,42 @@ def test_decoder_layers_calibrate_on_inputs_with_the_deepstack_addition(fam, tin
     assert _maxdiff(outputs0[1], seen[1][1]) > 1e-2 and _maxdiff(outputs0[2], seen[1][2]) == 0
 
 
+def test_vision_blocks_and_mergers_calibrate_on_their_own_inputs(fam, tiny_dir):
+    """Vision and projector through ``calibrate``: nothing is added between the vision blocks (they chain as they
+    are), and each merger, the main one and the deepstack ones, calibrates on its own input (the last vision block's
+    output or its deepstack block's, from the vision-quantized model), not on another merger's output."""
+    from vlmq_export.calibrate import ComponentRecipe, Recipe, calibrate
+    from vlmq_export.calibrators.sequential import capture_inputs
+
+    model = fam.load_model(tiny_dir)
+    visual = model.model.visual
+    items = make_split("calib", 2)
+    batches = [fam.hf_inputs(fam.prepare(s.images, s.prompt)) for s in items]
+    _first, extras = capture_inputs(model, list(visual.blocks), batches)
+    assert all(ex[si][2] is None for ex in extras for si in ex)
+    mergers = [visual.merger, *visual.deepstack_merger_list]
+    seen: dict[int, list] = {i: [] for i in range(len(mergers))}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].clone()))
+             for i, m in enumerate(mergers)]
+    recipe = Recipe(method="gptq", components={"vision": ComponentRecipe(8, -1), "projector": ComponentRecipe(8, -1)})
+    try:
+        result = calibrate(fam, model, items, recipe, device="cpu")
+        calibrated = {i: calls[-len(items):] for i, calls in seen.items()}  # the last pass: calibration inputs
+        for calls in seen.values():
+            calls.clear()
+        with torch.no_grad():
+            for b in batches:
+                model.model.get_image_features(b["pixel_values"], b["image_grid_thw"])
+    finally:
+        for h in hooks:
+            h.remove()
+    names = [r.name for r in result.records if r.component == "projector"]
+    assert len(names) == 6 and sum("deepstack_merger_list" in n for n in names) == 4
+    for i in seen:
+        assert max(_maxdiff(a, b) for a, b in zip(calibrated[i], seen[i])) <= 1e-5, i
+    assert _maxdiff(seen[1][0], seen[2][0]) > 1e-2  # the deepstack mergers do read different blocks
+
+
 # ---------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory) -> Path:
