@@ -400,3 +400,15 @@ def test_build_sizes_the_extra_inputs(exported, images, tmp_path):
         for name, arr in feeds.items():
             lo, hi = shapes[name]["min"], shapes[name]["max"]
             assert len(lo) == arr.ndim and all(a <= d <= b for a, d, b in zip(lo, arr.shape, hi)), (name, arr.shape)
+
+
+def test_batch_generation_equals_one_by_one(exported, one, two, text_only):
+    """Batch 3 (two image prompts of different sizes and a text-only one): each row's greedy tokens are batch 1's
+    (the deepstack feeds per row at prefill, zeros for every row at decode)."""
+    from vlmq_export.runtime.generate import OnnxVLM
+
+    vlm = OnnxVLM(exported, accuracy_level=0)
+    prompts = [two, text_only, one]
+    batched = vlm.generate_batch(prompts, max_new_tokens=8, stop=False)
+    for p, got in zip(prompts, batched):
+        assert got.token_ids == vlm.generate_prepared(p, max_new_tokens=8, stop=False).token_ids
