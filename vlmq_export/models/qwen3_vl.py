@@ -88,7 +88,6 @@ class Qwen3VLFamily(Qwen2VLFamily):
     model_types = ("qwen3_vl",)
     model_class_name = "Qwen3VLForConditionalGeneration"
     vision_inputs = VISION_INPUTS + ["pos_embed_index", "pos_embed_weight"]
-    EXAMPLE_GRID = np.array([[1, 6, 8], [1, 4, 4]], dtype=np.int64)
 
     @classmethod
     def processor_from_dir(cls, path):
