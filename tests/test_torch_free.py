@@ -20,10 +20,11 @@ from vlmq_export.runtime.generate import OnnxVLM
 from vlmq_export.testing.tiny_gemma3 import make_tiny_gemma3
 from vlmq_export.testing.tiny_llava import make_tiny_llava_next, make_tiny_llava_onevision
 from vlmq_export.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+from vlmq_export.testing.tiny_qwen3_vl import make_tiny_qwen3_vl
 from vlmq_export.testing.tiny_smolvlm import make_tiny_smolvlm
 
 FAMILIES = ("qwen2_vl", "smolvlm")
-RUN_FAMILIES = (*FAMILIES, "qwen2_5_vl", "llava_next", "llava_onevision", "gemma3")  # exported and run without torch
+RUN_FAMILIES = (*FAMILIES, "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision", "gemma3")  # exported and run without torch
 PROMPT = "What is in the picture?"
 # the quantize extra's packages: a runtime-only install has none of them
 QUANTIZE_ONLY = ("torch", "transformers", "onnxscript", "onnx_ir", "safetensors", "matplotlib")
@@ -69,6 +70,7 @@ def hf(model_dirs) -> dict:
 def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("torch_free")
     sources = {**tiny_dirs, "qwen2_5_vl": make_tiny_qwen2_5_vl(root / "tiny_qwen2_5_vl"),
+               "qwen3_vl": make_tiny_qwen3_vl(root / "tiny_qwen3_vl"),
                "llava_next": make_tiny_llava_next(root / "tiny_llava_next"),
                "llava_onevision": make_tiny_llava_onevision(root / "tiny_llava_onevision"),
                "gemma3": make_tiny_gemma3(root / "tiny_gemma3")}

@@ -207,9 +207,9 @@ def component_blocks(family: Family, model, comp: str) -> list[tuple[str, torch.
         head = family.lm_head(model)
         untie_lm_head(model, head)
         return [(_module_path(model, head), head)]
-    if comp == "projector":
-        proj = family.projector(model)
-        return [(_module_path(model, proj), proj)]
+    if comp == "projector":  # one module, or several side by side (Qwen3-VL's merger and deepstack mergers)
+        projs = family.projectors(model) if hasattr(family, "projectors") else [family.projector(model)]
+        return [(_module_path(model, proj), proj) for proj in projs]
     stack = family.vision_layers(model) if comp == "vision" else family.decoder_layers(model)
     prefix = _module_path(model, stack)
     return [(f"{prefix}.{i}", blk) for i, blk in enumerate(stack)]
@@ -358,14 +358,20 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
                                     component=comp, device=device)
         else:
             act = recipe.components[comp].act
-            acts = ActRanges(act, recipe.act_calibrator, blocks) if act else None
-            q, r = quantize_blocks(model, blocks, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
-                                   weight_function(recipe, sal, comp, blocks, family.num_layers), say, component=comp,
-                                   device=device, checkpoint=ckpt / comp if ckpt and not acts else None,
-                                   first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
-                                   true_sequential=recipe.true_sequential, observe=acts.observe if acts else None)
-            if acts:
-                q = acts.finish(model, q, r)
+            # projector modules side by side read inputs of their own: each one calibrates alone, not as a chain
+            chains = [[b] for b in blocks] if comp == "projector" else [blocks]
+            q, r = [], []
+            for k, chain in enumerate(chains):
+                acts = ActRanges(act, recipe.act_calibrator, chain) if act else None
+                sub = comp if k == 0 else f"{comp}{k}"
+                qk, rk = quantize_blocks(model, chain, batches, CALIBRATOR[recipe.method], recipe.quant_config(comp),
+                                         weight_function(recipe, sal, comp, chain, family.num_layers), say,
+                                         component=comp, device=device,
+                                         checkpoint=ckpt / sub if ckpt and not acts else None,
+                                         first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
+                                         true_sequential=recipe.true_sequential, observe=acts.observe if acts else None)
+                q += acts.finish(model, qk, rk) if acts else qk
+                r += rk
         layers += q
         records += r
         timings[comp] = time.perf_counter() - t0

@@ -13,17 +13,19 @@ def _builtin_makers() -> dict:
     from .testing.tiny_llava import make_tiny_llava, make_tiny_llava_next, make_tiny_llava_onevision
     from .testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
     from .testing.tiny_qwen2_vl import make_tiny_qwen2_vl
+    from .testing.tiny_qwen3_vl import make_tiny_qwen3_vl
     from .testing.tiny_smolvlm import make_tiny_smolvlm
     from .testbed import make_shapes_smolvlm
 
     return {"tiny-qwen2-vl": make_tiny_qwen2_vl, "tiny-qwen2.5-vl": make_tiny_qwen2_5_vl,
+            "tiny-qwen3-vl": make_tiny_qwen3_vl,
             "tiny-smolvlm": make_tiny_smolvlm, "shapes-smolvlm": make_shapes_smolvlm, "tiny-llava": make_tiny_llava,
             "tiny-llava-next": make_tiny_llava_next, "tiny-llava-onevision": make_tiny_llava_onevision,
             "tiny-gemma3": make_tiny_gemma3}
 
 
-BUILTIN_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "shapes-smolvlm", "tiny-llava", "tiny-llava-next",
-                  "tiny-llava-onevision", "tiny-gemma3")
+BUILTIN_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm", "shapes-smolvlm", "tiny-llava",
+                  "tiny-llava-next", "tiny-llava-onevision", "tiny-gemma3")
 
 
 def resolve_model(spec: str) -> Path:

@@ -89,7 +89,9 @@ class _Stop(Exception):
 
 
 Captured = list[tuple[int, tuple, dict]]  # (sample index, args with hidden states first, kwargs)
-BlockExtras = dict[int, tuple[tuple, dict]]  # sample index -> one block's (args after the hidden states, kwargs)
+# sample index -> one block's (args after the hidden states, kwargs, what the model added to the previous block's
+# output before this block or None)
+BlockExtras = dict[int, tuple[tuple, dict, "torch.Tensor | None"]]
 
 
 def capture_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> tuple[Captured, list[BlockExtras]]:
@@ -97,22 +99,34 @@ def capture_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict
     block's own other inputs (args after the hidden states, kwargs): blocks may take different ones
     (Qwen2.5-VL's windowed and full-attention vision blocks get different ``cu_seqlens``; sliding-window
     and global layers different masks), so no block may be run with block 0's. Samples that never reach
-    the first block (e.g. text-only samples for a vision block) are left out."""
+    the first block (e.g. text-only samples for a vision block) are left out.
+
+    Where the model adds something to a block's output before the next block (Qwen3-VL's deepstack features after
+    its first decoder layers), the difference is kept with the next block's extras and added to the propagated
+    hidden states (:func:`with_block_inputs`); where the next block reads the same tensor, it is None."""
     captured: Captured = []
     extras: list[BlockExtras] = [{} for _ in blocks]
     current = {"i": 0}
+    previous = {}  # the output of the block that ran last
 
     def hook(bi, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if bi == 0:
             captured.append((current["i"], (hidden.detach(),) + tuple(args[1:]), kwargs))
-        extras[bi][current["i"]] = (tuple(args[1:]), kwargs)
+        added = None
+        prev = previous.pop("out", None)
+        if bi > 0 and prev is not None and hidden is not prev and prev.shape == hidden.shape:
+            added = (hidden - prev).detach()
+            added = added if added.any() else None
+        extras[bi][current["i"]] = (tuple(args[1:]), kwargs, added)
         if bi == len(blocks) - 1:
             raise _Stop
 
     handles = [b.register_forward_pre_hook(lambda _m, a, k, bi=bi: hook(bi, a, k), with_kwargs=True)
                for bi, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(lambda _m, _a, out: previous.__setitem__("out", _block_output(out)))
+                for b in blocks[:-1]]
     try:
         with torch.no_grad():
             for i, inputs in enumerate(batches):
@@ -133,8 +147,12 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
 
 
 def with_block_inputs(inputs: Captured, hidden: list[torch.Tensor], extras: BlockExtras) -> Captured:
-    """``inputs``' samples with new hidden states and the other inputs of the block ``extras`` belongs to."""
-    return [(si, (h, *extras[si][0]), extras[si][1]) for (si, _args, _kw), h in zip(inputs, hidden)]
+    """``inputs``' samples with new hidden states (plus what the model adds before the block, if anything) and the
+    other inputs of the block ``extras`` belongs to."""
+    def plus(h, added):
+        return h if added is None else h + added.to(h.device, h.dtype)
+
+    return [(si, (plus(h, extras[si][2]), *extras[si][0]), extras[si][1]) for (si, _args, _kw), h in zip(inputs, hidden)]
 
 
 def _block_output(out):

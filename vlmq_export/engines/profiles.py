@@ -7,7 +7,8 @@ names (as ``pipeline.graph_io`` recorded them in the manifest), bound by role:
   past 1..C-1); in both the attention mask is past + sequence at min, opt and max, or the build fails.
 - vision encoder: one profile from the image processor's limits times the number of images N, capped so
   the image tokens fit in the context C (Qwen2-VL: flattened patches + one cu_seqlens entry per image;
-  Qwen2.5-VL: also one window_index entry per merge block and at most one window per block; SmolVLM: image
+  Qwen2.5-VL: also one window_index entry per merge block and at most one window per block; Qwen3-VL: also the
+  position-table taps, one row per patch (its llm's deepstack_embeds take the batch and sequence); SmolVLM: image
   tiles; LLaVA-1.5, Gemma3: one square image each; LLaVA-NeXT / OneVision: the base tile + the largest pinpoint's
   tiles). Gemma3's extra ``llm`` input ``image_group_ids`` is [batch, seq], sized as ``inputs_embeds``.
 - projector: the vision encoder's output sizes; embed_tokens: batch 1..B, sequence 1..S.
@@ -96,7 +97,7 @@ def _llm_profiles(inputs: dict, B: int, S: int, C: int) -> list[dict]:
 def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dict:
     """Symbolic dims of the vision encoder's inputs -> (min, opt, max), from the image processor's limits."""
     sizes: dict = {}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         patch, merge = int(image.get("patch_size", 14)), int(image.get("merge_size", 2))
         size = image.get("size") or {}
         # Qwen2-VL's own defaults where the config does not say
@@ -113,6 +114,9 @@ def _vision_sizes(family: str, inputs: dict, image: dict, N: int, C: int) -> dic
         _bind(sizes, _dim(inputs, "pixel_values", 0), (per_min, p_opt, total_max))
         _bind(sizes, _dim(inputs, "vision_position_ids", 0), (per_min, p_opt, total_max))
         _bind(sizes, _dim(inputs, "cu_seqlens", 0), (2, n_opt + 1, N + 1))
+        if family == "qwen3_vl":  # the position-table taps: one row per patch
+            for name in ("pos_embed_index", "pos_embed_weight"):
+                _bind(sizes, _dim(inputs, name, 0), (per_min, p_opt, total_max))
         if family == "qwen2_5_vl":  # one window_index entry per merge block; at most one window per block
             blocks = (per_min // unit, p_opt // unit, total_max // unit)
             _bind(sizes, _dim(inputs, "window_index", 0), blocks)

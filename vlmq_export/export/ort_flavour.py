@@ -179,6 +179,8 @@ def unsupported(text_config, dtype: str = "fp32") -> str | None:
     if dtype != "fp32":
         return "the ORT flavour is built for float32 graphs (ONNX Runtime CPU)"
     model_type = getattr(text_config, "model_type", None)
+    if model_type == "qwen3_vl_text":
+        return "Qwen3-VL's llm graph takes deepstack_embeds (extra inputs), which the ORT flavour does not build"
     if model_type in MROPE_DECODERS:
         rope_type = rope_parameter(text_config, "rope_type") or rope_parameter(text_config, "type")
         if not rope_parameter(text_config, "mrope_section"):

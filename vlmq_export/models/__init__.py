@@ -16,10 +16,11 @@ def family_classes() -> list[type[Family]]:
     from .llava_next import LlavaNextFamily, LlavaOnevisionFamily
     from .qwen2_5_vl import Qwen2_5_VLFamily
     from .qwen2_vl import Qwen2VLFamily
+    from .qwen3_vl import Qwen3VLFamily
     from .smolvlm import SmolVLMFamily
 
-    return [Qwen2VLFamily, Qwen2_5_VLFamily, SmolVLMFamily, LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily,
-            Gemma3Family]
+    return [Qwen2VLFamily, Qwen2_5_VLFamily, Qwen3VLFamily, SmolVLMFamily, LlavaFamily, LlavaNextFamily,
+            LlavaOnevisionFamily, Gemma3Family]
 
 
 def supported_model_types() -> list[str]:

@@ -47,7 +47,9 @@ packed result, so the validation compares the whole path.
 Extra ``llm`` inputs (``llm_prefill_feeds`` / ``llm_decode_feeds``, numpy, torch-free): a family whose language
 model needs more than embeddings, mask, positions and cache names them there, and the runtime feeds them at
 prefill and at every decode step. Qwen3-VL's deepstack features are projector outputs that the family's numpy
-half scatters onto the image tokens (one slice per deepstack layer, zero rows elsewhere and at decode); Gemma3's
+half scatters onto the image tokens (one slice per deepstack layer, zero rows elsewhere and at decode; its
+``features`` stack the deepstack blocks' outputs after the last block's, and its projector also emits
+``deepstack_embeds``, see ``qwen3_vl.py``); Gemma3's
 bidirectional attention among an image's tokens and its sliding/global layers stay inside the ``llm`` graph,
 which builds each layer's mask from ``attention_mask`` and one more input the family computes from
 ``Prepared.image_mask`` (``image_group_ids``: which image each token belongs to, -1 for text; ``gemma3.py``).
