@@ -56,15 +56,15 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction,
                    help="GPTQ-family: inside each block, calibrate the layers that read one tensor (q/k/v, o, "
                         "gate/up, down) one group after the other, each on inputs through the already-quantized "
-                        "groups (default off: all layers of a block see the float block's inputs)")
+                        "groups (off: all layers of a block see the float block's inputs; default: the target's, see --target)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction,
                    help="choose each group's scale by a search over clipped ranges instead of max|w|, scored by "
                         "sum_j H_jj (w_j - w_hat_j)^2 for the GPTQ-family methods (the Hessian diagonal: columns the "
-                        "calibration data drives hardest count most), sum |w - w_hat|^2.4 for rtn")
+                        "calibration data drives hardest count most), sum |w - w_hat|^2.4 for rtn (default: the target's)")
     p.add_argument("--asym", action=argparse.BooleanOptionalAction,
                    help="2- to 4-bit weights on an unsigned grid with a zero point per group (UINT4 + zero point in the "
-                        "ONNX): ONNX Runtime only, TensorRT takes symmetric INT4 only (default: symmetric; 8-bit weights "
-                        "stay symmetric)")
+                        "ONNX): ONNX Runtime only, TensorRT takes symmetric INT4 only (default: the target's, asymmetric for "
+                        "onnxruntime; 8-bit weights stay symmetric)")
     p.add_argument("--sym-grid", choices=("half", "extreme", "search"),
                    help="the symmetric INT4 scale of each block: half (max|w| / (qmax + 1/2): both extremes half a "
                         "step off a code), extreme (the larger of max(w+) / qmax and max(w-) / (qmax + 1): the "
@@ -72,7 +72,7 @@ def _export_parser() -> argparse.ArgumentParser:
                         "scale x 0.90..1.10, the smallest block error); default: the target's (see --target)")
     p.add_argument("--sink-weight", type=float,
                    help="weight of each sequence's first token (the attention sink) in the language model's Hessians "
-                        "(default 1: every token alike; 10 took SmolLM2-135M GPTQ W4 from perplexity 30.8 to 28.0 in the "
+                        "(1: every token alike; default: the target's, 10 for onnxruntime; 10 took SmolLM2-135M GPTQ W4 from perplexity 30.8 to 28.0 in the "
                         "original column order, 26.5 to 25.9 with act-order, FP 22.2; mixed on the ShapesVQA testbed, "
                         "see the README)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25,
@@ -112,7 +112,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="calibration device (default: cuda when available, else cpu)")
     p.add_argument("--target", default="onnxruntime", metavar="T",
                    help="where the graphs will run: onnxruntime (default), tensorrt, jetson-orin, jetson-thor; "
-                        "refuses what the target cannot take (--asym, INT4 blocks other than 64 and 128 for TensorRT)")
+                        "refuses what the target cannot take (--asym, INT4 blocks other than 64 and 128 for TensorRT); "
+                        "sets the weight recipe's defaults (onnxruntime: --asym --true-sequential --sink-weight 10 "
+                        "--clip-search; TensorRT: symmetric, --sym-grid extreme), each overridden by its own flag")
     p.add_argument("--dtype", metavar="fp16|fp32",
                    help="the graphs' float type (activations, INT4 scales, float inputs and outputs); default: fp16 "
                         "for the TensorRT targets, fp32 for onnxruntime (its CPU kernels run FP16 slowly)")
@@ -173,6 +175,8 @@ def _check_export_args(args) -> tuple[dict, Path]:
     components = {c: parse_component_recipe(getattr(args, c), args.group_size) if getattr(args, c)
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in COMPONENTS if c in comps}
+    if args.target_defaults.get("asym") and all(c.bits > 4 for c in components.values()):
+        args.asym = args.target_defaults["asym"] = False  # a default: 8-bit weights stay symmetric, no error
     check_recipe_values(args.method, components, not args.asym, args.damp, args.gptaq_alpha, args.sink_weight)
     args.dtype, warnings = check_target(args.target, args.dtype, components, not args.asym)
     for w in warnings:
