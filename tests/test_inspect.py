@@ -28,7 +28,7 @@ def test_inspect_json_per_component_format_graphs_and_validation(exports, capsys
     assert s["status"] == "complete" and s["source"]["family"] == "smolvlm"
     assert set(s["components"]) == {"vision", "llm"}
     llm, vision = s["components"]["llm"], s["components"]["vision"]
-    assert (llm["bits"], llm["group_size"], llm["symmetric"], llm["method"]) == (4, 128, True, "rtn")
+    assert (llm["bits"], llm["group_size"], llm["symmetric"], llm["method"]) == (4, 128, False, "rtn")  # onnxruntime's default
     assert (vision["bits"], vision["group_size"], vision["graph"]) == (8, -1, "vision_encoder.onnx")
     assert llm["layers_quantized"] > 0 and vision["layers_quantized"] > 0
     assert set(s["graphs"]) == {"vision_encoder", "projector", "embed_tokens", "llm"}

@@ -18,7 +18,9 @@ from vlmq_export.validate.lint import lint_graph, lint_output
 def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lint")
     # the portable llm graph: what TensorRT takes (the onnxruntime target's default is ONNX Runtime's fused flavour)
-    flags = {"sym": ["--llm-graph", "portable"], "asym": ["--asym"], "g32": ["--group-size", "32", "--llm-graph", "portable"]}
+    # (the onnxruntime target's defaults are asymmetric: --no-asym asks for the symmetric, TensorRT-legal form)
+    flags = {"sym": ["--llm-graph", "portable", "--no-asym"], "asym": ["--asym"],
+             "g32": ["--group-size", "32", "--llm-graph", "portable", "--no-asym"]}
     outs = {}
     for name, extra in flags.items():
         outs[name] = root / name

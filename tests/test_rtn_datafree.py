@@ -74,6 +74,9 @@ def test_rtn_export_runs_no_data_pass_and_writes_rtn_codes(tiny_dirs, tmp_path, 
         if r["bits"]:
             assert r["error"] is None
             w = model.get_submodule(r["name"]).weight.detach()
+            rec = manifest["recipe"]  # the target's default recipe, as recorded
             want = make_calibrator("rtn", w, QuantConfig(bits=r["bits"], group_size=r["group_size"],
-                                                         sym_grid=manifest["recipe"]["sym_grid"])).solve()
+                                                         sym=rec["symmetric"] or r["bits"] > 4,
+                                                         clip_search=rec["clip_search"],
+                                                         sym_grid=rec["sym_grid"])).solve()
             assert torch.equal(written[r["name"]], want.dequantize()), r["name"]

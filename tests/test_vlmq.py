@@ -205,7 +205,10 @@ def test_lm_head_quantized_on_request(tiny_dirs, tmp_path, family_name, head, ca
     inits = {i.name: i for i in llm.graph.initializer}
     dq = [n for n in llm.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == heads[0]["onnx_weight"]]
     assert len(dq) == 1
-    want = onnx.TensorProto.INT4 if head == "w4" else onnx.TensorProto.INT8
+    # a 4-bit head follows the recipe's grid (UINT4 + zero point when asymmetric, the onnxruntime default); 8-bit
+    # weights stay symmetric INT8
+    want = {"w4": onnx.TensorProto.INT4 if manifest["recipe"]["symmetric"] else onnx.TensorProto.UINT4}.get(
+        head, onnx.TensorProto.INT8)
     assert inits[dq[0].input[0]].data_type == want and list(inits[dq[0].input[0]].dims)[1] > 100
     emb = onnx.load(str(out / "embed_tokens.onnx"))
     assert not any(n.op_type == "DequantizeLinear" for n in emb.graph.node)

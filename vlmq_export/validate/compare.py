@@ -9,8 +9,10 @@ import torch
 from ..models import Family, Prepared
 
 
-def torch_generate(family: Family, model, prepared: Prepared, max_new_tokens: int, stop: bool = True) -> list[int]:
-    """Greedy tokens from the HF model's own ``generate`` (the reference the runtime must match)."""
+def torch_generate(family: Family, model, prepared: Prepared, max_new_tokens: int, stop: bool = True,
+                   logits: list | None = None) -> list[int]:
+    """Greedy tokens from the HF model's own ``generate`` (the reference the runtime must match); ``logits``, a
+    list, receives each step's logits [V] (numpy)."""
     from transformers import GenerationConfig
 
     stop_ids = list(family.stop_token_ids) if stop else None
@@ -21,10 +23,13 @@ def torch_generate(family: Family, model, prepared: Prepared, max_new_tokens: in
         gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
                               eos_token_id=stop_ids, pad_token_id=(stop_ids or [0])[0])
         with torch.no_grad():
-            out = model.generate(**family.hf_inputs(prepared), generation_config=gc)
+            out = model.generate(**family.hf_inputs(prepared), generation_config=gc, output_logits=logits is not None,
+                                 return_dict_in_generate=True)
     finally:
         model.generation_config = saved
-    tokens = out[0, prepared.seq_len:].tolist()
+    if logits is not None:
+        logits.extend(step[0].float().cpu().numpy() for step in out.logits)
+    tokens = out.sequences[0, prepared.seq_len:].tolist()
     if stop_ids:
         for i, t in enumerate(tokens):
             if t in stop_ids:
