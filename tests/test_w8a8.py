@@ -24,19 +24,27 @@ from vlmq_export.models import load_family
 from vlmq_export.pipeline import load_quantized_weights
 from vlmq_export.validate.lint import lint_graph, lint_output
 
-CASES = [("qwen2_vl", "int8"), ("qwen2_vl", "fp8"), ("smolvlm", "int8"), ("smolvlm", "fp8")]
+CASES = [("qwen2_vl", "int8"), ("qwen2_vl", "fp8"), ("smolvlm", "int8"), ("smolvlm", "fp8"), ("qwen2_5_vl", "int8")]
 GRAPHS = ("vision_encoder", "projector")
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_dirs, tmp_path_factory):
+def model_dirs(tiny_dirs, tmp_path_factory):
+    """``tiny_dirs`` and a tiny Qwen2.5-VL (window attention: its end-to-end W8A8 parity is where ties showed)."""
+    from vlmq_export.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+
+    return {**tiny_dirs, "qwen2_5_vl": make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"), seed=0)}
+
+
+@pytest.fixture(scope="module")
+def exports(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("w8a8")
     outs = {}
     for fam, fmt in CASES:
         out = root / f"{fam}-{fmt}"
         # INT8 with a symmetric INT4 language model: the combination every TensorRT target takes (test_graph_form_and_lint)
         llm = ["--llm", "fp8", "--method", "vlmq"] if fmt == "fp8" else ["--llm", "w4", "--method", "gptq", "--no-asym"]
-        assert cli.main([str(tiny_dirs[fam]), "--vision", fmt, "--projector", fmt, *llm, "--no-validate",
+        assert cli.main([str(model_dirs[fam]), "--vision", fmt, "--projector", fmt, *llm, "--no-validate",
                          "--n-calib", "2", "-o", str(out), "--quiet"]) == 0
         outs[fam, fmt] = out
     return outs
@@ -74,11 +82,11 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
-def test_layerwise_parity(tiny_dirs, exports, case):
+def test_layerwise_parity(model_dirs, exports, case):
     """Every W8A8 MatMul of the vision encoder and projector graphs equals torch's fake-quant of the same layer
     (fake_quant of the graph's own input with the graph's scale, times the dequantized weight) within 1e-4."""
     out = exports[case]
-    family, model, manifest, layers = torch_model(tiny_dirs[case[0]], out)
+    family, model, manifest, layers = torch_model(model_dirs[case[0]], out)
     weights = load_quantized_weights(out, manifest)
     by_init = {r["onnx_weight"]: r["name"] for r in manifest["layers"] if r.get("onnx_weight")}
     specs = {s.name: s for s in family.export_specs(model)}
@@ -107,9 +115,9 @@ def test_layerwise_parity(tiny_dirs, exports, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
-def test_projector_end_to_end_parity(tiny_dirs, exports, case):
+def test_projector_end_to_end_parity(model_dirs, exports, case):
     out = exports[case]
-    family, model, _manifest, layers = torch_model(tiny_dirs[case[0]], out)
+    family, model, _manifest, layers = torch_model(model_dirs[case[0]], out)
     spec = next(s for s in family.export_specs(model) if s.name == "projector")
     with activation_fake_quant(model, layers), torch.no_grad():
         ref = spec.module(*spec.args)
@@ -119,11 +127,12 @@ def test_projector_end_to_end_parity(tiny_dirs, exports, case):
     assert rel(got[name], ref) <= 1e-4
 
 
-def test_vision_end_to_end_flips_are_ties(tiny_dirs, exports):
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_end_to_end_flips_are_ties(model_dirs, exports, fam):
     """Through the vision encoder, the first activation whose code differs between ONNX Runtime and torch sat on a
     rounding tie (within 1e-3 of a code's half step) with inputs equal to 1e-5: float noise, not a wrong graph."""
-    out = exports["qwen2_vl", "int8"]
-    family, model, _manifest, layers = torch_model(tiny_dirs["qwen2_vl"], out)
+    out = exports[fam, "int8"]
+    family, model, _manifest, layers = torch_model(model_dirs[fam], out)
     spec = next(s for s in family.export_specs(model) if s.name == "vision_encoder")
     m = onnx.load(str(out / "vision_encoder.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -145,6 +154,56 @@ def test_vision_end_to_end_flips_are_ties(tiny_dirs, exports):
         if flips.any():
             assert np.abs(np.abs(t[flips] / scale) % 1 - 0.5).max() < 1e-3
             break
+
+
+def test_validation_gates_w8a8_vision_layer_by_layer(exports, tmp_path):
+    """Tiny Qwen2.5-VL, --vision int8 --projector int8: end to end its Q/DQ graphs left torch's fake-quant by 0.076
+    (issue 23: a tie in block 0's qkv input, 1.9e-6 of a step from the half, grown through the blocks), which failed
+    the parity gate. The validation now gates each W8A8 layer with torch forced onto ONNX Runtime's activations, the
+    llm on the text-only prompt, and still reports the end-to-end number."""
+    from vlmq_export import pipeline
+    from vlmq_export.validate.gates import evaluate
+
+    out = tmp_path / "o"
+    shutil.copytree(exports["qwen2_5_vl", "int8"], out)
+    v = pipeline.validate_output(out, n_val=2, gen_tokens=2)
+    stage = json.loads((out / "report" / "validation.json").read_text())["stages"]["qdq_w8a8_layerwise"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert stage["layers"] == sum(1 for r in manifest["layers"] if r.get("act"))  # every W8A8 layer, found in a graph
+    print(stage, v["qdq_end_to_end_max_abs_diff"])
+    assert v["qdq_w8a8_layer_max_rel"] <= 1e-5 and v["qdq_text_max_abs_diff"] <= 1e-4
+    assert v["qdq_end_to_end_max_abs_diff"] is not None and "qdq_max_abs_diff" not in v
+    assert [r["result"] for r in evaluate(v) if r["gate"].startswith("qdq")] == ["pass", "pass"]
+
+
+@pytest.mark.parametrize("tamper, first", [("scale", "model.visual.blocks.1.attn.proj"),
+                                           ("missing", "model.visual.blocks.2.attn.qkv")])
+def test_layer_by_layer_gate_sees_a_wrong_graph(model_dirs, exports, tmp_path, tamper, first):
+    """The forced check is not blind to real differences: block 1's qkv activation scale 10 % off (its Q and DQ alike,
+    so the graph stays self-consistent), or block 1's down_proj read without its Q/DQ, shows at the next W8A8 layer's
+    input, over the gate's fail threshold."""
+    from vlmq_export.pipeline import prepare_all, validation_samples
+    from vlmq_export.validate.act_parity import forced_layer_parity
+
+    out = tmp_path / "o"
+    shutil.copytree(exports["qwen2_5_vl", "int8"], out)
+    family, model, _manifest, layers = torch_model(model_dirs["qwen2_5_vl"], out)
+    val = prepare_all(family, validation_samples(2), with_answer=False)
+    assert forced_layer_parity(out, family, model, layers, val)["max_rel"] <= 1e-5
+    path = out / "vision_encoder.onnx"
+    m = onnx.load(str(path))
+    nodes = {n.name: n for n in m.graph.node}
+    if tamper == "scale":
+        q = nodes["model_visual_blocks_1_attn_qkv_act_QuantizeLinear"]
+        s = next(i for i in m.graph.initializer if i.name == q.input[1])
+        s.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(s) * np.float32(1.1), s.name))
+    else:
+        dq = nodes["model_visual_blocks_1_mlp_down_proj_act_DequantizeLinear"]
+        mm = next(n for n in m.graph.node if dq.output[0] in n.input)
+        mm.input[0] = nodes["model_visual_blocks_1_mlp_down_proj_act_QuantizeLinear"].input[0]
+    onnx.save(m, str(path))
+    res = forced_layer_parity(out, family, model, layers, val)
+    assert res["max_rel"] > 1e-3 and res["worst"] == first, res
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
