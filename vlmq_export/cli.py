@@ -492,6 +492,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 HEADLINE = ("logits_cosine", "top1_agreement", "greedy_token_agreement", "image_features_cosine", "qdq_max_abs_diff",
+            "qdq_w8a8_layer_max_rel", "qdq_text_max_abs_diff", "qdq_end_to_end_max_abs_diff",
             "task_accuracy_torch_full_precision", "task_accuracy_onnx_quantized", "int4_form_ok", "ort_fused_all")
 GRAPH_OF = {"vision": "vision_encoder", "projector": "projector", "llm": "llm", "lm_head": "llm"}
 

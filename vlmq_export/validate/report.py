@@ -171,6 +171,8 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
              "fp16_vs_fp32_export": "FP16 Q/DQ ONNX vs the FP32 Q/DQ ONNX of the same codes (ORT, accuracy level "
                                     "{level}): what FP16 costs the graphs",
              "torch_fakequant_fp16_vs_fp32": "torch fake-quant in float16 vs float32: what FP16 costs the model itself",
+             "qdq_w8a8_layerwise": "W8A8 vision / projector layer by layer: Q/DQ ONNX vs torch fake-quant forced onto "
+                                   "ONNX Runtime's activations at every W8A8 layer (rounding ties do not grow)",
              "quantized_vs_full_precision": "quantized ONNX (ORT, accuracy level {level}, as `run` serves it) vs "
                                             "full-precision torch (what quantization costs)"}
     for key, stage in report.get("stages", {}).items():
