@@ -8,6 +8,12 @@ The configurations are written here by hand from the published ``config.json`` v
   2 kv heads, vocab 151936, tied embeddings);
 * ``llava-1.5-7b``: llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336: 24 layers x 1024, feature layer -2; Llama 4096 /
   11008, 32 heads, vocab 32064);
+* ``qwen3-vl-2b``: Qwen/Qwen3-VL-2B-Instruct (vision 24 blocks x 1024, patch 16, a 48x48 position table, deepstack
+  from blocks 5, 11, 17; text 2048 / 6144, 16 heads, 8 kv heads, head_dim 128, vocab 151936, interleaved M-RoPE
+  [24, 20, 20], tied embeddings);
+* ``gemma3-4b``: google/gemma-3-4b-it (SigLIP 27 layers x 1152 at 896 pixels, 256 soft tokens per image; Gemma3
+  2560 / 10240, 8 heads, 4 kv heads, head_dim 256, vocab 262208, sliding window 1024, local / global RoPE 10^4 /
+  10^6 linear x8, tied embeddings; the kept layers alternate sliding and global);
 * ``llava-onevision-0.5b``: llava-hf/llava-onevision-qwen2-0.5b-ov-hf (SigLIP-so400m/14-384: 26 layers x 1152;
   Qwen2 896 / 4864, 14 heads, 2 kv heads, vocab 152000, tied embeddings; anyres_max_9 over the 384-pixel grid).
 
@@ -71,6 +77,33 @@ FAMILIES = {
         top=dict(vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
                  image_grid_pinpoints=SIGLIP_PINPOINTS, tie_word_embeddings=True),
         image_processor=dict(size={"height": 384, "width": 384}, image_grid_pinpoints=SIGLIP_PINPOINTS)),
+    "qwen3-vl-2b": dict(
+        maker="vlmq_export.testing.tiny_qwen3_vl:make_tiny_qwen3_vl", config_class="Qwen3VLConfig",
+        model_class="Qwen3VLForConditionalGeneration",
+        text=dict(model_type="qwen3_vl_text", hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17], in_channels=3, hidden_act="gelu_pytorch_tanh"),
+        top=dict(tie_word_embeddings=True),
+        image_processor=dict(size={"longest_edge": 16777216, "shortest_edge": 65536})),
+    "gemma3-4b": dict(
+        maker="vlmq_export.testing.tiny_gemma3:make_tiny_gemma3", config_class="Gemma3Config",
+        model_class="Gemma3ForConditionalGeneration",
+        text=dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                  sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                  hidden_activation="gelu_pytorch_tanh",
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+                  layer_types=["sliding_attention", "full_attention"]),  # repeated over --layers (real: 5 + 1)
+        vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
+                    num_hidden_layers=27, image_size=896, patch_size=14, vision_use_head=False),
+        top=dict(mm_tokens_per_image=256, tie_word_embeddings=True),
+        image_processor=dict(size={"height": 896, "width": 896})),
 }
 
 
@@ -86,9 +119,11 @@ def make_model_dir(name: str, path: Path, layers: int) -> dict:
     path = getattr(importlib.import_module(mod), fn)(path)
     tiny = json.loads((path / "config.json").read_text())
     keep_ids = {k: tiny[k] for k in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
-                                     "vision_end_token_id") if k in tiny}
+                                     "vision_end_token_id", "boi_token_index", "eoi_token_index") if k in tiny}
     text = {**spec["text"], "num_hidden_layers": layers,
             **{k: tiny["text_config"][k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+    if "layer_types" in text:
+        text["layer_types"] = [spec["text"]["layer_types"][i % len(spec["text"]["layer_types"])] for i in range(layers)]
     config = getattr(tf, spec["config_class"])(text_config=text, vision_config=spec["vision"], **spec["top"], **keep_ids)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -82,6 +82,15 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_md(out: Path, doc: dict) -> None:
+    """OUT.md: the table rendered from ``doc``, followed by the hand-written sections (from the first "## " heading
+    on) of the OUT.md already there, which a rerun keeps."""
+    md = out.with_suffix(".md")
+    old = md.read_text() if md.is_file() else ""
+    notes = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    md.write_text(render(doc) + ("\n" + notes if notes else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/grid")
@@ -100,7 +109,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.render:
-        out.with_suffix(".md").write_text(render(json.loads(out.with_suffix(".json").read_text())))
+        write_md(out, json.loads(out.with_suffix(".json").read_text()))
         return 0
     import torch
 
@@ -147,7 +156,7 @@ def main() -> int:
                         doc["rows"] = [r for r in doc["rows"] if (label(r), r["seed"]) != (label(row), seed)] + [row]
                         out.parent.mkdir(parents=True, exist_ok=True)
                         out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-                        out.with_suffix(".md").write_text(render(doc))
+                        write_md(out, doc)
     print(render(doc))
     return 0
 
