@@ -72,7 +72,7 @@ def _export_parser() -> argparse.ArgumentParser:
                         "scale x 0.90..1.10, the smallest block error); default: the target's (see --target)")
     p.add_argument("--sink-weight", type=float,
                    help="weight of each sequence's first token (the attention sink) in the language model's Hessians "
-                        "(1: every token alike; default: the target's, 10 for onnxruntime; 10 took SmolLM2-135M GPTQ W4 from perplexity 30.8 to 28.0 in the "
+                        "(1: every token alike; default: the target's, 10 for every target; 10 took SmolLM2-135M GPTQ W4 from perplexity 30.8 to 28.0 in the "
                         "original column order, 26.5 to 25.9 with act-order, FP 22.2; mixed on the ShapesVQA testbed, "
                         "see the README)")
     p.add_argument("--gptaq-alpha", type=float, default=0.25,
@@ -114,7 +114,8 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="where the graphs will run: onnxruntime (default), tensorrt, jetson-orin, jetson-thor; "
                         "refuses what the target cannot take (--asym, INT4 blocks other than 64 and 128 for TensorRT); "
                         "sets the weight recipe's defaults (onnxruntime: --asym --true-sequential --sink-weight 10 "
-                        "--clip-search; TensorRT: symmetric, --sym-grid extreme), each overridden by its own flag")
+                        "--clip-search; TensorRT: symmetric, --sym-grid extreme --true-sequential --sink-weight 10 "
+                        "--clip-search), each overridden by its own flag")
     p.add_argument("--dtype", metavar="fp16|fp32",
                    help="the graphs' float type (activations, INT4 scales, float inputs and outputs); default: fp16 "
                         "for the TensorRT targets, fp32 for onnxruntime (its CPU kernels run FP16 slowly)")
