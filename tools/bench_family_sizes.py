@@ -14,6 +14,8 @@ The configurations are written here by hand from the published ``config.json`` v
 * ``gemma3-4b``: google/gemma-3-4b-it (SigLIP 27 layers x 1152 at 896 pixels, 256 soft tokens per image; Gemma3
   2560 / 10240, 8 heads, 4 kv heads, head_dim 256, vocab 262208, sliding window 1024, local / global RoPE 10^4 /
   10^6 linear x8, tied embeddings; the kept layers alternate sliding and global);
+* ``llava-next-mistral-7b``: llava-hf/llava-v1.6-mistral-7b-hf (CLIP ViT-L/14-336 as LLaVA-1.5, anyres over five
+  336-pixel pinpoints; Mistral 4096 / 14336, 32 heads, 8 kv heads, vocab 32064, no sliding window);
 * ``llava-onevision-0.5b``: llava-hf/llava-onevision-qwen2-0.5b-ov-hf (SigLIP-so400m/14-384: 26 layers x 1152;
   Qwen2 896 / 4864, 14 heads, 2 kv heads, vocab 152000, tied embeddings; anyres_max_9 over the 384-pixel grid).
 
@@ -41,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTOBUF_LIMIT = 2 * 1024**3
 
+CLIP_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's anyres grid
 SIGLIP_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 
 FAMILIES = {
@@ -66,6 +69,19 @@ FAMILIES = {
         top=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
                  tie_word_embeddings=False),
         image_processor=dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})),
+    "llava-next-mistral-7b": dict(
+        maker="vlmq_export.testing.tiny_llava:make_tiny_llava_next", config_class="LlavaNextConfig",
+        model_class="LlavaNextForConditionalGeneration",
+        text=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=32064, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
+                  tie_word_embeddings=False),
+        vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                    num_hidden_layers=24, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        top=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                 image_grid_pinpoints=CLIP_PINPOINTS, tie_word_embeddings=False),
+        image_processor=dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                             image_grid_pinpoints=CLIP_PINPOINTS)),
     "llava-onevision-0.5b": dict(
         maker="vlmq_export.testing.tiny_llava:make_tiny_llava_onevision", config_class="LlavaOnevisionConfig",
         model_class="LlavaOnevisionForConditionalGeneration",
