@@ -341,8 +341,8 @@ def _text_of(payload: bytes) -> tuple[str, dict | None]:
 def _concurrently(srv, bodies: list, monkeypatch) -> list[bytes]:
     """POST ``bodies`` at once: the scheduler's first prefill is held until every other request is queued, so the
     batch they run in does not depend on thread timing."""
-    gate, embeddings = threading.Event(), srv.vlm.embeddings
-    monkeypatch.setattr(srv.vlm, "embeddings", lambda prepared: (gate.wait(60), embeddings(prepared))[1])
+    gate, prefill_inputs = threading.Event(), srv.vlm.prefill_inputs  # every prefill starts there (OnnxVLM.prefill)
+    monkeypatch.setattr(srv.vlm, "prefill_inputs", lambda prepared: (gate.wait(60), prefill_inputs(prepared))[1])
     results: list = [None] * len(bodies)
 
     def post(i):
