@@ -348,26 +348,28 @@ def test_fusion_gate_only_where_the_language_model_has_int4_weights(exports):
 
 def test_validate_command_fake_quantizes_activations(exports, tmp_path, monkeypatch):
     """`validate` re-measures a W8A8 directory's Q/DQ parity against torch with the activations fake-quantized at
-    the manifest's recorded ranges (as the export's own validation does), not against weight-only fake-quant.
-    INT8 measured 7e-7 with it and 8.5e-2 without. (FP8 is not asserted end to end: its coarse grid turns an
-    activation on a rounding tie into a visible step, and its parity with fake-quant varied from 1e-6 to 4e-2
-    between runs, against 0.12 without; the per-layer parity test above holds for FP8 at 1e-4.)"""
-    fmt = "int8"
+    the manifest's recorded ranges (as the export's own validation does), not against weight-only fake-quant: layer
+    by layer (the gate), where SmolVLM INT8 measured 6.6e-7, and on the text-only prompt. End to end the number is
+    reported but not asserted: on an AMD EPYC the image features left torch's by 0.20 with activation fake-quant and
+    0.19 without (rounding ties grown through the blocks, as test_validation_gates_w8a8_vision_layer_by_layer shows on
+    Qwen2.5-VL), where an Intel Xeon had measured 7e-7 against 8.5e-2."""
     import contextlib
     import shutil
 
     from vlmq_export import pipeline
+    from vlmq_export.validate import act_parity
 
     def parity(out):
-        pipeline.validate_output(out, n_val=2, gen_tokens=4)
-        qdq = json.loads((out / "report" / "validation.json").read_text())["stages"]["qdq_onnx_vs_torch_fakequant"]
-        return max(qdq["image_features_max_abs_diff"], qdq["logits_max_abs_diff"])
+        v = pipeline.validate_output(out, n_val=2, gen_tokens=4)
+        stages = json.loads((out / "report" / "validation.json").read_text())["stages"]
+        assert stages["qdq_onnx_vs_torch_fakequant"]["image_features_max_abs_diff"] is not None  # still reported
+        return v["qdq_w8a8_layer_max_rel"], v["qdq_text_max_abs_diff"]
 
     with_fq, without = tmp_path / "with", tmp_path / "without"
     for d in (with_fq, without):
-        shutil.copytree(exports["smolvlm", fmt], d)
-    got = parity(with_fq)
-    monkeypatch.setattr(pipeline, "activation_fake_quant", lambda model, layers: contextlib.nullcontext(model))
-    weight_only = parity(without)
-    print(fmt, got, weight_only)
-    assert got <= 1e-4 and weight_only >= 100 * got
+        shutil.copytree(exports["smolvlm", "int8"], d)
+    got, text = parity(with_fq)
+    monkeypatch.setattr(act_parity, "activation_fake_quant", lambda model, layers: contextlib.nullcontext(model))
+    weight_only, _ = parity(without)
+    print(got, text, weight_only)
+    assert got <= 1e-5 and text <= 1e-4 and weight_only >= 100 * got
