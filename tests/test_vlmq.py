@@ -233,6 +233,36 @@ def test_tied_lm_head_is_untied_before_calibration(tiny_dirs):
     assert emb.weight.abs().sum() > 0
 
 
+def test_validate_command_keeps_a_tied_models_embeddings_float(tiny_dirs, tmp_path, capsys):
+    """`validate` loads the source model again and gives it the graphs' quantized weights: a quantized lm_head tied
+    to the embeddings (SmolLM2, the testbed) is untied first, as calibration did, or the torch reference would carry
+    quantized embeddings that embed_tokens.onnx does not (parity off by the head's rounding)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_dirs["smolvlm"], src)
+    weights = load_file(src / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    config.setdefault("text_config", {})["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    fam = load_family(src)
+    model = fam.load_model(src)
+    assert fam.lm_head(model).weight is model.get_input_embeddings().weight  # the copy is tied
+    out = tmp_path / "o"
+    assert cli.main([str(src), "--int4", "--method", "rtn", "--lm-head", "w4", "--no-validate", "-o", str(out),
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["validate", str(out), "--n-val", "2", "--gen-tokens", "2", "--json"]) in (0, 1)
+    capsys.readouterr()
+    qdq = json.loads((out / "report" / "validation.json").read_text())["stages"]["qdq_onnx_vs_torch_fakequant"]
+    assert qdq["logits_max_abs_diff"] <= 1e-4, qdq
+
+
 class _Interrupt(Exception):
     pass
 

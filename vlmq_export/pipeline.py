@@ -478,6 +478,19 @@ def load_quantized_weights(out: Path, manifest: dict) -> dict[str, torch.Tensor]
     return weights
 
 
+def apply_quantized_weights(family: Family, model, out: Path, manifest: dict) -> None:
+    """Give ``model`` (freshly loaded) the weights the graphs carry (:func:`load_quantized_weights`). A quantized
+    lm_head tied to the input embeddings is untied first, as calibration did: the embeddings stay float, as
+    ``embed_tokens.onnx`` keeps them."""
+    from .calibrate import untie_lm_head
+
+    if any(r["component"] == "lm_head" and r.get("onnx_weight") for r in manifest["layers"]):
+        untie_lm_head(model, family.lm_head(model))
+    for name, w in load_quantized_weights(out, manifest).items():
+        mod = model.get_submodule(name)
+        mod.weight.data = w.to(mod.weight.dtype)
+
+
 def int4_form(paths, sym: bool) -> dict:
     """The static check of the quantized graphs: TensorRT's rules when symmetric, ONNX Runtime's otherwise."""
     problems = []
@@ -506,8 +519,7 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     torch_model = family.load_checked(model_dir)
     val = prepare_all(family, validation_samples(n_val), with_answer=False)
     ref_float = torch_outputs(family, torch_model, val, gen_tokens)
-    for name, w in load_quantized_weights(out, manifest).items():
-        torch_model.get_submodule(name).weight.data = w.to(torch_model.get_submodule(name).weight.dtype)
+    apply_quantized_weights(family, torch_model, out, manifest)
     dtype = manifest["recipe"].get("dtype", "fp32")
     # W8A8 layers' inputs fake-quantized at their recorded ranges, as the export's own validation does
     acts = [SimpleNamespace(name=r["name"], act_fmt=r["act"]["format"], act_amax=r["act"]["amax"])
