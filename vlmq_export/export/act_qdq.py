@@ -61,7 +61,7 @@ class ActQDQPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _quantize(graph: ir.Graph, node: ir.Node, x: ir.Value, layer: QuantizedLinear, scale: np.ndarray) -> ir.Node:
-        base = _base(layer)
+        base = act_qdq_base(layer)
         s = ir.Value(name=f"{base}_scale", const_value=ir.Tensor(scale, name=f"{base}_scale"))
         z = ir.Value(name=f"{base}_zero_point",
                      const_value=ir.Tensor(np.zeros((), dtype=ZERO[layer.act_fmt]), name=f"{base}_zero_point"))
@@ -76,7 +76,7 @@ class ActQDQPass(ir.passes.InPlacePass):
     @staticmethod
     def _dequantize(graph: ir.Graph, node: ir.Node, q: ir.Node, layer: QuantizedLinear) -> ir.Value:
         """A DequantizeLinear of ``q`` (its scale and zero point) for ``node`` alone."""
-        base = _base(layer)
+        base = act_qdq_base(layer)
         dq = ir.node("DequantizeLinear", [q.outputs[0], *q.inputs[1:]], name=f"{base}_DequantizeLinear")
         dq.outputs[0].name, dq.outputs[0].dtype = f"{base}_dq", q.inputs[1].dtype
         dq.outputs[0].shape = q.outputs[0].shape
@@ -84,5 +84,6 @@ class ActQDQPass(ir.passes.InPlacePass):
         return dq.outputs[0]
 
 
-def _base(layer: QuantizedLinear) -> str:
+def act_qdq_base(layer) -> str:
+    """The name stem of ``layer``'s activation QuantizeLinear / DequantizeLinear (``<stem>_DequantizeLinear``)."""
     return (layer.name.replace(".", "_") or "x") + "_act"

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from ..calibrators.activation import activation_fake_quant
+from ..export.act_qdq import act_qdq_base
 
 GRAPHS = ("vision_encoder", "projector")  # the graphs a W8A8 vision / projector lives in (the llm: end to end)
 
@@ -34,7 +35,7 @@ def _session(path: Path, acts) -> tuple[ort.InferenceSession, dict[str, str], li
     as an extra output: (session, layer name -> that tensor's name, the graph's own outputs)."""
     m = onnx.load(str(path))
     producer = {o: n for n in m.graph.node for o in n.output}
-    by_base = {a.name.replace(".", "_") + "_act_DequantizeLinear": a.name for a in acts}
+    by_base = {act_qdq_base(a) + "_DequantizeLinear": a.name for a in acts}
     taps = {}
     for n in m.graph.node:
         if n.op_type == "DequantizeLinear" and n.name in by_base:
