@@ -137,6 +137,19 @@ CLIP_NORM = 2.4  # ... scored by sum |w - w_hat|^2.4 (the reference GPTQ quantiz
 SEARCH_FACTORS = tuple(1 + i / 100 for i in sorted(range(-10, 11), key=abs))  # sym_grid "search": 1.00, 0.99, 1.01, ...
 
 
+SEARCH_CHUNK = 1 << 16  # weights per piece of a grid search: rows searched 64k weights at a time stay in the CPU's cache
+# (4096 x 4096, group 128, asymmetric clip search: 27.5 s whole, 4.0 s in pieces on 2 cores; the same scales)
+
+
+def _row_chunks(w: torch.Tensor, col_weight: torch.Tensor | None):
+    """``w`` [R, g] (and ``col_weight`` with it, when it has a row per row of ``w``) in pieces of ``SEARCH_CHUNK``
+    weights: each row's search reads that row alone, so searching piece by piece gives the same result."""
+    rows = max(1, SEARCH_CHUNK // max(1, w.shape[1]))
+    per_row = col_weight is not None and col_weight.dim() == 2 and col_weight.shape[0] == w.shape[0] > 1
+    for i in range(0, w.shape[0], rows):
+        yield w[i:i + rows], col_weight[i:i + rows] if per_row else col_weight
+
+
 def clip_error(w: torch.Tensor, w_hat: torch.Tensor, col_weight: torch.Tensor | None) -> torch.Tensor:
     """The clip search's score of each row: ``sum |w - w_hat|^2.4`` (the reference GPTQ quantizer's), or with
     ``col_weight`` (the Hessian diagonal of each column, broadcast against ``w``) ``sum_j H_jj (w_j - w_hat_j)^2``:
@@ -172,8 +185,10 @@ def group_scales(w: torch.Tensor, qmax: int, clip: bool = False, col_weight: tor
 
     The unscaled scale is among the candidates, so the row's score never exceeds the unsearched one's.
     """
-    scale = sym_scale(w, qmax, grid)
     factors = (SEARCH_FACTORS if grid == "search" else (1.0,)) + (CLIP_RANGES if clip else ())
+    if len(factors) > 1 and w.shape[0] * w.shape[1] > SEARCH_CHUNK:
+        return torch.cat([group_scales(c, qmax, clip, cw, grid) for c, cw in _row_chunks(w, col_weight)])
+    scale = sym_scale(w, qmax, grid)
     if len(factors) == 1:
         return scale
     qmin = -qmax - 1
@@ -195,6 +210,9 @@ def group_zero_scales(w: torch.Tensor, qmax: int, clip: bool = False,
     steps, the zero point the code of 0. ``clip``: the range ``p·[lo, hi]`` for p in 1.00, 0.99, ... 0.21
     with the smallest :func:`clip_error` (as :func:`group_scales`; the zero point does not depend on p).
     """
+    if clip and w.shape[0] * w.shape[1] > SEARCH_CHUNK:
+        parts = [group_zero_scales(c, qmax, clip, cw) for c, cw in _row_chunks(w, col_weight)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
     full = (hi - lo) / qmax
