@@ -57,7 +57,10 @@ def test_graphs_written_checked_and_int4(exported, fam):
     llm = onnx.load(str(out / "llm.onnx"))
     assert llm.opset_import[0].version == 21
     dqs = int4_dequantize_nodes(llm)
-    quantized = {r["onnx_weight"] for r in manifest["layers"] if r["bits"]}  # merged q|k|v, gate|up: one each
+    quantized = {r["onnx_weight"] for r in manifest["layers"] if r["bits"] and r["component"] == "llm"}  # merged
+    # q|k|v, gate|up: one each; the lm_head is 8-bit by the onnxruntime default (targets.RECIPE_DEFAULTS)
+    head, = [r for r in manifest["layers"] if r["component"] == "lm_head"]
+    assert (head["bits"], head["group_size"], manifest["recipe"]["lm_head"]) == (8, 64, "w8g64")
     assert len(dqs) == len(quantized) > 0
     # the onnxruntime default is asymmetric (targets.RECIPE_DEFAULTS): UINT4 codes with a constant zero point per
     # block, by ONNX Runtime's rules (the symmetric, TensorRT-legal form: test_lint, test_symmetric_* below)
@@ -65,12 +68,12 @@ def test_graphs_written_checked_and_int4(exported, fam):
     assert all(d["axis"] == 0 and d["block_size"] == 128 and d["dtype"] == "uint4" and d["zero_point_constant"]
                and d["feeds_matmul_b"] for d in dqs)
     assert portable_int4_problems(llm, tensorrt=False) == []
-    # the language model's float MatMuls are all gone: every decoder Linear is INT4
+    # the language model's float MatMuls are all gone: every decoder Linear is INT4, the lm_head INT8
     float_mm = [n for n in llm.graph.node if n.op_type == "MatMul"
                 and any(i.name == n.input[1] for i in llm.graph.initializer)]
-    assert len(float_mm) == 1  # lm_head stays float
+    assert float_mm == []
     fusion = ort_fusion(out / "llm.onnx")
-    assert fusion["matmulnbits"] == len(dqs) and fusion["dequantize_left"] == 0
+    assert fusion["matmulnbits"] == len(dqs) + 1 and fusion["dequantize_left"] == 0  # + 1: the INT8 head
     assert (out / "processor" / "tokenizer.json").is_file()
     assert os.path.getsize(out / "llm.onnx") < 0.6 * manifest["components"]["llm"]["float_bytes"]
 
@@ -277,7 +280,9 @@ def test_asym_export_is_onnx_runtime_only_and_exact(tiny_dirs, tmp_path, capsys,
     marked ONNX Runtime only in the manifest and the report (TensorRT's static check names the zero points)."""
     src = tiny_dirs["smolvlm"]
     monkeypatch.chdir(tmp_path)  # the default output name carries -asym
-    assert cli.main([str(src), "--int4", "--asym", "--method", "gptq", "--n-calib", "4", "--quiet"]) == 0
+    # a float head: the decoder's form is the subject here (the default 8-bit head: tests/test_lm_head_default.py)
+    assert cli.main([str(src), "--int4", "--asym", "--method", "gptq", "--n-calib", "4", "--lm-head", "none",
+                     "--quiet"]) == 0
     out = tmp_path / f"{src.name}-gptq-llmw4g128-asym"
     manifest = check_complete(out)
     assert manifest["recipe"]["symmetric"] is False and manifest["recipe"]["runtimes"] == ["onnxruntime"]

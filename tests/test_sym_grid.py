@@ -127,12 +127,13 @@ def test_recipe_defaults_by_target_and_explicit_flags_win():
         assert all(getattr(args, k) is None for k in RECIPE_DEFAULTS[t.runtime])
         assert cli.apply_target_defaults(args) == recipe_defaults(target) == RECIPE_DEFAULTS[t.runtime]
         assert args.sym_grid in SYM_GRIDS and (args.asym is False or not t.symmetric_only)
-    explicit = ["--sym-grid", "half", "--no-asym", "--true-sequential", "--sink-weight", "3", "--no-clip-search"]
+    explicit = ["--sym-grid", "half", "--no-asym", "--true-sequential", "--sink-weight", "3", "--no-clip-search",
+                "--lm-head", "none"]
     for target in ("onnxruntime", "tensorrt"):
         args = parse(["m", "--int4", "--target", target, *explicit])
         assert cli.apply_target_defaults(args) == {}
-        assert (args.sym_grid, args.asym, args.true_sequential, args.sink_weight, args.clip_search) == \
-            ("half", False, True, 3.0, False)
+        assert (args.sym_grid, args.asym, args.true_sequential, args.sink_weight, args.clip_search, args.lm_head) == \
+            ("half", False, True, 3.0, False, "none")
     args = parse(["m", "--int4", "--asym", "--clip-search"])
     filled = cli.apply_target_defaults(args)
     assert args.asym is True and args.clip_search is True and "asym" not in filled and "clip_search" not in filled

@@ -41,13 +41,15 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="block along the input dimension for --intN (default 128; -1 per output channel)")
     p.add_argument("--components", default="llm",
                    help="comma-separated components to quantize: vision, projector, llm, lm_head (default: llm)")
-    for comp, default in (("vision", "w8"), ("projector", "w8"), ("llm", None), ("lm_head", None)):
+    head_default = ("the target's where the decoder is quantized: w8g64 for onnxruntime, float for TensorRT; "
+                    "from --intN with --components lm_head; none: float")
+    for comp, default in (("vision", "w8"), ("projector", "w8"), ("llm", None), ("lm_head", head_default)):
         p.add_argument(f"--{comp.replace('_', '-')}", dest=comp, metavar="wB[gG|pc]",
                        help=f"{comp} precision, e.g. w4, w4g64, w8pc, or int8 / fp8 for W8A8 (implies --components {comp}; "
 
                             f"default {default or 'from --intN'})"
-                            + ("; float unless asked (ONNX Runtime runs w4 fast at any accuracy level, "
-                               "w8g<G> only at the default --accuracy-level 4)" if comp == "lm_head" else ""))
+                            + ("; ONNX Runtime runs w4 fast at any accuracy level, w8g<G> only at the default "
+                               "--accuracy-level 4; measured: benchmarks/lm-head.md" if comp == "lm_head" else ""))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ-family column order by decreasing diag(H), group scales static from the original weight "
@@ -168,7 +170,14 @@ def _check_export_args(args) -> tuple[dict, Path]:
     if args.eval_task is not None and args.eval_task < 0:
         raise VlmqError("--eval-task must be >= 0")
     check_group_size(args.group_size)
-    comps = {c.strip() for c in args.components.split(",") if c.strip()} | {c for c in COMPONENTS if getattr(args, c)}
+    listed = {c.strip() for c in args.components.split(",") if c.strip()}
+    named = listed | {c for c in COMPONENTS if getattr(args, c)}
+    if ("lm_head" in listed or "llm" not in named) and args.target_defaults.pop("lm_head", None):
+        args.lm_head = None  # the target's head goes with a quantized decoder; a head in --components follows --intN
+    if (args.lm_head or "").strip().lower() == "none":  # a float head, whatever the target's default
+        args.lm_head = None
+        listed.discard("lm_head")
+    comps = listed | {c for c in COMPONENTS if getattr(args, c)}
     unknown = sorted(comps - set(COMPONENTS))
     if unknown:
         raise VlmqError(f"unknown component '{unknown[0]}'; components: {', '.join(COMPONENTS)}")
@@ -231,7 +240,7 @@ def cmd_export(argv: list[str]) -> int:
                    validate=not args.no_validate, keep_float=args.keep_float, device=args.device,
                    eval_task=args.eval_task, dtype=args.dtype, target=args.target, llm_graph=args.llm_graph)
     head = components.get("lm_head")
-    if head is not None and head.bits == 8:
+    if head is not None and head.bits == 8 and "lm_head" not in args.target_defaults:  # asked for, not the default
         print("note: ONNX Runtime's CPU kernel for an 8-bit lm_head is fast only at accuracy level 4 "
               "(the default of `run`); at level 0 (`run --accuracy-level 0`) it is slower than float.", file=sys.stderr)
     progress = _progress(args)

@@ -55,7 +55,11 @@ RECIPE_DEFAULTS = {
     # ONNX Runtime takes zero points: asymmetric, layer groups in turn, the attention sink weighted 10, clipped-range
     # group scales (held-out perplexity over 3 seeds in grid.md); --no-asym falls back to the best symmetric grid
     "onnxruntime": {"asym": True, "true_sequential": True, "sink_weight": 10.0, "clip_search": True,
-                    "sym_grid": "extreme"},
+                    "sym_grid": "extreme",
+                    # the lm_head (--lm-head) where the decoder is quantized: blockwise INT8 kept SmolLM2-135M's
+                    # perplexity (INT4 RTN decoder: held-out 27.03 against 27.05 with a float head, english +0.3 %,
+                    # inside GPTQ's ~2 % seed spread) and decoded 1.9x faster (benchmarks/lm-head.md)
+                    "lm_head": "w8g64"},
     # TensorRT takes signed symmetric INT4 only: the grid that puts each block's extreme on a code beat max|w| /
     # (qmax + 1/2) beyond the seed spread (GPTQ W4), and true-sequential + sink 10 + clip-search on that grid beat the
     # plain extreme grid beyond it (held-out perplexity over 3 seeds in grid.md)
