@@ -19,8 +19,9 @@ def exports(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lint")
     # the portable llm graph: what TensorRT takes (the onnxruntime target's default is ONNX Runtime's fused flavour)
     # (the onnxruntime target's defaults are asymmetric: --no-asym asks for the symmetric, TensorRT-legal form)
-    flags = {"sym": ["--llm-graph", "portable", "--no-asym"], "asym": ["--asym"],
-             "g32": ["--group-size", "32", "--llm-graph", "portable", "--no-asym"]}
+    # and a float head (--lm-head none: the onnxruntime default's blockwise INT8 head is not TensorRT's form)
+    flags = {"sym": ["--llm-graph", "portable", "--no-asym", "--lm-head", "none"], "asym": ["--asym"],
+             "g32": ["--group-size", "32", "--llm-graph", "portable", "--no-asym", "--lm-head", "none"]}
     outs = {}
     for name, extra in flags.items():
         outs[name] = root / name
