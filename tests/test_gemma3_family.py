@@ -274,12 +274,11 @@ def exported(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fake_quant(fam, tiny_dir, exported):
-    from vlmq_export.pipeline import load_quantized_weights
+    from vlmq_export.pipeline import apply_quantized_weights
 
     model = fam.load_model(tiny_dir)
     manifest = json.loads((exported / "manifest.json").read_text())
-    for name, w in load_quantized_weights(exported, manifest).items():
-        model.get_submodule(name).weight.data = w
+    apply_quantized_weights(fam, model, exported, manifest)  # the tied head untied: the embeddings stay float
     return model
 
 
@@ -293,7 +292,7 @@ def test_vlmq_export_quantizes_vision_projector_llm_and_validates(exported):
     assert [i["name"] for i in manifest["components"]["llm"]["inputs"]][:4] == [
         "inputs_embeds", "attention_mask", "position_ids", LLM_EXTRA_INPUT]
     layers = [r for r in manifest["layers"] if r["bits"]]
-    assert {r["component"] for r in layers} == {"vision", "projector", "llm"} and {r["method"] for r in layers} == {"vlmq"}
+    assert {r["component"] for r in layers} == {"vision", "projector", "llm", "lm_head"} and {r["method"] for r in layers} == {"vlmq"}
     assert {r["bits"] for r in layers if r["component"] != "llm"} == {8}
     assert [r["name"] for r in layers if r["component"] == "projector"] == ["model.multi_modal_projector.mm_input_projection"]
     with safe_open(exported / "saliency.safetensors", "np") as f:  # VLMQ's factors from image+text samples

@@ -26,7 +26,8 @@ def test_inspect_json_per_component_format_graphs_and_validation(exports, capsys
     assert cli.main(["inspect", str(exports["smolvlm"]), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["status"] == "complete" and s["source"]["family"] == "smolvlm"
-    assert set(s["components"]) == {"vision", "llm"}
+    assert set(s["components"]) == {"vision", "llm", "lm_head"}  # the head: the onnxruntime target's 8-bit default
+    assert (s["components"]["lm_head"]["bits"], s["components"]["lm_head"]["group_size"]) == (8, 64)
     llm, vision = s["components"]["llm"], s["components"]["vision"]
     assert (llm["bits"], llm["group_size"], llm["symmetric"], llm["method"]) == (4, 128, False, "rtn")  # onnxruntime's default
     assert (vision["bits"], vision["group_size"], vision["graph"]) == (8, -1, "vision_encoder.onnx")

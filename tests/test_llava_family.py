@@ -276,7 +276,7 @@ def test_vlmq_export_quantizes_vision_projector_llm(fams, fake_quant, exported, 
     fam, out = fams[name], exported[name]
     manifest = check_complete(out)
     layers = [r for r in manifest["layers"] if r["bits"]]
-    assert {r["component"] for r in layers} == {"vision", "projector", "llm"} and {r["method"] for r in layers} == {"vlmq"}
+    assert {r["component"] for r in layers} == {"vision", "projector", "llm", "lm_head"} and {r["method"] for r in layers} == {"vlmq"}
     assert {r["bits"] for r in layers if r["component"] != "llm"} == {8}
     assert sum(r["component"] == "projector" for r in layers) == 2
     with safe_open(out / "saliency.safetensors", "np") as f:  # VLMQ's factors from image+text samples

@@ -23,6 +23,10 @@ def test_default_head_by_target_and_its_overrides(tmp_path):
     # the head named in --components follows --intN, as before; without the decoder the head stays float
     assert components(tmp_path, "--components", "llm,lm_head") == {"llm": "w4g128", "lm_head": "w4g128"}
     assert components(tmp_path, "--components", "vision") == {"vision": "w8pc"}
+    # a W8A8 or 8-bit decoder keeps a float head unless one is asked for
+    assert components(tmp_path, "--llm", "int8") == {"llm": "int8"}
+    assert components(tmp_path, "--llm", "w8") == {"llm": "w8pc"}
+    assert components(tmp_path, "--llm", "fp8", "--lm-head", "w8g64") == {"llm": "fp8", "lm_head": "w8g64"}
     for target in TRT_TARGETS:
         assert components(tmp_path, "--target", target) == {"llm": "w4g128"}
 

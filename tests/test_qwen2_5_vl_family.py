@@ -216,7 +216,7 @@ def test_vlmq_export_quantizes_vision_and_llm(exported):
     manifest = check_complete(exported)
     assert manifest["components"]["llm"]["flavour"] == "ort-gqa"  # the default for --target onnxruntime
     layers = [r for r in manifest["layers"] if r["bits"]]
-    assert {r["component"] for r in layers} == {"vision", "llm"} and {r["method"] for r in layers} == {"vlmq"}
+    assert {r["component"] for r in layers} == {"vision", "llm", "lm_head"} and {r["method"] for r in layers} == {"vlmq"}
     assert {r["bits"] for r in layers if r["component"] == "vision"} == {8}
     n_vision = sum(1 for r in layers if r["component"] == "vision")
     assert n_vision == 4 * 5  # per block: qkv, proj and the three SwiGLU Linears

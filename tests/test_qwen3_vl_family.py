@@ -341,7 +341,7 @@ def test_vlmq_export_quantizes_vision_projector_and_llm(exported):
     assert manifest["components"]["llm"]["flavour"] == "portable"  # the ORT flavour has no deepstack input
     layers = [r for r in manifest["layers"] if r["bits"]]
     assert {r["method"] for r in layers} == {"vlmq"}
-    assert {(r["component"], r["bits"]) for r in layers} == {("vision", 8), ("projector", 8), ("llm", 4)}
+    assert {(r["component"], r["bits"]) for r in layers} == {("vision", 8), ("projector", 8), ("llm", 4), ("lm_head", 8)}
     assert sum(r["component"] == "vision" for r in layers) == 4 * 4  # per block: qkv, proj, linear_fc1, linear_fc2
     projector = sorted(r["name"] for r in layers if r["component"] == "projector")
     assert len(projector) == 2 * 3 and sum("deepstack_merger_list" in n for n in projector) == 4

@@ -185,6 +185,12 @@ def _check_export_args(args) -> tuple[dict, Path]:
     components = {c: parse_component_recipe(getattr(args, c), args.group_size) if getattr(args, c)
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in COMPONENTS if c in comps}
+    llm = components.get("llm")
+    if "lm_head" in args.target_defaults and (llm is None or llm.act or llm.bits > 4):
+        # the target's 8-bit head goes with a weight-only INT2-4 decoder (what it was measured with), not with W8A8
+        components.pop("lm_head", None)
+        args.target_defaults.pop("lm_head")
+        args.lm_head = None
     if args.target_defaults.get("asym") and all(c.bits > 4 for c in components.values()):
         args.asym = args.target_defaults["asym"] = False  # a default: 8-bit weights stay symmetric, no error
     check_recipe_values(args.method, components, not args.asym, args.damp, args.gptaq_alpha, args.sink_weight)
