@@ -74,7 +74,8 @@ def prepare_ours(work: Path, variants=OURS) -> dict[str, dict[str, Path]]:
     if not (model / "config.json").is_file():
         log("building the SmolVLM with SmolLM2-135M")
         make_smolvlm_with_smollm2(model)
-    flags = {"int4": ["--keep-float"], **{f"int4_{h}": ["--lm-head", v] for h, v in HEADS.items()}}
+    # "int4" keeps the head float (--lm-head none: the onnxruntime target's default head is w8g64)
+    flags = {"int4": ["--keep-float", "--lm-head", "none"], **{f"int4_{h}": ["--lm-head", v] for h, v in HEADS.items()}}
     for name in sorted({export_dir(v) for v in variants}):
         extra = flags[name]
         if not (work / name / "manifest.json").is_file():

@@ -423,8 +423,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per decode run")
     ap.add_argument("--n-calib", type=int, default=4, help="calibration samples for the real-size model")
     ap.add_argument("--validate", action="store_true", help="also validate the real-size export (slower)")
-    ap.add_argument("--lm-head", metavar="wB[gG]", help="also quantize the lm_head (e.g. w4; default: float, as the "
-                                                      "exporter's default)")
+    ap.add_argument("--lm-head", metavar="wB[gG]", help="also quantize the lm_head (e.g. w4; default: float; the "
+                                                      "exporter's onnxruntime default is w8g64)")
     ap.add_argument("--asym", action="store_true", help="export with --asym (UINT4 codes + zero points)")
     ap.add_argument("--workdir", help="where to build and export (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the exported directories")
