@@ -81,6 +81,8 @@ def W():
 def X():
     """The full-precision model's inputs to the layer, T x K."""
     return correlated(T, seed=1)
+
+
 def shared_path(tmp_path_factory, name: str) -> Path:
     """A path every pytest-xdist worker of this run shares (the run's base temp directory; one process alone: its
     own), for what the workers would otherwise each build (the real-weight files run on both workers)."""

@@ -138,7 +138,8 @@ SEARCH_FACTORS = tuple(1 + i / 100 for i in sorted(range(-10, 11), key=abs))  # 
 
 
 SEARCH_CHUNK = 1 << 16  # weights per piece of a grid search: rows searched 64k weights at a time stay in the CPU's cache
-# (4096 x 4096, group 128, asymmetric clip search: 27.5 s whole, 4.0 s in pieces on 2 cores; the same scales)
+# (4096 x 4096, group 128, asymmetric clip search: 25.8-28.4 s whole, 8.0-9.0 s in pieces on 2 cores, the same scales;
+# benchmarks/clip-search.json. Small layers already in cache may gain nothing: not yet measured apart)
 
 
 def _row_chunks(w: torch.Tensor, col_weight: torch.Tensor | None):
