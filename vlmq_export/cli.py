@@ -171,9 +171,8 @@ def _check_export_args(args) -> tuple[dict, Path]:
         raise VlmqError("--eval-task must be >= 0")
     check_group_size(args.group_size)
     listed = {c.strip() for c in args.components.split(",") if c.strip()}
-    named = listed | {c for c in COMPONENTS if getattr(args, c)}
-    if ("lm_head" in listed or "llm" not in named) and args.target_defaults.pop("lm_head", None):
-        args.lm_head = None  # the target's head goes with a quantized decoder; a head in --components follows --intN
+    if "lm_head" in listed and args.target_defaults.pop("lm_head", None):
+        args.lm_head = None  # a head in --components follows --intN, not the target's default
     if (args.lm_head or "").strip().lower() == "none":  # a float head, whatever the target's default
         args.lm_head = None
         listed.discard("lm_head")
@@ -187,7 +186,8 @@ def _check_export_args(args) -> tuple[dict, Path]:
                   for c in COMPONENTS if c in comps}
     llm = components.get("llm")
     if "lm_head" in args.target_defaults and (llm is None or llm.act or llm.bits > 4):
-        # the target's 8-bit head goes with a weight-only INT2-4 decoder (what it was measured with), not with W8A8
+        # the target's 8-bit head goes with a quantized weight-only INT2-4 decoder (what it was measured with): not
+        # without the decoder, nor with a W8A8 or 8-bit one
         components.pop("lm_head", None)
         args.target_defaults.pop("lm_head")
         args.lm_head = None

@@ -124,9 +124,10 @@ def quality_table(model_dir: Path, methods=("rtn", "gptq", "vlmq"), bits=(4, 3),
     fp_key = {"method": "fp", "model": str(model_dir), "heldout": heldout}
     rows = [_cached_row(row_cache, fp_key, fp_row)]
     progress(f"fp: perplexity {rows[0]['perplexity']:.3f}")
+    calib_key = {"model": str(model_dir), "samples": samples_digest(samples) if row_cache else None, **options}
     for b in bits:
         for method in methods:
-            key = {"method": method, "bits": b, "model": str(model_dir), "samples": samples_digest(samples), **options}
+            key = {"method": method, "bits": b, **calib_key}
             row = _cached_row(row_cache, key, lambda: method_row(method, b))
             rows.append(row)
             progress(f"{method} W{b}: perplexity {row['perplexity']:.3f} ({row['calib_s']:.0f}s)")
