@@ -31,7 +31,7 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(smollm2_dir):
 
 
 def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir, smollm2_generated32, smollm2_rows):
-    """The issue's table (FP, RTN, GPTQ, VLMQ, and the GPTAQ baseline at W4/W3 g128; calibration: 32 sequences sampled from the
+    """The issue's table (FP, RTN, GPTQ at W4/W3 g128 and the GPTAQ baseline at W3; calibration: 32 sequences sampled from the
     model itself, evaluation: the shipped English text) and an in-sample control (calibration on the
     evaluation text itself).
 
@@ -46,8 +46,10 @@ def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir, smollm2_generated32, smollm2_
     GPTAQ with its exact least-squares target (alpha 1) collapsed this model (W4 1354); with the default
     alpha 0.25 it is the best method here (W4 27.7, W3 50.5 with 64 samples). The same first token's weight
     in the Hessians matters both ways: left out, GPTQ W4 is 42.2; weighted 10x (``--sink-weight 10``), 28.0.
-    What is asserted here: fewer bits cost more for every method, nothing collapses, GPTQ calibrated on the
-    model's own samples is no worse than RTN out of domain, GPTAQ beats RTN. The GPTQ variants (sink weight,
+    What is asserted here: fewer bits cost more, W4 does not collapse, GPTQ calibrated on the model's own
+    samples is no worse than RTN out of domain, and at W3 GPTAQ beats GPTQ, which beats RTN (32 generated
+    samples, CI's run: FP 22.2, RTN 31.9 / 128.5, GPTQ 29.2 / 72.0, GPTAQ 28.1 / 52.9 at W4 / W3). GPTAQ's W4 row
+    (~400 s on CI's two cores, twice GPTQ's) is left to benchmarks/lm_quality.md: W3 is where it parts from GPTQ. The GPTQ variants (sink weight,
     act-order, in-sample control) are in ``test_real_smollm2_variants.py``: a file of their own, so that the
     test workers run the two halves side by side; VLMQ's rows, the costliest (a backward pass per block), are in
     ``test_real_smollm2_vlmq.py`` for the same reason (on the same 32 generated sequences).
@@ -55,14 +57,16 @@ def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir, smollm2_generated32, smollm2_
     from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
 
     calib = smollm2_generated32  # what n_calib=32 would generate (once per session for all workers)
-    table = quality_table(smollm2_dir, methods=("rtn", "gptq", "gptaq"), bits=(4, 3), samples=calib,
+    table = quality_table(smollm2_dir, methods=("rtn", "gptq"), bits=(4, 3), samples=calib,
                           row_cache=smollm2_rows, progress=print, act_order=False)
     assert table["calibration"] == "generated" and table["calibration_samples"] == 32
-    ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"]}
+    gptaq = quality_table(smollm2_dir, methods=("gptaq",), bits=(3,), samples=calib,
+                          row_cache=smollm2_rows, progress=print, act_order=False)  # FP row: from the cache
+    ppl = {(r["method"], r["bits"]): r["perplexity"] for r in table["rows"] + gptaq["rows"]}
     fp = ppl[("fp", 16)]
     assert 10 < fp < 40  # the dequantized SmolLM2 reads English
-    for method in ("rtn", "gptq", "gptaq"):
+    for method in ("rtn", "gptq"):
         assert ppl[(method, 3)] > ppl[(method, 4)] > fp * 0.99  # fewer bits cost more
         assert ppl[(method, 4)] < 2.5 * fp  # W4 degrades, it does not collapse
     assert ppl[("gptq", 4)] < 1.05 * ppl[("rtn", 4)]  # (pydoc calibration: 1.16x)
-    assert ppl[("gptaq", 4)] < ppl[("rtn", 4)] and ppl[("gptaq", 3)] < ppl[("gptq", 3)]  # (alpha 1: 42x RTN)
+    assert fp < ppl[("gptaq", 3)] < ppl[("gptq", 3)] < ppl[("rtn", 3)]  # (GPTAQ alpha 1: 42x RTN)

@@ -139,7 +139,13 @@ SEARCH_FACTORS = tuple(1 + i / 100 for i in sorted(range(-10, 11), key=abs))  # 
 
 SEARCH_CHUNK = 1 << 16  # weights per piece of a grid search: rows searched 64k weights at a time stay in the CPU's cache
 # (4096 x 4096, group 128, asymmetric clip search: 25.8-28.4 s whole, 8.0-9.0 s in pieces on 2 cores, the same scales;
-# benchmarks/clip-search.json. Small layers already in cache may gain nothing: not yet measured apart)
+# benchmarks/clip-search.json). Only searches over more than two pieces' worth are cut: inside GPTQ on SmolLM2's
+# layers (one 64-column group at a time) pieces gained nothing and cost 9 % on 1536 x 64 (two pieces), whole solves
+# 1.56 s against 1.60 s per block (benchmarks/clip-search-gptq.json)
+
+
+def _in_pieces(w: torch.Tensor) -> bool:
+    return w.shape[0] * w.shape[1] > 2 * SEARCH_CHUNK
 
 
 def _row_chunks(w: torch.Tensor, col_weight: torch.Tensor | None):
@@ -187,7 +193,7 @@ def group_scales(w: torch.Tensor, qmax: int, clip: bool = False, col_weight: tor
     The unscaled scale is among the candidates, so the row's score never exceeds the unsearched one's.
     """
     factors = (SEARCH_FACTORS if grid == "search" else (1.0,)) + (CLIP_RANGES if clip else ())
-    if len(factors) > 1 and w.shape[0] * w.shape[1] > SEARCH_CHUNK:
+    if len(factors) > 1 and _in_pieces(w):
         return torch.cat([group_scales(c, qmax, clip, cw, grid) for c, cw in _row_chunks(w, col_weight)])
     scale = sym_scale(w, qmax, grid)
     if len(factors) == 1:
@@ -211,7 +217,7 @@ def group_zero_scales(w: torch.Tensor, qmax: int, clip: bool = False,
     steps, the zero point the code of 0. ``clip``: the range ``p·[lo, hi]`` for p in 1.00, 0.99, ... 0.21
     with the smallest :func:`clip_error` (as :func:`group_scales`; the zero point does not depend on p).
     """
-    if clip and w.shape[0] * w.shape[1] > SEARCH_CHUNK:
+    if clip and _in_pieces(w):
         parts = [group_zero_scales(c, qmax, clip, cw) for c, cw in _row_chunks(w, col_weight)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     lo = w.amin(dim=1).clamp(max=0)
