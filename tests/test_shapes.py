@@ -302,3 +302,20 @@ def test_save_split_writes_scenes_a_user_can_run_and_calibrate_on(tmp_path, caps
     assert [(s.prompt, s.answer) for s in got] == [(s.prompt, s.answer) for s in want]
     assert [answer_scene(Scene.from_dict(w.meta["scene"]), w.prompt) for w in want] == [s.answer for s in got]
     assert main([str(tmp_path / "x"), "--n", "100000"]) == 2 and not (tmp_path / "x").exists()
+
+
+def test_builtin_samples_follow_the_testbeds_layout(tmp_path):
+    """A testbed trained on the grid layout is calibrated and validated on grid scenes (testbed.json's data.layout),
+    other models on the free layout."""
+    from vlmq_export.data.loader import load_samples
+    from vlmq_export.pipeline import validation_samples
+    from vlmq_export.testbed import testbed_layout
+
+    (tmp_path / "testbed.json").write_text(json.dumps({"data": {"dataset": "shapesvqa", "layout": "grid"}}))
+    layout = testbed_layout(tmp_path)
+    assert layout == "grid" and testbed_layout(tmp_path / "elsewhere") == "free"
+    grid = load_samples("builtin:shapes", 3, layout=layout)
+    free = load_samples("builtin:shapes", 3)
+    assert [s.meta["layout"] for s in grid] == ["grid"] * 3 and all("layout" not in s.meta for s in free)
+    assert [s.meta["scene"] for s in grid] == [sv.make_split("calib", 3, layout="grid")[i].meta["scene"] for i in range(3)]
+    assert all(s.meta.get("layout") == "grid" for s in validation_samples(3, layout) if s.images)

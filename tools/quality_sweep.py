@@ -104,12 +104,12 @@ def main() -> int:
     layout = testbed_layout(path)  # the ShapesVQA layout the testbed was trained on
     family = load_family(path)
     base = family.load_model(path)
-    calib = load_samples("builtin:shapes", limit=args.n_calib)
+    calib = load_samples("builtin:shapes", limit=args.n_calib, layout=layout)
     if args.calib_text:
         from vlmq_export.data.generated import generated_text_samples
 
         calib = calib + generated_text_samples(family, base, args.calib_text, args.calib_text_tokens)
-    val = prepare_all(family, validation_samples(args.n_val), with_answer=False)
+    val = prepare_all(family, validation_samples(args.n_val, layout), with_answer=False)
     ref = torch_outputs(family, base, val)
 
     fp = {"scope": "-", "method": "fp", "bits": 16, "calib_s": 0.0, **measure(family, base, None, val, args.heldout, args.n_eval,

@@ -74,9 +74,9 @@ def prepare_all(family: Family, samples: list[Sample], with_answer: bool) -> lis
     return [family.prepare(s.images, s.prompt, s.answer if with_answer else None) for s in samples]
 
 
-def validation_samples(n: int) -> list[Sample]:
-    """Held-out prompts: ShapesVQA test scenes (never used for calibration) and one text-only prompt."""
-    samples = builtin_samples(max(n - 1, 1), split="test", which="builtin:shapes")
+def validation_samples(n: int, layout: str = "free") -> list[Sample]:
+    """Held-out prompts: ShapesVQA test scenes in ``layout`` (never used for calibration) and one text-only prompt."""
+    samples = builtin_samples(max(n - 1, 1), split="test", which="builtin:shapes", layout=layout)
     samples.append(Sample([], "Write one sentence about the sea.", None, "text-only"))
     return samples
 
@@ -111,7 +111,10 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     family = load_family(model_dir)
     opts = dataclasses.replace(opts, llm_graph=choose_llm_graph(w8a8_llm_graph(recipe, opts.llm_graph), opts.target,
                                                                 opts.dtype, family.text_config))
-    calib = load_samples(opts.calib, limit=opts.n_calib)
+    from .testbed import testbed_layout
+
+    layout = testbed_layout(model_dir)  # a testbed's scenes as it was trained on them ("free" for other models)
+    calib = load_samples(opts.calib, limit=opts.n_calib, layout=layout)
     say.start("load", f"model {model_spec}")
     say(f"{family.name}: {len(calib)} calibration samples from {opts.calib or 'built-in set'}")
     model = family.load_checked(model_dir)
@@ -173,6 +176,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                    "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
         "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib),
+                        **({"shapes_layout": layout} if layout != "free" else {}),
                         "prompt_tokens": opts.calib_prompt_tokens,
                         "generated_text": {"samples": opts.calib_text, "tokens": opts.calib_text_tokens} if opts.calib_text else None},
         "family": {"num_layers": family.num_layers, "num_kv_heads": family.num_kv_heads,
@@ -183,7 +187,7 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     family.save_processor(work / "processor")
 
     # -- float reference and float export
-    val = prepare_all(family, validation_samples(opts.n_val), with_answer=False) if opts.validate else []
+    val = prepare_all(family, validation_samples(opts.n_val, layout), with_answer=False) if opts.validate else []
     float_dir = work / "float"
     say.start("export", "float ONNX graphs")
     t0 = time.perf_counter()
@@ -517,7 +521,9 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
         raise VlmqError(f"source model {model_dir} not found; pass --model")
     family = load_family(model_dir)
     torch_model = family.load_checked(model_dir)
-    val = prepare_all(family, validation_samples(n_val), with_answer=False)
+    from .testbed import testbed_layout
+
+    val = prepare_all(family, validation_samples(n_val, testbed_layout(model_dir)), with_answer=False)
     ref_float = torch_outputs(family, torch_model, val, gen_tokens)
     apply_quantized_weights(family, torch_model, out, manifest)
     dtype = manifest["recipe"].get("dtype", "fp32")

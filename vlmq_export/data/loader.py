@@ -68,14 +68,18 @@ def builtin_photos() -> list[Sample]:
     return samples
 
 
-def builtin_samples(n: int, split: str = "calib", which: str = "builtin", image_size: int = 256) -> list[Sample]:
+def builtin_samples(n: int, split: str = "calib", which: str = "builtin", image_size: int = 256,
+                    layout: str = "free") -> list[Sample]:
+    """``n`` built-in samples: matplotlib's photographs and/or ShapesVQA scenes of ``split`` in ``layout`` (the one
+    the model was trained on, for a testbed: ``testbed.testbed_layout``)."""
     from .shapes import make_split
 
     out: list[Sample] = []
     if which in ("builtin", "builtin:photos"):
         out += builtin_photos()
     if which in ("builtin", "builtin:shapes"):
-        out += make_split(split, max(n - len(out), 0) if which == "builtin" else n, image_size=image_size)
+        out += make_split(split, max(n - len(out), 0) if which == "builtin" else n, image_size=image_size,
+                          layout=layout)
     return out[:n]
 
 
@@ -107,10 +111,12 @@ def load_jsonl(path: Path, limit: int | None = None) -> list[Sample]:
     return samples
 
 
-def load_samples(spec: str | Path | None, limit: int | None = None, split: str = "calib") -> list[Sample]:
-    """Samples from a JSONL file, a folder holding one JSONL, or a built-in set name."""
+def load_samples(spec: str | Path | None, limit: int | None = None, split: str = "calib",
+                 layout: str = "free") -> list[Sample]:
+    """Samples from a JSONL file, a folder holding one JSONL, or a built-in set name (its ShapesVQA scenes in
+    ``layout``)."""
     if spec is None or str(spec) in BUILTIN:
-        samples = builtin_samples(limit or 16, split=split, which=str(spec or "builtin"))
+        samples = builtin_samples(limit or 16, split=split, which=str(spec or "builtin"), layout=layout)
     else:
         path = Path(spec)
         if path.is_dir():
