@@ -9,7 +9,8 @@ import pytest
 
 from vlmq_export import cli
 from vlmq_export.models import load_family
-from vlmq_export.testbed import eval_samples, evaluate_torch, format_accuracy, normalize_answer, wilson_interval
+from vlmq_export.testbed import (eval_samples, evaluate_torch, format_accuracy, normalize_answer, paired_difference,
+                                 wilson_interval)
 
 
 def test_wilson_interval_known_values():
@@ -47,6 +48,23 @@ class _AlwaysYes:
         return torch.cat([input_ids, torch.tensor([self.ids])], dim=1)
 
 
+def test_paired_difference():
+    same = paired_difference("0110" * 50, "0110" * 50)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0] and same["only_this"] == same["only_baseline"] == 0
+    # 30 of 200 samples right only here, 10 right only in the baseline: +0.10, the interval above 0 and narrower
+    # than the two Wilson intervals would suggest
+    a = "1" * 30 + "0" * 10 + "10" * 80
+    b = "0" * 30 + "1" * 10 + "10" * 80
+    res = paired_difference(a, b)
+    assert res["diff"] == pytest.approx(0.1) and (res["only_this"], res["only_baseline"], res["n"]) == (30, 10, 200)
+    lo, hi = res["ci95"]
+    assert 0 < lo < 0.1 < hi < 0.2
+    assert paired_difference(b, a)["ci95"] == pytest.approx([-hi, -lo], abs=0.02)
+    assert paired_difference(a, b) == res  # seeded
+    with pytest.raises(ValueError, match="same non-zero length"):
+        paired_difference("01", "011")
+
+
 def test_result_has_intervals_per_question_type(tiny_dirs):
     family = load_family(tiny_dirs["smolvlm"])
     samples = eval_samples(40)
@@ -60,6 +78,8 @@ def test_result_has_intervals_per_question_type(tiny_dirs):
         assert res["correct_per_qtype"][q] == want
         assert [lo, hi] == list(wilson_interval(want, res["n_per_qtype"][q]))
     assert sum(res["correct_per_qtype"].values()) == res["correct"]
+    # one outcome per sample, in order: "yes" is right exactly where the answer is yes
+    assert res["outcomes"] == "".join("1" if normalize_answer(s.answer) == "yes" else "0" for s in samples)
     json.dumps(res)  # plain JSON (lists, not tuples or numpy)
     line = format_accuracy(res)
     assert line.startswith(f"acc {res['accuracy']:.3f} [{res['ci95'][0]:.2f}, {res['ci95'][1]:.2f}] (")
