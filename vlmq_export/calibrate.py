@@ -47,6 +47,7 @@ class Recipe:
     sym: bool = True  # False: 2- to 4-bit components on an unsigned grid with zero points (ONNX Runtime only)
     sym_grid: str = "half"  # the symmetric grid's scale: half, extreme or search (calibrators/base.py)
     act_calibrator: str = "minmax"  # W8A8 components: the activation ranges' calibrator (calibrators/activation.py)
+    smooth: bool = False  # W8A8 components: per-channel smoothing scales first (calibrators/smooth.py)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def check(self) -> None:
@@ -54,6 +55,10 @@ class Recipe:
         check_sym_grid(self.sym_grid)
         if self.act_calibrator not in ACT_CALIBRATORS:
             raise VlmqError(f"unknown --act-calibrator '{self.act_calibrator}'; valid: {', '.join(ACT_CALIBRATORS)}")
+        if self.smooth and not any(c.act for c in self.components.values()):
+            raise VlmqError("--smooth applies to W8A8 components: ask one with --vision / --projector / --llm int8 or fp8")
+        if self.smooth and self.method in DATA_FREE:
+            raise VlmqError(f"--smooth needs calibration data: --method {self.method} reads none")
         if CALIBRATOR[self.method] not in CALIBRATOR_METHODS:
             raise VlmqError(f"--method {self.method} is not available in this build")
 
@@ -72,6 +77,7 @@ class Recipe:
                 "sink_weight": self.sink_weight, "true_sequential": self.true_sequential,
                 **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
                 **({"act_calibrator": self.act_calibrator} if any(c.act for c in self.components.values()) else {}),
+                **({"smooth": True} if self.smooth else {}),
                 "components": {k: {"bits": v.bits, "group_size": v.group_size, "sym": self.sym_for(k),
                                    **({"act": v.act} if v.act else {})}
                                for k, v in self.components.items()},
@@ -111,8 +117,10 @@ class ActRanges:
                 raise CalibrationDataError(f"{q.name}: no calibration input reached it, so it has no activation range")
             q = replace(q, act_fmt=self.fmt, act_amax=self.cals[q.name].compute_range())
             rec = by_name[q.name]
-            if self.fmt == "fp8":
-                codes, scales = fp8_weight(self.float_w[q.name])
+            if self.fmt == "fp8":  # (a smoothed layer's float weight is W diag(s), as the hook's scale_columns wrote it)
+                w0 = self.float_w[q.name]
+                codes, scales = fp8_weight(w0 if q.smooth is None else
+                                           (w0.float() * torch.from_numpy(q.smooth).to(w0.device)).to(w0.dtype))
                 q = replace(q, codes=codes, scales=scales)
                 w = model.get_submodule(q.name).weight
                 w.data = torch.from_numpy(q.dequantize()).to(dtype=w.dtype, device=w.device)
@@ -369,7 +377,8 @@ def calibrate(family: Family, model, samples: list[Sample], recipe: Recipe, work
                                          component=comp, device=device,
                                          checkpoint=ckpt / sub if ckpt and not acts else None,
                                          first_token_weight=recipe.sink_weight if comp in ("llm", "lm_head") else 1.0,
-                                         true_sequential=recipe.true_sequential, observe=acts.observe if acts else None)
+                                         true_sequential=recipe.true_sequential, observe=acts.observe if acts else None,
+                                         smooth=act if acts and recipe.smooth else None)
                 q += acts.finish(model, qk, rk) if acts else qk
                 r += rk
         layers += q

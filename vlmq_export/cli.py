@@ -84,6 +84,10 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="W8A8 components (--vision int8, --projector fp8, ...): how each Linear input's per-tensor range "
                         "is chosen, token-weighted by the saliency for vlmq / mbq (default minmax; percentile 99.999, "
                         "entropy: KL as ONNX Runtime / TensorRT, mse: least squared error on the format's grid)")
+    p.add_argument("--smooth", action="store_true",
+                   help="W8A8 components: per-channel smoothing scales first (SmoothQuant's form, the migration "
+                        "strength chosen per layer by the saliency-weighted output error, none where it does not help), "
+                        "folded into the preceding norm where exact, else a Mul in the graph; recorded per layer")
     s = p.add_argument_group("saliency (vlmq, mbq)")
     s.add_argument("--saliency-norm", default="l2", choices=("l2", "l1", "linf"), help="per-token gradient norm (default l2)")
     s.add_argument("--saliency-scope", default="sample", choices=("sample", "layer"),
@@ -235,7 +239,7 @@ def cmd_export(argv: list[str]) -> int:
     recipe = Recipe(method=args.method, components=components, damp=args.damp, act_order=args.act_order,
                     gptaq_alpha=args.gptaq_alpha, clip_search=args.clip_search, sink_weight=args.sink_weight,
                     true_sequential=args.true_sequential, sym=not args.asym, sym_grid=args.sym_grid,
-                    act_calibrator=args.act_calibrator,
+                    act_calibrator=args.act_calibrator, smooth=args.smooth,
                     saliency=SaliencyConfig(norm=args.saliency_norm, scope=args.saliency_scope,
 
                                             floor=args.saliency_floor, exponent=args.saliency_exponent,

@@ -27,7 +27,8 @@ from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
 from .export.ort_flavour import FLAVOUR_ORT, choose_llm_graph, relocate_records, write_ort_llm
 from .calibrators.activation import activation_fake_quant
-from .export.qdq import FP8, QuantizedLinear, apply_qdq, half_key, weight_key
+from .export.qdq import FP8, QuantizedLinear, half_key, weight_key
+from .export.quantize_graph import apply_qdq
 
 from .models import Family, Prepared, load_family
 from .progress import Progress
@@ -162,7 +163,10 @@ def resume_dir(out: Path) -> Path:
 
 
 def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, say, resume: Path) -> dict:
+    from .testbed import evaluate_torch, testbed_layout
+
     t_start = time.perf_counter()
+    layout = testbed_layout(model_dir)  # the ShapesVQA scenes a testbed was trained on (calibration, validation, task)
     manifest = {
         "schema_version": outdir.SCHEMA_VERSION, "tool": outdir.TOOL, "status": "incomplete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -227,11 +231,9 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
 
     n_task = opts.eval_task if opts.eval_task is not None else (100 if model_spec.startswith("builtin:shapes") else 0)
     if n_task:
-        from .testbed import evaluate_torch, testbed_layout
-
         say.start("evaluate", f"ShapesVQA accuracy of the full-precision model on {n_task} test samples")
         report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task,
-                                                                                    layout=testbed_layout(model_dir))}
+                                                                                    layout=layout)}
         say(f"perplexity on english.txt and the held-out text's first {REPORT_HELDOUT_WINDOWS} windows (torch)")
         report["perplexity"] = {"heldout_windows": REPORT_HELDOUT_WINDOWS, "torch_full_precision": perplexities(
             torch_logits(model), family.tokenizer, REPORT_HELDOUT_WINDOWS)}
@@ -258,9 +260,11 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
     say.start("qdq", f"writing {len(layers)} INT4 layers" + (" with FP16 scales" if half else ""))
     written: set[str] = set()
     moved = 0
-    qlayers = [dataclasses.replace(q, key=keys16.get(q.key, q.key)) for q in layers] if half else layers
+    qlayers = [dataclasses.replace(q, key=keys16.get(q.key, q.key), prior_key=keys16.get(q.prior_key, q.prior_key))
+               for q in layers] if half else layers
+    placed: dict[str, str] = {}  # smoothed layers: where each one's 1/s went in the graph (export/smooth_pass.py)
     for g in GRAPHS:
-        names, n = apply_qdq((half_dir if half else float_dir) / f"{g}.onnx", work / f"{g}.onnx", qlayers)
+        names, n = apply_qdq((half_dir if half else float_dir) / f"{g}.onnx", work / f"{g}.onnx", qlayers, placed)
         written |= set(names)
         moved += n
     missing = [q.name for q in layers if q.name not in written]
@@ -275,6 +279,14 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
         for g in GRAPHS:
             apply_qdq(float_dir / f"{g}.onnx", fp32_dir / f"{g}.onnx", layers)
     by_name = {r.name: r for r in records}
+    smoothed = {q.name: torch.from_numpy(q.smooth) for q in layers if q.smooth is not None}
+    if smoothed:  # the scales, for validate's torch reference (the graphs hold them folded or as Muls)
+        from safetensors.torch import save_file
+
+        save_file(smoothed, str(work / "smoothing.safetensors"))
+        manifest["calibration"]["smoothing_file"] = "smoothing.safetensors"
+        for name, where in placed.items():
+            by_name[name].smooth["graph"] = where
     for q in layers:
         base = q.name.replace(".", "_")
         by_name[q.name].__dict__.update({"onnx_weight": f"{base}_q", "onnx_scale": f"{base}_scale",
@@ -495,6 +507,24 @@ def apply_quantized_weights(family: Family, model, out: Path, manifest: dict) ->
         mod.weight.data = w.to(mod.weight.dtype)
 
 
+def install_smoothing(model, out: Path, manifest: dict) -> None:
+    """The smoothed W8A8 layers' input scales (``smoothing.safetensors``) as forward pre-hooks on ``model``, whose
+    weights already are the graphs' ``W diag(s)`` (:func:`apply_quantized_weights`): the torch twin of the graphs'
+    Mul (or folded norm) by ``1/s``."""
+    name = manifest.get("calibration", {}).get("smoothing_file")
+    if not name:
+        return
+    from safetensors.torch import load_file
+
+    from .calibrators.smooth import install_input_scale
+
+    path = Path(out) / name
+    if not path.is_file():
+        raise VlmqError(f"{out}: {name} is missing (the smoothed layers' scales)")
+    for layer, s in load_file(str(path)).items():
+        install_input_scale(model.get_submodule(layer), s, scale_weight=False)
+
+
 def int4_form(paths, sym: bool) -> dict:
     """The static check of the quantized graphs: TensorRT's rules when symmetric, ONNX Runtime's otherwise."""
     problems = []
@@ -526,6 +556,7 @@ def validate_output(out: str | Path, model: str | None = None, n_val: int = 4, g
     val = prepare_all(family, validation_samples(n_val, testbed_layout(model_dir)), with_answer=False)
     ref_float = torch_outputs(family, torch_model, val, gen_tokens)
     apply_quantized_weights(family, torch_model, out, manifest)
+    install_smoothing(torch_model, out, manifest)
     dtype = manifest["recipe"].get("dtype", "fp32")
     # W8A8 layers' inputs fake-quantized at their recorded ranges, as the export's own validation does
     acts = [SimpleNamespace(name=r["name"], act_fmt=r["act"]["format"], act_amax=r["act"]["amax"])

@@ -187,6 +187,70 @@ def _run_block(block, inputs: Captured, where: str, device) -> list[torch.Tensor
     return outs
 
 
+SMOOTH_TOKENS = 4096  # tokens per input kept for the smoothing's alpha search (the maxima see every token)
+
+
+def smooth_block(block: nn.Module, modules: dict[str, nn.Linear], inputs, token_weights: Callable, device,
+                 fmt: str) -> tuple[dict[str, tuple], tuple[list[list[str]], bool]]:
+    """Per-channel smoothing (calibrators/smooth.py) of a block's Linears before their calibration: the Linears that
+    read one tensor share one ``s``, chosen from that tensor on every sample of ``inputs`` (the block's calibration
+    inputs) with the token weights ``token_weights(name, sample, x)`` gives, and installed in place
+    (``install_input_scale``) where it lowers the weighted W8A8 output error. Returns ``{layer name: (Smoothing,
+    names of its group, key of its float weight before smoothing)}`` for every layer of ``modules``, and
+    :func:`input_groups`' answer, found before the hooks (after them each layer reads a tensor of its own)."""
+    from .smooth import choose_smoothing, install_input_scale
+
+    probe = input_groups(block, modules, inputs[0], device)
+    first = {g[0]: g for g in probe[0]}
+    amax: dict[tuple, torch.Tensor] = {}  # (layer, fold) -> max |x| per channel; fold = sample index parity
+    kept: dict[str, list] = {n: [] for n in first}
+    per_sample = max(1, SMOOTH_TOKENS // max(1, len(inputs)))
+    state = {"sample": 0}
+
+    def keep(name):
+        def hook(_mod, args, _out):
+            x = args[0].detach().float().cpu()
+            g = token_weights(name, state["sample"], x)
+            x2 = x.reshape(-1, x.shape[-1])
+            g2 = torch.ones(x2.shape[0]) if g is None else torch.as_tensor(g, dtype=torch.float32).reshape(-1)
+            live = x2[g2 > 0]
+            fold = state["sample"] % 2 == 1
+            if len(live):
+                m = live.abs().amax(dim=0)
+                k = (name, fold)
+                amax[k] = m if k not in amax else torch.maximum(amax[k], m)
+            step = max(1, -(-x2.shape[0] // per_sample))
+            kept[name].append((x2[::step], g2[::step], torch.full((len(x2[::step]),), fold)))
+        return hook
+
+    hooks = [modules[n].register_forward_hook(keep(n)) for n in first]
+    try:
+        with torch.no_grad():
+            for si, args, kwargs in inputs:
+                state["sample"] = si
+                block(*to_device(args, device), **to_device(kwargs, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, group in first.items():
+        if not kept[name]:
+            continue
+        x = torch.cat([x for x, _g, _f in kept[name]])
+        g = torch.cat([g for _x, g, _f in kept[name]])
+        fold = torch.cat([f for _x, _g, f in kept[name]])
+        w = torch.cat([modules[n].weight.detach().float().cpu() for n in group])
+        zero = torch.zeros(w.shape[1])
+        a0, a1 = amax.get((name, False), zero), amax.get((name, True), zero)
+        sm = choose_smoothing(x, w, g, fmt, x_amax=torch.maximum(a0, a1), folds=(fold, a0, a1))
+        for n in group:
+            prior = weight_key(modules[n].weight.detach().float().cpu().numpy())
+            if sm.alpha is not None:
+                install_input_scale(modules[n], sm.scales)
+            out[n] = (sm, group, prior)
+    return out, probe
+
+
 def input_groups(block: nn.Module, modules: dict[str, nn.Module], sample: tuple[int, tuple, dict],
                  device) -> tuple[list[list[str]], bool]:
     """``modules`` grouped by the tensor they read, groups in execution order (one forward of one sample),
@@ -409,6 +473,7 @@ def quantize_blocks(
     first_token_weight: float = 1.0,
     true_sequential: bool = False,
     observe: Callable[[str, torch.Tensor, "torch.Tensor | None"], None] | None = None,
+    smooth: str | None = None,
 ) -> tuple[list[QuantizedLinear], list[LayerRecord]]:
     """Calibrate every Linear of ``blocks`` (named, in execution order), writing the dequantized weights
     back into the model.
@@ -431,6 +496,10 @@ def quantize_blocks(
 
     ``observe(layer_name, x, g)``: also called with every input a weight calibrator gets and its token weights
     (the activation calibrators of W8A8, calibrators/activation.py); not called for resumed blocks.
+
+    ``smooth`` ("int8" or "fp8", W8A8 components): each block's Linears are first smoothed (:func:`smooth_block`)
+    for that activation format; their layers carry the scales (``QuantizedLinear.smooth``, with ``prior_key`` the
+    float weight's key before smoothing, which the float graphs hold) and their records ``smooth``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
@@ -470,6 +539,14 @@ def quantize_blocks(
         home = next(block.parameters()).device
         block.to(device)
         plans = all_plans[bi]
+        smoothed, probe = {}, None
+        if smooth:
+            def token_weights(name, si, x, bi=bi):
+                g = weight_fn(bi, name, si) if weight_fn else None
+                return sink_weights(x, g, first_token_weight) if first_token_weight != 1.0 else g
+
+            smoothed, probe = smooth_block(block, {p.name: p.module for p in plans if p.bits is not None}, inputs,
+                                           token_weights, device, smooth)
         cals = {}
         for p in plans:
             if p.bits is None:
@@ -521,8 +598,8 @@ def quantize_blocks(
                 groups, may_stop = [list(cals)], False
                 if true_sequential and len(cals) > 1:
                     state["active"] = set()  # the probe feeds no calibrator
-                    groups, may_stop = input_groups(block, {n: p.module for n, (p, _c) in cals.items()},
-                                                    inputs[0], device)
+                    groups, may_stop = probe or input_groups(block, {n: p.module for n, (p, _c) in cals.items()},
+                                                             inputs[0], device)
                 for group in groups:
                     state["active"] = set(group)
                     state["stop_after"] = group[-1] if may_stop else None
@@ -547,6 +624,11 @@ def quantize_blocks(
 
         for name, (p, _cal) in cals.items():  # records in the block's layer order
             q, r = layer_result(p, *solved[name], method, component)
+            if name in smoothed:
+                sm, group, prior = smoothed[name]
+                r.smooth = {**sm.as_dict(), "group": list(group)}
+                if sm.alpha is not None:
+                    q = dataclasses.replace(q, smooth=sm.scales.numpy().astype(np.float32), prior_key=prior)
             quantized.append(q)
             records.append(r)
 

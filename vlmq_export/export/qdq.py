@@ -81,6 +81,10 @@ class QuantizedLinear:
     # W8A8 (export/act_qdq.py): ``codes`` are float8_e4m3fn for "fp8"; the input's per-tensor range
     act_fmt: str | None = None  # "int8" or "fp8": the layer's input gets a QuantizeLinear -> DequantizeLinear
     act_amax: float | None = None  # its symmetric range (scale = amax / 127 or / 448)
+    # per-channel smoothing (calibrators/smooth.py, export/smooth_pass.py): the codes are of ``W diag(smooth)``, the
+    # input is multiplied by ``1 / smooth``; ``prior_key`` is the weight_key of ``W`` (what the float graphs hold)
+    smooth: np.ndarray | None = None  # float32 [K]
+    prior_key: str | None = None
 
     def dequantize(self) -> np.ndarray:
         """``(codes - zeros) * scales`` float32 [N, K], each scale (zero) repeated over its group."""
@@ -222,19 +226,3 @@ class QDQWeightPass(ir.passes.InPlacePass):
         if c is not None:
             mm.outputs[0].name = f"{name}_matmul"
         graph.remove(node, safe=True)
-
-
-def apply_qdq(model_path, out_path, layers: list[QuantizedLinear]) -> tuple[list[str], int]:
-    """Rewrite ``model_path`` into ``out_path``; returns the names of the layers written and how many float16
-    scales were moved into float16's normal range (0 for a float32 graph)."""
-    from .onnx_export import save_model
-
-    from .act_qdq import ActQDQPass
-
-    model = ir.load(str(model_path))
-    ActQDQPass([q for q in layers if q.act_fmt])(model)  # on the float weights' MatMuls, before they change
-    qpass = QDQWeightPass(layers)
-    qpass(model)
-    ir.external_data.load_to_model(model)  # weights the passes left alone may still point at the float graph's .data
-    save_model(ir.to_proto(model), out_path)
-    return sorted(qpass.by_key[k].name for k in qpass.matched), qpass.clamped_scales
