@@ -107,8 +107,33 @@ def prepare_peers(work: Path, peer_python: str, hf_dir: Path, names) -> dict[str
                    "-p", precision, "-e", "cpu", "-c", str(work / "genai_cache"), "--extra_options", "hf_token=false",
                    *(["block_size=128"] if precision == "int4" else []), *extra]
             subprocess.run(cmd, check=True, capture_output=True)
+        _drop_null_search_options(out / "genai_config.json")
+        head = _lm_head_op(out / "model.onnx")
+        if name == "genai int4 float head" and head != "MatMul":
+            log(f"{name}: GenAI's builder made the lm_head {head} despite nodes_to_exclude (GenAI 0.8.3 with "
+                f"onnxruntime 1.32 ignores it): variant dropped")
+            continue
         dirs[name] = out
     return dirs
+
+
+def _lm_head_op(model: Path) -> str | None:
+    """The op type of GenAI's lm_head node (MatMul: float; MatMulNBits: quantized)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    return next((n.op_type for n in m.graph.node if n.name.startswith("/lm_head/")), None)
+
+
+def _drop_null_search_options(config: Path) -> None:
+    """GenAI 0.8.3's builder copies the generation options transformers 5 leaves unset as JSON nulls
+    (``diversity_penalty``, ``num_beams``, ...), which its own config parser then refuses: drop them (GenAI's
+    defaults apply)."""
+    cfg = json.loads(config.read_text())
+    search = cfg.get("search", {})
+    if any(v is None for v in search.values()):
+        cfg["search"] = {k: v for k, v in search.items() if v is not None}
+        config.write_text(json.dumps(cfg, indent=4))
 
 
 def peer_available(peer_python: str | None) -> str | None:
