@@ -21,7 +21,7 @@ import torch
 from . import outdir
 from .calibrate import CALIB_PROMPT_TOKENS, DATA_FREE, Recipe, calibrate, check_device_available
 from .data.generated import generated_text_samples
-from .data.loader import builtin_samples, load_samples
+from .data.loader import BUILTIN, builtin_samples, load_samples
 from .data.samples import Sample
 from .errors import VlmqError
 from .export.onnx_export import OPSET, export_graph
@@ -180,7 +180,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
                    "embeddings": "float", "patch_embedding": "float"},
         "versions": outdir.library_versions(), "opset": OPSET,
         "calibration": {"source": opts.calib or "builtin", "samples": len(calib), "sha256": samples_hash(calib),
-                        **({"shapes_layout": layout} if layout != "free" else {}),
+                        **({"shapes_layout": layout} if layout != "free" and str(opts.calib or "builtin") in BUILTIN
+                           else {}),
                         "prompt_tokens": opts.calib_prompt_tokens,
                         "generated_text": {"samples": opts.calib_text, "tokens": opts.calib_text_tokens} if opts.calib_text else None},
         "family": {"num_layers": family.num_layers, "num_kv_heads": family.num_kv_heads,

@@ -220,7 +220,8 @@ def smooth_block(block: nn.Module, modules: dict[str, nn.Linear], inputs, token_
                 k = (name, fold)
                 amax[k] = m if k not in amax else torch.maximum(amax[k], m)
             step = max(1, -(-x2.shape[0] // per_sample))
-            kept[name].append((x2[::step], g2[::step], torch.full((len(x2[::step]),), fold)))
+            sub = x2[::step].clone()  # a copy: a strided view would keep every token's storage alive
+            kept[name].append((sub, g2[::step].clone(), torch.full((len(sub),), fold)))
         return hook
 
     hooks = [modules[n].register_forward_hook(keep(n)) for n in first]
