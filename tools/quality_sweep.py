@@ -237,7 +237,7 @@ def main(argv=None) -> int:
              "decoder and lm_head; `all`: vision encoder + projector + decoder. "
              "Δ: the accuracy's difference with GPTQ's at the same scope and bits / with full precision's, on the same "
              "samples, [95 % paired bootstrap interval] (an interval that holds 0 is a tie)."
-             + (f" Rows measured at commits {', '.join(result['commits'])} (read back from {out.name}.rows.jsonl)."
+             + (f" Rows measured at commits {', '.join(result['commits'])} (read back from {cache.path.name})."
                 if len(result["commits"]) > 1 else ""), "",
              "| scope | method | bits | accuracy | Δ GPTQ | Δ FP | " + " | ".join(qtypes) + " | perplexity | "
              + ("held-out perplexity [95 %] | " if args.heldout else "") + "image cos | logits cos | top-1 | calibration s |",

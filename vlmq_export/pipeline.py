@@ -133,7 +133,7 @@ def export_model(model_spec: str, out: str | Path | None = None, recipe: Recipe 
     staging = outdir.Staging(out)
     try:
         manifest = _run(model_spec, model_dir, family, model, calib, recipe, opts, staging.path, say,
-                        resume_dir(staging.out))
+                        resume_dir(staging.out), layout)
         manifest["status"] = "complete"
         outdir.write_manifest(staging.path, manifest)
         final = staging.publish()
@@ -162,11 +162,10 @@ def resume_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.resume"
 
 
-def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, say, resume: Path) -> dict:
-    from .testbed import evaluate_torch, testbed_layout
-
+def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, say, resume: Path,
+         layout: str) -> dict:
+    """``layout``: the ShapesVQA scenes a testbed was trained on (its validation and task accuracy use them)."""
     t_start = time.perf_counter()
-    layout = testbed_layout(model_dir)  # the ShapesVQA scenes a testbed was trained on (calibration, validation, task)
     manifest = {
         "schema_version": outdir.SCHEMA_VERSION, "tool": outdir.TOOL, "status": "incomplete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -232,6 +231,8 @@ def _run(model_spec, model_dir, family, model, calib, recipe, opts, work: Path, 
 
     n_task = opts.eval_task if opts.eval_task is not None else (100 if model_spec.startswith("builtin:shapes") else 0)
     if n_task:
+        from .testbed import evaluate_torch
+
         say.start("evaluate", f"ShapesVQA accuracy of the full-precision model on {n_task} test samples")
         report["task"] = {"samples": n_task, "torch_full_precision": evaluate_torch(family, model, n=n_task,
                                                                                     layout=layout)}

@@ -540,12 +540,12 @@ def quantize_blocks(
         home = next(block.parameters()).device
         block.to(device)
         plans = all_plans[bi]
+        def token_weights(name, si, x, bi=bi):  # a layer input's per-token weights (saliency, sink)
+            g = weight_fn(bi, name, si) if weight_fn else None
+            return sink_weights(x, g, first_token_weight) if first_token_weight != 1.0 else g
+
         smoothed, probe = {}, None
         if smooth:
-            def token_weights(name, si, x, bi=bi):
-                g = weight_fn(bi, name, si) if weight_fn else None
-                return sink_weights(x, g, first_token_weight) if first_token_weight != 1.0 else g
-
             smoothed, probe = smooth_block(block, {p.name: p.module for p in plans if p.bits is not None}, inputs,
                                            token_weights, device, smooth)
         cals = {}
@@ -571,9 +571,7 @@ def quantize_blocks(
                 if state["stash"] is not None:  # full-precision pass of a paired method: keep x
                     state["stash"][(name, si)] = x
                     return
-                g = weight_fn(bi, name, si) if weight_fn else None
-                if first_token_weight != 1.0:
-                    g = sink_weights(x, g, first_token_weight)
+                g = token_weights(name, si, x)
                 if observe is not None:
                     observe(name, x, g)
 

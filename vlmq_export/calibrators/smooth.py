@@ -12,8 +12,8 @@ with the smallest saliency-weighted output error ``sum_i g_i ||y_i - y_hat_i||^2
 fake-quantized (per-tensor activations by their max, per-channel weights) on the calibration inputs.
 
 Folding: into the preceding LayerNorm / RMSNorm when the norm feeds only smoothed Linears (its weight and bias
-divided by ``s``: exact, :func:`fold_into_norm`); otherwise an explicit division of the input
-(:class:`SmoothedLinear`, exported as a Mul by ``1/s``).
+divided by ``s``: exact); otherwise an explicit division of the input. :func:`fold_into_norm` and
+:class:`SmoothedLinear` are these two forms on torch modules; the export does both on the graphs instead (below).
 
 In the export (``--smooth``, W8A8 components): the Linears that read one tensor (q/k/v, gate/up, fc1 alone, ...)
 share one ``s``, chosen per block on the block's calibration inputs before its weights are calibrated
@@ -169,9 +169,8 @@ def install_input_scale(linear: nn.Linear, s: torch.Tensor, scale_weight: bool =
     """Smooth ``linear`` in place by ``s`` [K]: ``W <- W diag(s)`` (unless ``scale_weight`` is False: the weight
     already holds it, as one loaded from the exported graphs does) and its input times ``1/s`` by a forward pre-hook
     (:class:`InputScale`, registered before any hook added later, so those see the smoothed input). The hook's
-    handle is returned; ``linear.smooth_scales`` keeps ``s``."""
+    handle is returned."""
     s = s.detach().float().cpu()
     if scale_weight:
         scale_columns(linear, s.to(linear.weight.device))
-    linear.smooth_scales = s
     return linear.register_forward_pre_hook(InputScale(1.0 / s))
