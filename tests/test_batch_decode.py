@@ -114,9 +114,9 @@ def test_family_extra_llm_feeds_reach_every_llm_call(vlm, monkeypatch):
         projected.append(None if proj is None else sorted(proj))
         return {"prefill_len": p.seq_len}
 
-    def llm(emb, mask, pos, past, extra=None):
+    def llm(emb, mask, pos, past, extra=None, logits_to_keep=0):
         seen.append((emb.shape[0], emb.shape[1], extra))
-        return real(emb, mask, pos, past)
+        return real(emb, mask, pos, past, logits_to_keep=logits_to_keep)
 
     monkeypatch.setattr(fam, "llm_prefill_feeds", prefill_feeds)
     monkeypatch.setattr(fam, "llm_decode_feeds", lambda batch: {"decode_rows": batch})

@@ -79,6 +79,22 @@ def test_ort_flavour_with_an_image_and_at_the_served_accuracy_level(dirs):
         portable.generate_prepared(prepared, max_new_tokens=16, stop=False).token_ids
 
 
+def test_logits_to_keep_runs_the_head_on_the_last_positions_only(dirs):
+    """The ORT flavour's ``logits_to_keep`` (HF's meaning: 0 keeps every position): N > 0 gives the last N rows of the
+    full logits, and the portable graph, which lacks the input, still answers with every row."""
+    ort, portable = OnnxVLM(dirs["ort"], accuracy_level=0), OnnxVLM(dirs["portable"], accuracy_level=0)
+    prepared = ort.family.prepare([], PROMPT)
+    seq, emb = prepared.seq_len, ort.embeddings(prepared)
+    mask = np.ones((1, seq), np.int64)
+    full, _ = ort.llm(emb, mask, prepared.position_ids, ort.empty_past())
+    assert full.shape[:2] == (1, seq)
+    for keep in (1, 3, seq + 5):
+        got, _ = ort.llm(emb, mask, prepared.position_ids, ort.empty_past(), logits_to_keep=keep)
+        assert got.shape[:2] == (1, min(keep, seq)) and np.abs(got - full[:, -min(keep, seq):]).max() < 1e-5
+    got, _ = portable.llm(emb, mask, prepared.position_ids, portable.empty_past(), logits_to_keep=1)
+    assert got.shape[:2] == (1, seq)
+
+
 def test_the_kv_cache_stays_in_place_and_grows_when_needed(dirs):
     vlm = OnnxVLM(dirs["ort"], accuracy_level=0)
     prepared = vlm.family.prepare([], PROMPT)
@@ -341,7 +357,9 @@ def test_qwen_ort_graph_keeps_the_inputs_merges_the_biases_and_the_tied_head(qwe
         return [(v.name, v.type.tensor_type.elem_type, [x.dim_value or None for x in v.type.tensor_type.shape.dim])
                 for v in m.graph.input]
 
-    assert io(ort) == io(src)  # inputs_embeds, attention_mask, position_ids [3, B, S], past_*: the runtime's feeds
+    # inputs_embeds, attention_mask, position_ids [3, B, S], past_*: the runtime's feeds; plus logits_to_keep
+    assert [v for v in io(ort) if v[0] != "logits_to_keep"] == io(src)
+    assert ("logits_to_keep", onnx.TensorProto.INT64, [1]) in io(ort)
     ops = [n.op_type for n in ort.graph.node]
     layers = load_family(d["ort"] / "processor", torch_free=True).num_layers
     assert ops.count("GroupQueryAttention") == layers and ops.count("DequantizeLinear") == 4 * layers

@@ -304,7 +304,8 @@ def build_llm(src: onnx.ModelProto, *, num_heads: int, num_kv_heads: int, head_d
               mrope_section: list[int] | None = None) -> onnx.ModelProto:
     """The ORT-flavour graph of a portable llm graph ``src`` (inputs ``inputs_embeds``, ``attention_mask``,
     ``position_ids``, ``past_key_i``/``past_value_i``; outputs ``logits``, ``present_key_i``/``present_value_i``,
-    names as the portable graph's). With ``mrope_section`` (Qwen2-VL) ``position_ids`` are [3, B, S] and q and k
+    names as the portable graph's), plus an input ``logits_to_keep`` [1] the portable graph lacks: logits for the
+    last N positions only (0: all). With ``mrope_section`` (Qwen2-VL) ``position_ids`` are [3, B, S] and q and k
     are rotated before GroupQueryAttention. Raises ValueError when ``src`` does not hold every weight the graph
     needs."""
     if any(n.op_type == "QuantizeLinear" for n in src.graph.node):
@@ -373,6 +374,11 @@ def build_llm(src: onnx.ModelProto, *, num_heads: int, num_kv_heads: int, head_d
     norm = b.init("norm.weight", w["norm"])
     h = b.node("SkipSimplifiedLayerNormalization", [x, residual, norm], ["final_norm"], domain=MS,
                epsilon=rms_norm_eps)[0]
+    # logits_to_keep (HF's meaning): the head runs on the last N positions only, all of them for 0; a prefill
+    # that only samples the next token passes 1 and skips the head's work on every other prompt position
+    b.init("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
+    start = b.node("Neg", ["logits_to_keep"], "logits_start")[0]
+    h = b.node("Slice", [h, start, "int64_max", "axis1"], "final_norm_kept")[0]
     logits = b.matmul(h, w["lm_head"], "lm_head")
     b.nodes[-1].output[0] = "logits"  # the lm_head MatMul writes the graph output directly
     del logits
@@ -382,8 +388,9 @@ def build_llm(src: onnx.ModelProto, *, num_heads: int, num_kv_heads: int, head_d
     kv_shape = ["batch", num_kv_heads, "capacity", head_dim]
     inputs = [helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "sequence", hidden_size]),
               helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
-              helper.make_tensor_value_info("position_ids", i64, positions)]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", w["lm_head"].n])]
+              helper.make_tensor_value_info("position_ids", i64, positions),
+              helper.make_tensor_value_info("logits_to_keep", i64, [1])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "kept_sequence", w["lm_head"].n])]
     for i in range(n_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, kv_shape))

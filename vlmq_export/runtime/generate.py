@@ -110,6 +110,7 @@ class OnnxVLM:
         self.accuracy_level = accuracy_level
         self._opts = dict(accuracy_level=accuracy_level, providers=providers) if backend == "onnxruntime" else {}
         self._runners: dict[str, Runner] = {}
+        self._logits_to_keep: bool | None = None  # whether the llm graph takes logits_to_keep (read on first use)
 
     @property
     def context_length(self) -> int | None:
@@ -136,6 +137,7 @@ class OnnxVLM:
         for r in self._runners.values():
             r.deactivate()
         self._runners.clear()
+        self._logits_to_keep = None
 
     # ------------------------------------------------------------------ graph calls
     def projector_outputs(self, prepared: Prepared) -> dict[str, np.ndarray]:
@@ -191,12 +193,16 @@ class OnnxVLM:
         return past
 
     def llm(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: dict[str, np.ndarray] | SharedKV, extra: dict[str, np.ndarray] | None = None
-            ) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
+            past: dict[str, np.ndarray] | SharedKV, extra: dict[str, np.ndarray] | None = None,
+            logits_to_keep: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
         """(logits, the cache after this call). A :class:`SharedKV` is updated in place and returned. ``extra``:
-        the family's further llm inputs (``Family.llm_prefill_feeds`` / ``llm_decode_feeds``)."""
+        the family's further llm inputs (``Family.llm_prefill_feeds`` / ``llm_decode_feeds``). ``logits_to_keep``
+        N > 0: only the last N positions' logits are needed; a graph that takes ``logits_to_keep`` (the ORT
+        flavour) computes only those, any other returns all of them, so callers index from the end."""
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
                  **(extra or {})}
+        if self._takes_logits_to_keep:
+            feeds["logits_to_keep"] = np.array([logits_to_keep], np.int64)
         if isinstance(past, SharedKV):
             past.reserve(attention_mask.shape[1])
             res = self.runner("llm").infer_bound(feeds, past.bindings(), ["logits"])
@@ -206,13 +212,20 @@ class OnnxVLM:
         present = {k.replace("present_", "past_"): v for k, v in res.items() if k.startswith("present_")}
         return res["logits"], present
 
-    def prefill(self, prepared: Prepared, capacity: int | None = None
+    @property
+    def _takes_logits_to_keep(self) -> bool:
+        if self._logits_to_keep is None:
+            self._logits_to_keep = "logits_to_keep" in self.runner("llm").input_metadata
+        return self._logits_to_keep
+
+    def prefill(self, prepared: Prepared, capacity: int | None = None, logits_to_keep: int = 0
                 ) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
         """(logits [1, S, V], the cache) of ``prepared`` from an empty cache (:meth:`empty_past`'s ``capacity``):
-        the one prefill of :meth:`prompt_logits`, :meth:`generate_prepared` and :class:`BatchDecoder`."""
+        the one prefill of :meth:`prompt_logits`, :meth:`generate_prepared` and :class:`BatchDecoder`. With
+        ``logits_to_keep`` (:meth:`llm`) the logits may be the last positions' only."""
         emb, extra = self.prefill_inputs(prepared)
         mask = np.ones((1, prepared.seq_len), np.int64)
-        return self.llm(emb, mask, prepared.position_ids, self.empty_past(capacity=capacity), extra)
+        return self.llm(emb, mask, prepared.position_ids, self.empty_past(capacity=capacity), extra, logits_to_keep)
 
     def prompt_logits(self, prepared: Prepared) -> np.ndarray:
         """Logits [S, V] of a full prompt (prefill with empty past)."""
@@ -239,7 +252,7 @@ class OnnxVLM:
         fam = self.family
         t0 = time.perf_counter()
         seq = prepared.seq_len
-        logits, past = self.prefill(prepared, capacity=seq + row.max_new_tokens)
+        logits, past = self.prefill(prepared, capacity=seq + row.max_new_tokens, logits_to_keep=1)
         row.prefill_s = time.perf_counter() - t0
         row.t_decode = time.perf_counter()
         embed = self.runner("embed_tokens")
@@ -364,7 +377,7 @@ class BatchDecoder:
                    keep_logits=keep_logits, **sampling)
         t0 = time.perf_counter()
         # the prefill generate_prepared runs (the same cache kind), so its logits are batch 1's to the bit
-        logits, present = vlm.prefill(prepared, capacity=prepared.seq_len + row.max_new_tokens)
+        logits, present = vlm.prefill(prepared, capacity=prepared.seq_len + row.max_new_tokens, logits_to_keep=1)
         row.prefill_s = time.perf_counter() - t0
         row.t_decode = time.perf_counter()
         if not row.take(logits[0, -1]):

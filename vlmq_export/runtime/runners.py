@@ -161,7 +161,10 @@ class OrtRunner(Runner):
         for name in outputs:  # rebound in place: a fresh buffer of this call's shape
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
+        # the C++ binding's list: the Python wrapper's get_outputs() wraps every bound output, the in-place KV
+        # buffers included (2 per layer), which cost ~0.4 ms of a ~10 ms decode step on SmolLM2
+        raw = getattr(binding, "_iobinding", None)
+        values = raw.get_outputs() if raw is not None and hasattr(raw, "get_outputs") else binding.get_outputs()
         return {name: values[i].numpy() for i, name in enumerate(outputs)}
 
 
