@@ -147,3 +147,26 @@ def test_report_shows_intervals(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| full precision (torch)"))
     assert "[" not in row and "color 0.6000 (n=50)" in row, row
+
+
+def test_the_testbeds_recorded_test_accuracy_reaches_the_report(tmp_path):
+    """meta.json's full-precision test accuracy (tools/train_shapes_vlm.py --export-assets, 1000 samples) travels
+    through testbed.json into the report beside the export's own smaller evaluation."""
+    from vlmq_export.testbed import testbed_recorded_test
+    from vlmq_export.validate.report import write_report
+
+    recorded = {"accuracy": 0.93, "ci95": list(wilson_interval(930, 1000)), "n": 1000, "per_qtype": {"color": 0.95},
+                "per_qtype_ci95": {"color": list(wilson_interval(238, 250))}, "n_per_qtype": {"color": 250}}
+    model = tmp_path / "model"
+    model.mkdir()
+    assert testbed_recorded_test(model) is None  # not a testbed
+    (model / "testbed.json").write_text(json.dumps({"data": {"layout": "grid"}}))
+    assert testbed_recorded_test(model) is None  # a testbed whose parts were exported without it
+    (model / "testbed.json").write_text(json.dumps({"data": {"layout": "grid"}, "test": recorded}))
+    assert testbed_recorded_test(model) == recorded
+    manifest, report = _manifest_and_report(with_ci=True)
+    report["task"]["recorded_full_precision"] = {**recorded, "source": "the testbed's meta.json"}
+    write_report(tmp_path, manifest, report)
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| full precision, recorded"))
+    assert "(1000 samples, meta.json)" in row and "0.9300 [0.91, 0.94]" in row, row

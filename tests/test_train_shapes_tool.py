@@ -3,6 +3,7 @@ random model (no language model weights needed)."""
 from __future__ import annotations
 
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,10 +87,14 @@ def test_embed_loss_is_zero_on_the_bag_of_words_and_ignores_background(tool):
     assert float(tool.embed_loss(tokens, lab, words)) < 1e-10
 
 
-def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path):
+def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path, tiny_dirs, monkeypatch):
     """--text-model tiny: train a few steps (data-loader worker, aux probe, LoRA on attention and MLP),
-    evaluate, save the best weights, export the assets, and start a new run from them with more LoRA targets."""
+    evaluate, save the best weights, export the assets (and their test accuracy), and start a new run from them
+    with more LoRA targets."""
     import json
+    import shutil
+
+    import vlmq_export.testbed.assemble as assemble
 
     from safetensors.torch import load_file
 
@@ -112,7 +117,21 @@ def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path):
     assert best["device"] == "cpu" and best["lora_targets"] == ["q_proj", "v_proj", "down_proj"]
 
     assets = tmp_path / "assets"
-    assert tool.main(["--out", str(out), "--export-assets", str(assets)]) == 0
+    assembled = []
+
+    def fake_assembly(path, *, assets=None):  # the real one needs SmolLM2; the tiny SmolVLM stands in for it
+        assembled.append(Path(assets))
+        shutil.copytree(tiny_dirs["smolvlm"], path)
+        (Path(path) / "testbed.json").write_text(json.dumps({"data": {"dataset": "shapesvqa", "layout": "free"}}))
+        return Path(path)
+
+    monkeypatch.setattr(assemble, "make_shapes_smolvlm", fake_assembly)
+    assert tool.main(["--out", str(out), "--export-assets", str(assets), "--test-n", "6"]) == 0
+    assert assembled == [assets]  # assembled from the parts just written
+    test = json.loads((assets / "meta.json").read_text())["test"]
+    assert test["n"] == 6 == sum(test["n_per_qtype"].values()) and test["split"] == "test"
+    assert test["ci95"][0] <= test["accuracy"] <= test["ci95"][1]
+    assert test["per_qtype"].keys() == test["per_qtype_ci95"].keys()
     lora = load_file(str(assets / "lora.safetensors"))
     assert lora and all(v.dtype == torch.float16 for v in lora.values())
     assert any(".mlp.down_proj.lora_B" in k for k in lora) and any(".self_attn.q_proj.lora_A" in k for k in lora)
@@ -121,9 +140,11 @@ def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path):
     assert vision and all(v.dtype == torch.float32 for v in vision.values())
     assert json.loads((assets / "meta.json").read_text())["step"] == best["step"]
     last = tmp_path / "last_assets"  # the last step's weights instead of the best validation checkpoint's
-    assert tool.main(["--out", str(out), "--export-assets", str(last), "--from", str(out / "last.pt")]) == 0
+    assert tool.main(["--out", str(out), "--export-assets", str(last), "--from", str(out / "last.pt"),
+                      "--test-n", "0"]) == 0
     meta = json.loads((last / "meta.json").read_text())
     assert meta["step"] == 4 and meta["from"] == "last.pt" and meta["val"]["acc"] == vals[-1]["acc"]
+    assert "test" not in meta and len(assembled) == 1
 
     # a new run from the assets folder: the MLP up_proj adapters the assets lack start at B = 0
     out2 = tmp_path / "run2"

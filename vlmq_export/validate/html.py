@@ -168,7 +168,8 @@ def task_plot(task: dict) -> bytes | None:
         err = None  # 95 % Wilson intervals as error bars (asymmetric), where the result has them
         if all(cis):
             err = np.clip([[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]], 0, None)
-        bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, yerr=err, capsize=3, label=name.replace("_", " "))
+        label = name.replace("_", " ") + (f" (n={res['n']})" if res.get("n") not in (None, task.get("samples")) else "")
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, yerr=err, capsize=3, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     ax.set_xticks(x, qtypes)
     ax.set_ylim(0, 1.1)

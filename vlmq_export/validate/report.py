@@ -188,13 +188,14 @@ def sections(manifest: dict, report: dict, v: dict, prov: dict) -> list[Section]
                       f"intervals; {_by(prov.get('task'))})", header=["model", "overall", "per question type"],
                       plot="task")
         names = {"torch_full_precision": "full precision (torch)",
-                 "onnx_quantized": "exported ONNX (ONNX Runtime, accuracy level {level})"}
+                 "onnx_quantized": "exported ONNX (ONNX Runtime, accuracy level {level})",
+                 "recorded_full_precision": "full precision, recorded with the testbed's parts ({n} samples, meta.json)"}
         for key, res in task.items():
             if isinstance(res, dict):
                 cis, ns = res.get("per_qtype_ci95", {}), res.get("n_per_qtype", {})
                 per = ", ".join(f"{k} {_fmt(v)} {format_interval(cis.get(k))} (n={ns.get(k, '?')})".replace("  ", " ")
                                 for k, v in res.get("per_qtype", {}).items())
-                sec.rows.append([names.get(key, key).format(level=res.get("accuracy_level", "?")),
+                sec.rows.append([names.get(key, key).format(level=res.get("accuracy_level", "?"), n=res.get("n", "?")),
                                  f"{_fmt(res.get('accuracy'))} {format_interval(res.get('ci95'))}".rstrip(), per])
         out.append(sec)
     if report.get("perplexity"):
