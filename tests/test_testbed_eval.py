@@ -170,3 +170,21 @@ def test_the_testbeds_recorded_test_accuracy_reaches_the_report(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| full precision, recorded"))
     assert "(1000 samples, meta.json)" in row and "0.9300 [0.91, 0.94]" in row, row
+
+
+@pytest.mark.parametrize("fam", ["smolvlm", "qwen2_vl"])
+def test_teacher_forced_batches_like_single_samples(tiny_dirs, fam):
+    """The sweep's fast evaluation: right-padded batches (Qwen2-VL's per-token mm_token_type_ids padded too, its
+    pixels concatenated) give every sample the arg-max tokens it gets alone; the result has the greedy
+    evaluation's fields. Its equivalence to greedy generation is checked on the real testbed (test_testbed.py)."""
+    from vlmq_export.models import load_family
+    from vlmq_export.testbed import eval_samples, evaluate_torch_teacher_forced
+
+    family = load_family(tiny_dirs[fam])
+    model = family.load_model(tiny_dirs[fam])
+    samples = eval_samples(7, image_size=64)
+    one = evaluate_torch_teacher_forced(family, model, samples=samples, batch_size=1)
+    three = evaluate_torch_teacher_forced(family, model, samples=samples, batch_size=3)
+    assert one["n"] == three["n"] == 7 and one["outcomes"] == three["outcomes"]
+    assert [m["prediction"] for m in one["mistakes"]] == [m["prediction"] for m in three["mistakes"]]
+    assert one["backend"] == "torch (teacher-forced)" and one["per_qtype"].keys() == one["per_qtype_ci95"].keys()
