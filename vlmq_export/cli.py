@@ -88,6 +88,10 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="W8A8 components: per-channel smoothing scales first (SmoothQuant's form, the migration "
                         "strength chosen per layer by the saliency-weighted output error, none where it does not help), "
                         "folded into the preceding norm where exact, else a Mul in the graph; recorded per layer")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="int8 W8A8 components: 7-bit weights (codes in [-64, 63] in INT8 containers), as ONNX Runtime's "
+                        "quantizer's reduce_range, so its u8s8 kernels on x86 CPUs without VNNI (AVX2 only) cannot "
+                        "saturate their 16-bit pair sums; costs one bit of weight precision")
     s = p.add_argument_group("saliency (vlmq, mbq)")
     s.add_argument("--saliency-norm", default="l2", choices=("l2", "l1", "linf"), help="per-token gradient norm (default l2)")
     s.add_argument("--saliency-scope", default="sample", choices=("sample", "layer"),
@@ -188,6 +192,12 @@ def _check_export_args(args) -> tuple[dict, Path]:
     components = {c: parse_component_recipe(getattr(args, c), args.group_size) if getattr(args, c)
                   else llm_default if c in ("llm", "lm_head") else parse_component_recipe("w8")
                   for c in COMPONENTS if c in comps}
+    if args.reduce_range:
+        int8 = [c for c, r in components.items() if r.act == "int8"]
+        if not int8:
+            raise VlmqError("--reduce-range applies to int8 W8A8 components (e.g. --vision int8); none was asked for")
+        for c in int8:
+            components[c] = ComponentRecipe(7, -1, "int8")
     llm = components.get("llm")
     if "lm_head" in args.target_defaults and (llm is None or llm.act or llm.bits > 4):
         # the target's 8-bit head goes with a quantized weight-only INT2-4 decoder (what it was measured with): not

@@ -27,7 +27,9 @@ class ComponentRecipe:
     act: str | None = None  # "int8" / "fp8": W8A8 (weights per channel in that format, inputs per tensor)
 
     def label(self) -> str:
-        return self.act or f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
+        if self.act:  # W8A8; "int8w7": 7-bit weights (--reduce-range)
+            return self.act + ("w7" if self.bits == 7 else "")
+        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
 
 
 def check_group_size(group: int, what: str = "--group-size") -> int:

@@ -51,7 +51,7 @@ import torch
 from ..errors import CalibrationDataError, NumericalError
 from ..recipe import SYM_GRIDS  # the symmetric scale of a group (see group_scales)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 7, 8)  # 7: W8A8 INT8 weights in the reduced range (--reduce-range), int8 containers
 
 
 @dataclass

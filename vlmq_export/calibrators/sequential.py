@@ -191,7 +191,7 @@ SMOOTH_TOKENS = 4096  # tokens per input kept for the smoothing's alpha search (
 
 
 def smooth_block(block: nn.Module, modules: dict[str, nn.Linear], inputs, token_weights: Callable, device,
-                 fmt: str) -> tuple[dict[str, tuple], tuple[list[list[str]], bool]]:
+                 fmt: str, weight_bits: int = 8) -> tuple[dict[str, tuple], tuple[list[list[str]], bool]]:
     """Per-channel smoothing (calibrators/smooth.py) of a block's Linears before their calibration: the Linears that
     read one tensor share one ``s``, chosen from that tensor on every sample of ``inputs`` (the block's calibration
     inputs) with the token weights ``token_weights(name, sample, x)`` gives, and installed in place
@@ -243,7 +243,8 @@ def smooth_block(block: nn.Module, modules: dict[str, nn.Linear], inputs, token_
         w = torch.cat([modules[n].weight.detach().float().cpu() for n in group])
         zero = torch.zeros(w.shape[1])
         a0, a1 = amax.get((name, False), zero), amax.get((name, True), zero)
-        sm = choose_smoothing(x, w, g, fmt, x_amax=torch.maximum(a0, a1), folds=(fold, a0, a1))
+        sm = choose_smoothing(x, w, g, fmt, x_amax=torch.maximum(a0, a1), folds=(fold, a0, a1),
+                              weight_bits=weight_bits)
         for n in group:
             prior = weight_key(modules[n].weight.detach().float().cpu().numpy())
             if sm.alpha is not None:
@@ -547,7 +548,7 @@ def quantize_blocks(
         smoothed, probe = {}, None
         if smooth:
             smoothed, probe = smooth_block(block, {p.name: p.module for p in plans if p.bits is not None}, inputs,
-                                           token_weights, device, smooth)
+                                           token_weights, device, smooth, weight_bits=config.bits)
         cals = {}
         for p in plans:
             if p.bits is None:

@@ -43,23 +43,25 @@ def smooth_scales(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> t
     return s.clamp(*S_RANGE)
 
 
-def weight_fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Per-output-channel symmetric fake-quant of ``w`` [N, K]: INT8 max|w_row| / 127, FP8 E4M3 max / 448."""
+def weight_fake_quant(w: torch.Tensor, fmt: str, weight_bits: int = 8) -> torch.Tensor:
+    """Per-output-channel symmetric fake-quant of ``w`` [N, K]: INT8 max|w_row| / 127 (``weight_bits`` 7, the
+    reduced range: / 63.5, codes in [-64, 63], as the calibrators' grid), FP8 E4M3 max / 448."""
     if fmt == "fp8":
         codes, scales = fp8_weight(w)
         return torch.from_numpy(codes.astype("float32") * scales)
-    scale = w.abs().amax(dim=1, keepdim=True) / QMAX["int8"]
+    qmax = 2 ** (weight_bits - 1) - 1
+    scale = w.abs().amax(dim=1, keepdim=True) / (QMAX["int8"] if weight_bits == 8 else qmax + 0.5)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(torch.round(w / scale), -127, 127) * scale
+    return torch.clamp(torch.round(w / scale), -qmax - (weight_bits != 8), qmax) * scale
 
 
 def output_error(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, fmt: str,
-                 amax: float | None = None) -> float:
+                 amax: float | None = None, weight_bits: int = 8) -> float:
     """``sum_i g_i ||x_i W^T - fq(x_i / s) fq(W diag s)^T||^2 / sum_i g_i`` (``s`` None: no smoothing), the
     activations fake-quantized at the range ``amax`` (default: max |x / s|, their own)."""
     xs, ws = (x, w) if s is None else (x / s, w * s)
     xq = fake_quant(xs, act_scale(float(xs.abs().max()) if amax is None else amax, fmt), fmt)
-    err = (xq @ weight_fake_quant(ws, fmt).T - x @ w.T).pow(2).sum(dim=1)
+    err = (xq @ weight_fake_quant(ws, fmt, weight_bits).T - x @ w.T).pow(2).sum(dim=1)
     return float((g * err).sum() / g.sum())
 
 
@@ -76,7 +78,7 @@ class Smoothing:
 
 def choose_smoothing(x: torch.Tensor, weight: torch.Tensor, token_weight: torch.Tensor | None = None,
                      fmt: str = "int8", alphas=ALPHAS, x_amax: torch.Tensor | None = None,
-                     folds: tuple | None = None) -> Smoothing:
+                     folds: tuple | None = None, weight_bits: int = 8) -> Smoothing:
     """The smoothing of one Linear (``weight`` [N, K]; for Linears that read one input, their weights stacked
     along N) from its calibration inputs ``x`` [T, K] and token weights. ``x_amax`` [K]: the input maxima when
     ``x`` is a subsample of the tokens they were taken over (default: ``x``'s own, over the tokens with g > 0).
@@ -102,13 +104,13 @@ def choose_smoothing(x: torch.Tensor, weight: torch.Tensor, token_weight: torch.
     def score(alpha):
         if folds is None:
             s = None if alpha is None else smooth_scales(x_amax, w_amax, alpha)
-            return output_error(x, g, w, s, fmt)
+            return output_error(x, g, w, s, fmt, weight_bits=weight_bits)
         total = 0.0
         for f in (False, True):  # fit on fold f, measure on the other
             fit, test = fold == f, fold != f
             s = None if alpha is None else smooth_scales(folds[2 if f else 1].float(), w_amax, alpha)
             xs = x[fit] if s is None else x[fit] / s
-            total += output_error(x[test], g[test], w, s, fmt, amax=float(xs.abs().max()))
+            total += output_error(x[test], g[test], w, s, fmt, amax=float(xs.abs().max()), weight_bits=weight_bits)
         return total / 2
 
     best = Smoothing(None, torch.ones(w.shape[1]), {"none": score(None)})

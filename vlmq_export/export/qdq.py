@@ -183,7 +183,7 @@ class QDQWeightPass(ir.passes.InPlacePass):
             codes, scales, moved = fp16_scales(codes, scales, layer.bits, sym=not asym)
             self.clamped_scales += moved
         scales = np.ascontiguousarray(scales.T)  # [K/g, N]
-        if layer.group_size in (-1, k) and layer.bits == 8:
+        if layer.group_size in (-1, k) and layer.bits >= 7:  # 8-bit, or W8A8's reduced-range 7-bit
             attrs = {"axis": 1}
             scales = scales.reshape(n)
         else:
