@@ -32,8 +32,7 @@ def test_gptq_output_error_5x_below_rtn_on_real_layers(smollm2_dir):
 
 def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir, smollm2_generated32, smollm2_rows):
     """The issue's table (FP, RTN, GPTQ at W4/W3 g128 and the GPTAQ baseline at W3; calibration: 32 sequences sampled from the
-    model itself, evaluation: the shipped English text) and an in-sample control (calibration on the
-    evaluation text itself).
+    model itself, evaluation: the shipped English text).
 
     The issue's target "GPTQ W4 within +5 % of FP" is NOT met on this model and is not asserted: FP 22.2,
     RTN W4 31.9 (+44 %), GPTQ W4 30.8 with 64 generated samples (benchmarks/lm_quality.md), ~26 (+17 %)
@@ -50,7 +49,7 @@ def test_perplexity_fp_rtn_gptq_gptaq(smollm2_dir, smollm2_generated32, smollm2_
     samples is no worse than RTN out of domain, and at W3 GPTAQ beats GPTQ, which beats RTN (32 generated
     samples, CI's run: FP 22.2, RTN 31.9 / 128.5, GPTQ 29.2 / 72.0, GPTAQ 28.1 / 52.9 at W4 / W3). GPTAQ's W4 row
     (~400 s on CI's two cores, twice GPTQ's) is left to benchmarks/lm_quality.md: W3 is where it parts from GPTQ. The GPTQ variants (sink weight,
-    act-order, in-sample control) are in ``test_real_smollm2_variants.py``: a file of their own, so that the
+    act-order) are in ``test_real_smollm2_variants.py``: a file of their own, so that the
     test workers run the two halves side by side; VLMQ's rows, the costliest (a backward pass per block), are in
     ``test_real_smollm2_vlmq.py`` for the same reason (on the same 32 generated sequences).
     """
