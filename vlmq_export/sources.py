@@ -28,6 +28,30 @@ BUILTIN_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smo
                   "tiny-llava-next", "tiny-llava-onevision", "tiny-gemma3")
 
 
+BUILT_FROM = ".vlmq-built-from"  # in a cached built-in model: what it was built from (builtin_version)
+
+
+def builtin_version(name: str) -> str:
+    """What a cached built-in model must have been built from to be reused: for ``shapes-smolvlm`` the digest of
+    its committed parts' meta.json (a new training export changes it), so an upgraded package reassembles the
+    testbed instead of serving the old one; the tiny random models are built from code alone ("1")."""
+    if name != "shapes-smolvlm":
+        return "1"
+    import hashlib
+
+    from .testbed import ASSETS
+
+    meta = ASSETS / "meta.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.is_file() else "missing"
+
+
+def _built_from(path: Path) -> str | None:
+    try:
+        return (path / BUILT_FROM).read_text().strip() if (path / "config.json").is_file() else None
+    except OSError:
+        return None
+
+
 def resolve_model(spec: str) -> Path:
     """A local directory holding config.json (building or downloading it when needed)."""
     if spec.startswith("builtin:"):
@@ -36,13 +60,15 @@ def resolve_model(spec: str) -> Path:
         if name not in makers:
             raise UnsupportedModelError(f"unknown built-in model '{name}'; built-in: {', '.join(sorted(makers))}")
         path = cache_dir() / "builtin" / name
-        if not (path / "config.json").is_file():
+        version = builtin_version(name)
+        if _built_from(path) != version:  # absent, or built from other parts (an older package)
             tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
             makers[name](tmp)
+            (tmp / BUILT_FROM).write_text(version + "\n")
             import shutil
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            if (path / "config.json").is_file():  # another process (a test worker) published it meanwhile
+            if _built_from(path) == version:  # another process (a test worker) published it meanwhile
                 shutil.rmtree(tmp, ignore_errors=True)
                 return path
             if path.exists():
