@@ -145,6 +145,10 @@ def test_training_loop_end_to_end_on_a_tiny_model(tool, tmp_path, tiny_dirs, mon
     meta = json.loads((last / "meta.json").read_text())
     assert meta["step"] == 4 and meta["from"] == "last.pt" and meta["val"]["acc"] == vals[-1]["acc"]
     assert "test" not in meta and len(assembled) == 1
+    # parts exported without it get it afterwards (--measure-test)
+    assert tool.main(["--measure-test", str(last), "--test-n", "5", "--threads", "1"]) == 0
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["test"]["n"] == 5 and meta["step"] == 4 and assembled[-1] == last
 
     # a new run from the assets folder: the MLP up_proj adapters the assets lack start at B = 0
     out2 = tmp_path / "run2"

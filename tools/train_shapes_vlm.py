@@ -167,6 +167,9 @@ def parse_args(argv=None):
     p.add_argument("--test-n", type=int, default=1000,
                    help="with --export-assets: evaluate the assembled testbed on this many test-split samples (greedy "
                         "exact match, 95 %% intervals) into meta.json's 'test' (0: skip)")
+    p.add_argument("--measure-test", default=None, metavar="ASSETS",
+                   help="evaluate the testbed assembled from an assets folder on --test-n test samples into its "
+                        "meta.json's 'test' and exit (parts exported before meta.json recorded it)")
     p.add_argument("--from", dest="from_", default=None,
                    help="weights for --export-assets: OUT/best.safetensors (default) or OUT/last.pt (the last step)")
     p.add_argument("--layout", default="free", choices=("free", "grid"),
@@ -764,6 +767,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.export_assets:
         export_assets(args)
+        return 0
+    if args.measure_test:  # committed parts exported before meta.json had their test accuracy
+        dest = Path(args.measure_test)
+        meta = json.loads((dest / "meta.json").read_text())
+        meta["test"] = test_accuracy(dest, args.test_n or 1000, args.threads)
+        (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"{dest / 'meta.json'}: test accuracy {meta['test']['accuracy']:.3f} on {meta['test']['n']} samples")
         return 0
     import torch
     from safetensors.torch import load_file, save_file
