@@ -11,6 +11,10 @@ cache fed as arrays, so both copy it into their present), the graphs taking turn
         --genai /tmp/vlmq-bench-decode/genai_int4 --out benchmarks/llm-step.json
 
 An export directory's ORT-flavour graph is its ``llm_ort.onnx`` (bench_decode builds it; built here when missing).
+
+``--loop N`` also decodes N greedy tokens after a 64-token prompt with each graph in one Python loop, the same for
+all (IO binding, the KV cache in place: each layer's past and present bound to one buffer, as the runtime's SharedKV
+and GenAI do), taking turns: what each graph costs per step in a loop, with no difference between the loops.
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--past", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--runs", type=int, default=15, help="session runs per timed block")
+    ap.add_argument("--loop", type=int, default=0, metavar="N",
+                    help="also decode N tokens per graph in one shared Python loop (IO binding, KV cache in place)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "llm-step.json")
     args = ap.parse_args(argv)
     import onnxruntime as ort
@@ -108,8 +114,76 @@ def main(argv=None) -> int:
         report["ms_per_step"][str(past)] = block
         for k, v in block.items():
             print(f"past {past:5d}  {k:44s} {v}", flush=True)
+    if args.loop:
+        embed = session(args.ours[0] / "embed_tokens.onnx", None)
+        loops = {k: Loop(sessions[k], embed, fam, genai=k.startswith("genai")) for k in names}
+        prompt = list(range(1000, 1064))
+        for lp in loops.values():
+            lp.decode(prompt, 8)
+        times = {k: [] for k in names}
+        for r in range(args.rounds):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                times[k].append(loops[k].decode(prompt, args.loop))
+        ref = statistics.median(times[names[-1]]) if args.genai else None
+        report["loop"] = {"new_tokens": args.loop, "prompt_tokens": len(prompt), "ms_per_step": {
+            k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
+                **({"x_genai": round(statistics.median(v) / ref, 3)} if ref else {})} for k, v in times.items()}}
+        for k, v in report["loop"]["ms_per_step"].items():
+            print(f"loop {args.loop:4d}  {k:44s} {v}", flush=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+class Loop:
+    """Greedy decoding of one llm graph in Python with IO binding and the KV cache in place (each layer's past and
+    present bound to one buffer of the final length). Ours takes ``inputs_embeds`` (from embed_tokens.onnx),
+    ``position_ids`` and ``logits_to_keep``; GenAI's takes ``input_ids``."""
+
+    def __init__(self, session, embed, fam, genai: bool):
+        self.s, self.embed, self.fam, self.genai = session, embed, fam, genai
+        self.inputs = {i.name for i in session.get_inputs()}
+
+    def decode(self, prompt: list[int], steps: int) -> float:
+        """Milliseconds per decode step (the prefill not counted)."""
+        import numpy as np
+        import onnxruntime as ort
+
+        f = self.fam
+        binding = self.s.io_binding()
+        keep = []
+        for i in range(f.num_layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((1, f.num_kv_heads, len(prompt) + steps + 1, f.head_dim), np.float32))
+                keep.append(buf)
+                if self.genai:
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                    binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+                else:
+                    binding.bind_ortvalue_input(f"past_{kind}_{i}", buf)
+                    binding.bind_ortvalue_output(f"present_{kind}_{i}", buf)
+
+        def step(ids, start):
+            feeds = {"attention_mask": np.ones((1, start + ids.shape[1]), np.int64)}
+            if self.genai:
+                feeds["input_ids"] = ids
+            else:
+                feeds["inputs_embeds"] = self.embed.run(None, {"input_ids": ids})[0]
+                feeds["position_ids"] = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]
+                if "logits_to_keep" in self.inputs:
+                    feeds["logits_to_keep"] = np.array([1], np.int64)
+            for k, v in feeds.items():
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+            binding.bind_output("logits", "cpu")
+            self.s.run_with_iobinding(binding)
+            # the C++ binding's list, as the runtime reads it (the Python wrapper wraps all 61 bound outputs)
+            return getattr(binding, "_iobinding", binding).get_outputs()[0].numpy()
+
+        logits = step(np.array([prompt], np.int64), 0)
+        t0 = time.perf_counter()
+        for k in range(steps):
+            logits = step(np.array([[int(np.argmax(logits[0, -1]))]], np.int64), len(prompt) + k)
+        return 1000 * (time.perf_counter() - t0) / steps
 
 
 if __name__ == "__main__":
