@@ -55,6 +55,18 @@ def feeds_for(session, past: int, hidden: int, kv_heads: int, head_dim: int) -> 
     return out
 
 
+def interleaved(names: list[str], rounds: int, timed, has_genai: bool) -> dict:
+    """``timed(name)`` -> ms, called for every name each round, the order rotating; {name: median, min, max and the
+    ratio to GenAI's median (the last name) where GenAI ran}."""
+    times = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(timed(k))
+    ref = statistics.median(times[names[-1]]) if has_genai else None
+    return {k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
+                **({"x_genai": round(statistics.median(v) / ref, 3)} if ref else {})} for k, v in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ours", nargs="+", type=Path, required=True, help="export directories")
@@ -101,16 +113,14 @@ def main(argv=None) -> int:
         feeds = {k: feeds_for(s, past, fam.hidden_size, fam.num_kv_heads, fam.head_dim) for k, s in sessions.items()}
         for k, s in sessions.items():
             s.run(None, feeds[k])
-        times = {k: [] for k in names}
-        for r in range(args.rounds):
-            for k in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                for _ in range(args.runs):
-                    sessions[k].run(None, feeds[k])
-                times[k].append(1000 * (time.perf_counter() - t0) / args.runs)
-        ref = statistics.median(times[names[-1]]) if args.genai else None
-        block = {k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
-                     **({"x_genai": round(statistics.median(v) / ref, 3)} if ref else {})} for k, v in times.items()}
+
+        def one_step(k, feeds=feeds):
+            t0 = time.perf_counter()
+            for _ in range(args.runs):
+                sessions[k].run(None, feeds[k])
+            return 1000 * (time.perf_counter() - t0) / args.runs
+
+        block = interleaved(names, args.rounds, one_step, bool(args.genai))
         report["ms_per_step"][str(past)] = block
         for k, v in block.items():
             print(f"past {past:5d}  {k:44s} {v}", flush=True)
@@ -120,14 +130,8 @@ def main(argv=None) -> int:
         prompt = list(range(1000, 1064))
         for lp in loops.values():
             lp.decode(prompt, 8)
-        times = {k: [] for k in names}
-        for r in range(args.rounds):
-            for k in names[r % len(names):] + names[:r % len(names)]:
-                times[k].append(loops[k].decode(prompt, args.loop))
-        ref = statistics.median(times[names[-1]]) if args.genai else None
-        report["loop"] = {"new_tokens": args.loop, "prompt_tokens": len(prompt), "ms_per_step": {
-            k: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
-                **({"x_genai": round(statistics.median(v) / ref, 3)} if ref else {})} for k, v in times.items()}}
+        report["loop"] = {"new_tokens": args.loop, "prompt_tokens": len(prompt), "ms_per_step": interleaved(
+            names, args.rounds, lambda k: loops[k].decode(prompt, args.loop), bool(args.genai))}
         for k, v in report["loop"]["ms_per_step"].items():
             print(f"loop {args.loop:4d}  {k:44s} {v}", flush=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -728,11 +728,16 @@ def export_assets(args) -> None:
     acc = f"val acc {info['val']['acc']:.3f}" if info.get("val") else "not evaluated"
     print(f"wrote {dest}: {meta['files']} (step {info['step']}, {acc})", flush=True)
     if args.test_n:
-        meta["test"] = test_accuracy(dest, args.test_n, args.threads)
-        (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        t = meta["test"]
-        print(f"test accuracy {t['accuracy']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] on {t['n']} samples "
-              f"({t['seconds']:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in t["per_qtype"].items()))
+        record_test(dest, args.test_n, args.threads)
+
+
+def record_test(dest: Path, n: int, threads: int) -> None:
+    """:func:`test_accuracy` of the parts in ``dest`` into their meta.json's ``test``."""
+    meta = json.loads((dest / "meta.json").read_text())
+    t = meta["test"] = test_accuracy(dest, n, threads)
+    (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"{dest / 'meta.json'}: test accuracy {t['accuracy']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] on "
+          f"{t['n']} samples ({t['seconds']:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in t["per_qtype"].items()))
 
 
 def test_accuracy(assets: Path, n: int, threads: int) -> dict:
@@ -769,11 +774,7 @@ def main(argv=None) -> int:
         export_assets(args)
         return 0
     if args.measure_test:  # committed parts exported before meta.json had their test accuracy
-        dest = Path(args.measure_test)
-        meta = json.loads((dest / "meta.json").read_text())
-        meta["test"] = test_accuracy(dest, args.test_n or 1000, args.threads)
-        (dest / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"{dest / 'meta.json'}: test accuracy {meta['test']['accuracy']:.3f} on {meta['test']['n']} samples")
+        record_test(Path(args.measure_test), args.test_n or 1000, args.threads)
         return 0
     import torch
     from safetensors.torch import load_file, save_file
